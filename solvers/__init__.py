@@ -1,0 +1,54 @@
+"""Reference solvers for the Mesa layer, pure PyTorch, any dtype, float64 by default.
+
+``solve(problem, method, policy="fp64", **options)`` is the one entry point:
+
+* ``"exact"``: Cholesky per token (options: ``block``, ``regularizer``);
+* ``"sherman_morrison"``: the recurrent rank-one inverse update (no options);
+* ``"cg"``: chunkwise conjugate gradient (``steps``, ``tol``, ``x0``, ``precond``, ``chunk_size``);
+* ``"chebyshev"``: Chebyshev semi-iteration (``steps``, ``tol``, ``x0``, ``chunk_size``).
+"""
+
+from __future__ import annotations
+
+from .cg import solve_cg
+from .chebyshev import solve_chebyshev
+from .exact import solve_exact
+from .precision import ALIASES as POLICY_ALIASES
+from .precision import POLICIES, PrecisionPolicy, get_policy
+from .problem import MesaProblem, validate_inputs
+from .result import SolveResult
+from .sherman_morrison import own_problem_reference, solve_sherman_morrison
+
+__version__ = "0.1.0"
+
+METHODS = {
+    "exact": solve_exact,
+    "sherman_morrison": solve_sherman_morrison,
+    "cg": solve_cg,
+    "chebyshev": solve_chebyshev,
+}
+METHOD_ALIASES = {"sm": "sherman_morrison", "cholesky": "exact", "cheb": "chebyshev"}
+ITERATIVE = ("cg", "chebyshev")
+
+
+def solve(problem: MesaProblem, method: str = "exact", policy: str | PrecisionPolicy = "fp64",
+          **options) -> SolveResult:
+    """Solve every token's system ``(H_t + Lambda) x_t = q_t`` of ``problem`` and form ``o_t``."""
+    if not isinstance(problem, MesaProblem):
+        raise TypeError(f"problem must be a MesaProblem, got {type(problem).__name__}")
+    name = METHOD_ALIASES.get(method, method)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)} (aliases {sorted(METHOD_ALIASES)})")
+    try:
+        return METHODS[name](problem, get_policy(policy), **options)
+    except TypeError as err:
+        if "unexpected keyword argument" in str(err):
+            raise ValueError(f"method {name!r} does not take that option: {err}") from None
+        raise
+
+
+__all__ = [
+    "MesaProblem", "PrecisionPolicy", "POLICIES", "POLICY_ALIASES", "SolveResult", "METHODS", "ITERATIVE",
+    "get_policy", "solve", "solve_cg", "solve_chebyshev", "solve_exact", "solve_sherman_morrison",
+    "own_problem_reference", "validate_inputs",
+]

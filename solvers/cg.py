@@ -1,0 +1,108 @@
+"""Conjugate gradient for all T systems at once, in chunkwise form.
+
+Preconditioned CG (M_J = diag(H_t + Lambda) when ``precond="jacobi"``, identity otherwise), per
+token t, on ``A_t = H_t + Lambda`` (applied chunkwise by :class:`ChunkedSystem.matvec`):
+
+    r_0 = q - A x_0,  z_0 = M_J^{-1} r_0,  p_0 = z_0
+    alpha_k = (r_k . z_k) / (p_k . A p_k)
+    x_{k+1} = x_k + alpha_k p_k,   r_{k+1} = r_k - alpha_k A p_k
+    z_{k+1} = M_J^{-1} r_{k+1},    p_{k+1} = z_{k+1} + ((r_{k+1} . z_{k+1}) / (r_k . z_k)) p_k
+
+Initial guess ``x0="zero"`` (x_0 = 0) or ``"jacobi"`` (x_0 = q / diag(H_t + Lambda); diag(H_t)
+is a cumulative sum). Stopping: ``steps`` iterations, or with ``tol`` the relative residual test
+``||r_k|| <= tol ||r_0||`` with ``steps`` as the cap. The test is relative and the step lengths
+are ratios, so solving with ``s q`` gives ``s x`` for any s > 0: there is no additive epsilon
+anywhere. A token leaves the iteration (is frozen with ``where``) when it converges, when its
+residual is exactly zero, or on breakdown: ``p.Ap <= 0`` (or NaN), which rounding can cause; it
+is flagged in ``result.breakdown``, never divided through.
+
+``steps=0`` returns x_0 (zero, or the Jacobi guess) and its output. Vectors x, r, p live in the
+policy's accumulation dtype, the scalars in its scalar dtype, and products round their operands
+to its operand precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .chunk_state import ChunkedSystem
+from .precision import PrecisionPolicy
+from .problem import MesaProblem
+from .result import SolveResult
+
+X0_CHOICES = ("zero", "jacobi")
+PRECOND_CHOICES = (None, "none", "jacobi")
+
+
+def dot(a: torch.Tensor, b: torch.Tensor, policy: PrecisionPolicy) -> torch.Tensor:
+    """Per-token inner product over the last dim, accumulated in ``accum``, held in ``scalar``."""
+    return policy.to_scalar((a * b).sum(-1))
+
+
+def check_iteration_options(steps, tol, x0) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"steps must be a non-negative int, got {steps!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and 0 < tol < 1):
+        raise ValueError(f"tol must be None or a float in (0, 1), got {tol!r}")
+    if x0 not in X0_CHOICES:
+        raise ValueError(f"x0 must be one of {X0_CHOICES}, got {x0!r}")
+
+
+def initial_guess(S: ChunkedSystem, x0: str, diag: torch.Tensor) -> torch.Tensor:
+    """x_0 = 0, or q / diag(H_t + Lambda) (``diag`` given, [B,H,N,C,D])."""
+    return torch.zeros_like(S.Q) if x0 == "zero" else S.Q / diag
+
+
+def solve_cg(problem: MesaProblem, policy: PrecisionPolicy, *, steps: int = 30, tol: float | None = None,
+             x0: str = "zero", precond: str | None = None, chunk_size: int = 64) -> SolveResult:
+    check_iteration_options(steps, tol, x0)
+    if precond not in PRECOND_CHOICES:
+        raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
+    jacobi = precond == "jacobi"
+    S = ChunkedSystem.build(problem, policy, chunk_size)
+    diag = S.diag_H() + S.lam
+    x = initial_guess(S, x0, diag)
+    r = S.Q - S.matvec(x) if x0 != "zero" else S.Q.clone()
+    z = r / diag if jacobi else r
+    p = z
+    rz = dot(r, z, policy)
+    r0 = torch.sqrt(dot(r, r, policy))
+    rn = r0
+    valid = S.valid.expand_as(rz)
+    active = valid & (rn > 0)
+    if tol is not None:
+        active &= ~(rn <= tol * r0)
+    breakdown = torch.zeros_like(active)
+    count = torch.zeros(rz.shape, dtype=torch.int64, device=rz.device)
+    acc = policy.accum_dtype
+    for _ in range(steps):
+        if not bool(active.any()):
+            break
+        Ap = S.matvec(p)
+        pAp = dot(p, Ap, policy)
+        broke = active & ~(pAp > 0)
+        breakdown |= broke
+        active &= ~broke
+        alpha = torch.where(active, rz / torch.where(active, pAp, 1), 0).to(acc)[..., None]
+        sel = active[..., None]
+        x = torch.where(sel, x + alpha * p, x)
+        r = torch.where(sel, r - alpha * Ap, r)
+        count += active
+        rn = torch.where(active, torch.sqrt(dot(r, r, policy)), rn)
+        still = active & (rn > 0)
+        if tol is not None:
+            still &= ~(rn <= tol * r0)
+        z = r / diag if jacobi else r
+        rz_new = dot(r, z, policy)
+        beta = torch.where(still, rz_new / torch.where(still, rz, 1), 0).to(acc)[..., None]
+        p = torch.where(still[..., None], z + beta * p, p)
+        rz = torch.where(still, rz_new, rz)
+        active = still
+    rel = torch.where(r0 > 0, rn / torch.where(r0 > 0, r0, 1), 0)
+    o = S.output(x)
+    return SolveResult(
+        "cg", policy, S.to_tokens(x), S.to_tokens(o), (S.H_final, S.G_final),
+        steps=S.to_tokens(count), residual=S.to_tokens(rel), breakdown=S.to_tokens(breakdown),
+        info={"tol": tol, "steps_cap": steps, "x0": x0, "precond": precond or "none", "chunk_size": S.C,
+              "breakdowns": int(breakdown.sum())},
+    )

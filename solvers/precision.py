@@ -1,0 +1,178 @@
+"""Precision policies: which precision every quantity of a Mesa solve lives in.
+
+A policy names, separately (DESIGN.md section 4):
+
+* ``input``    dtype q, k, v are rounded to before anything else (the gates g, beta and the
+               regulariser lam are kept in ``accum``: cumulative log-gates are always at least fp32);
+* ``state``    dtype the states H and G (and the Sherman-Morrison inverse P) are *stored* in;
+               they are always *accumulated* in ``accum``;
+* ``operand``  precision of matrix-product operands: ``fp64``, ``fp32`` (IEEE), ``tf32``
+               (10 explicit mantissa bits, fp32 range), ``bf16`` or ``fp16``;
+* ``accum``    dtype products are accumulated in, and the dtype of the iteration vectors
+               (x, r, p of CG);
+* ``scalar``   dtype of solver scalars (CG's alpha, beta and residual norms).
+
+The PyTorch solvers *emulate* a policy: :meth:`PrecisionPolicy.mm` rounds both operands to
+``operand`` precision, then multiplies in ``accum``. The Triton kernels implement the same policy
+natively. One object is shared by solvers, kernels, the ablation CLI and the guard, so a sweep
+over policies is one loop over :data:`POLICIES`.
+
+The unit roundoff ``u`` of a policy is the largest unit roundoff among its input, state and
+operand precisions: it is the ``u`` of the stability ratio ``err / (kappa u)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Unit roundoff u = 2^-(p) for a format with p significand bits (including the implicit bit):
+# fp64 p=53, fp32 p=24, tf32 p=11, fp16 p=11, bf16 p=8 (IEEE 754 and the NVIDIA TF32 definition).
+UNIT_ROUNDOFF = {
+    "fp64": 2.0**-53,
+    "fp32": 2.0**-24,
+    "tf32": 2.0**-11,
+    "fp16": 2.0**-11,
+    "bf16": 2.0**-8,
+}
+
+_DTYPE_NAME = {
+    torch.float64: "fp64",
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+}
+_NAME_DTYPE = {v: k for k, v in _DTYPE_NAME.items()}
+
+SUPPORTED_DTYPES = tuple(_DTYPE_NAME)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Short name (``fp32``, ``bf16``, ...) of a supported floating dtype."""
+    try:
+        return _DTYPE_NAME[dtype]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {dtype}; supported: {list(_NAME_DTYPE)}") from None
+
+
+def round_tf32(x: torch.Tensor) -> torch.Tensor:
+    """Round fp32 values to TF32 (10 explicit mantissa bits) with round-to-nearest-even.
+
+    Works on the bit pattern: adds half an ulp of TF32 (0x0FFF plus the parity of the last kept
+    bit, bit 13) and clears the 13 dropped mantissa bits. Inf and NaN are left as they are.
+    """
+    x32 = x.to(torch.float32)
+    bits = x32.view(torch.int32)
+    rounded = (bits + 0x0FFF + ((bits >> 13) & 1)) & ~0x1FFF
+    out = rounded.view(torch.float32)
+    return torch.where(torch.isfinite(x32), out, x32)
+
+
+def round_to(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """Round ``x`` to the named precision; the result keeps ``x``'s dtype.
+
+    bf16 and fp16 values are exactly representable in tf32 (at most 11 significand bits, exponent
+    range inside fp32's), so tf32 rounding leaves them unchanged.
+    """
+    if precision == "tf32":
+        if x.dtype in (torch.float16, torch.bfloat16):
+            return x
+        return round_tf32(x).to(x.dtype)
+    return x.to(_NAME_DTYPE[precision]).to(x.dtype)
+
+
+@dataclass(frozen=True)
+class PrecisionPolicy:
+    """Named precision policy; see the module docstring for the meaning of each field."""
+
+    name: str
+    input: str = "fp64"
+    state: str = "fp64"
+    operand: str = "fp64"
+    accum: str = "fp64"
+    scalar: str = "fp64"
+
+    def __post_init__(self) -> None:
+        for field in ("input", "state", "accum", "scalar"):
+            value = getattr(self, field)
+            if value not in _NAME_DTYPE:
+                raise ValueError(f"policy {self.name!r}: {field}={value!r} is not one of {list(_NAME_DTYPE)}")
+        if self.operand not in UNIT_ROUNDOFF:
+            raise ValueError(f"policy {self.name!r}: operand={self.operand!r} is not one of {list(UNIT_ROUNDOFF)}")
+        if self.accum not in ("fp32", "fp64"):
+            raise ValueError(f"policy {self.name!r}: accum must be fp32 or fp64, got {self.accum!r}")
+
+    # dtypes -------------------------------------------------------------------------------
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return _NAME_DTYPE[self.input]
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        return _NAME_DTYPE[self.state]
+
+    @property
+    def accum_dtype(self) -> torch.dtype:
+        return _NAME_DTYPE[self.accum]
+
+    @property
+    def scalar_dtype(self) -> torch.dtype:
+        return _NAME_DTYPE[self.scalar]
+
+    @property
+    def u(self) -> float:
+        """Unit roundoff of the least precise of input, state and operand precision."""
+        return max(UNIT_ROUNDOFF[self.input], UNIT_ROUNDOFF[self.state], UNIT_ROUNDOFF[self.operand])
+
+    # emulation helpers ---------------------------------------------------------------------
+    def round_input(self, x: torch.Tensor) -> torch.Tensor:
+        """q, k, v as the policy sees them: rounded to ``input``, held in ``accum``."""
+        return round_to(x.to(self.accum_dtype), self.input)
+
+    def store(self, s: torch.Tensor) -> torch.Tensor:
+        """A state as stored: rounded to ``state`` precision, held in ``accum`` for arithmetic."""
+        return round_to(s.to(self.accum_dtype), self.state)
+
+    def operand_round(self, a: torch.Tensor) -> torch.Tensor:
+        """A matmul operand as the policy's tensor cores see it, held in ``accum``."""
+        return round_to(a.to(self.accum_dtype), self.operand)
+
+    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """Batched ``a @ b`` with both operands rounded to ``operand``, accumulated in ``accum``."""
+        return torch.matmul(self.operand_round(a), self.operand_round(b))
+
+    def to_scalar(self, s: torch.Tensor) -> torch.Tensor:
+        """A solver scalar (inner product, step length) rounded to the ``scalar`` dtype."""
+        return s.to(self.scalar_dtype)
+
+
+def _p(name, input, state, operand, accum="fp32", scalar="fp32"):
+    return PrecisionPolicy(name, input=input, state=state, operand=operand, accum=accum, scalar=scalar)
+
+
+POLICIES: dict[str, PrecisionPolicy] = {
+    p.name: p
+    for p in (
+        _p("fp64", "fp64", "fp64", "fp64", "fp64", "fp64"),
+        _p("fp32", "fp32", "fp32", "fp32"),
+        _p("tf32", "fp32", "fp32", "tf32"),
+        _p("bf16-fp32state", "bf16", "fp32", "bf16"),
+        _p("bf16-bf16state", "bf16", "bf16", "bf16"),
+        _p("fp16-fp32state", "fp16", "fp32", "fp16"),
+        _p("fp16-fp16state", "fp16", "fp16", "fp16"),
+    )
+}
+ALIASES = {"bf16": "bf16-fp32state", "fp16": "fp16-fp32state", "float64": "fp64", "float32": "fp32"}
+
+
+def get_policy(policy: str | PrecisionPolicy) -> PrecisionPolicy:
+    """Look up a policy by name (or alias), or return a :class:`PrecisionPolicy` unchanged."""
+    if isinstance(policy, PrecisionPolicy):
+        return policy
+    if not isinstance(policy, str):
+        raise TypeError(f"policy must be a name or a PrecisionPolicy, got {type(policy).__name__}")
+    name = ALIASES.get(policy, policy)
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; known: {sorted(POLICIES) + sorted(ALIASES)}")
+    return POLICIES[name]

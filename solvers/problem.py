@@ -1,0 +1,250 @@
+"""The Mesa problem: inputs of one Mesa layer call, validated, and its dense materialisation.
+
+Per batch entry and head (DESIGN.md section 2), for tokens t = 1..T:
+
+    gamma_t = exp(g_t),  g_t <= 0            (forget gate, log-space)
+    H_t = gamma_t H_{t-1} + beta_t k_t k_t^T (D x D, symmetric PSD)
+    G_t = gamma_t G_{t-1} + beta_t v_t k_t^T (Dv x D)
+    x_t = (H_t + Lambda)^{-1} q_t,  Lambda = diag(lam), lam > 0
+    o_t = G_t x_t
+
+with H_0, G_0 = 0 or the given ``initial_state``. Shapes: ``q, k: [B,T,H,D]``,
+``v: [B,T,H,Dv]``, ``g, beta: [B,T,H]``, ``lam: [H,D]``, ``initial_state = (H_0 [B,H,D,D],
+G_0 [B,H,Dv,D])``.
+
+:class:`MesaProblem` validates once; every solver, reference and kernel takes one.
+:meth:`MesaProblem.iter_states` materialises H_t and G_t for blocks of tokens (for references
+and metrics), with memory bounded by the block size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .precision import SUPPORTED_DTYPES
+
+
+def _check_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} has unsupported dtype {x.dtype}; supported: {list(SUPPORTED_DTYPES)}")
+    return x
+
+
+def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} ({what})")
+
+
+def _check_finite(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name} has {bad} non-finite value(s) (inf or NaN)")
+
+
+def validate_inputs(q, k, v, g, beta, lam, initial_state=None, *, check_values: bool = True) -> None:
+    """Raise ``ValueError`` naming the argument for any invalid input of a Mesa call.
+
+    Checks: tensor type and supported dtype, shapes, a common device, finiteness, ``lam > 0``,
+    ``g <= 0``, ``0 <= beta <= 1``. ``check_values=False`` skips the value checks (which read
+    the data) and keeps the cheap structural ones.
+    """
+    named = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "lam": lam}
+    for name, x in named.items():
+        _check_tensor(name, x)
+    if q.dim() != 4:
+        raise ValueError(f"q must have 4 dims [B,T,H,D], got shape {tuple(q.shape)}")
+    B, T, H, D = q.shape
+    if T < 1 or D < 1 or B < 1 or H < 1:
+        raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
+    _check_shape("k", k, (B, T, H, D), "same as q [B,T,H,D]")
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
+        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B,T,H,Dv] = [{B},{T},{H},Dv]")
+    Dv = v.shape[3]
+    _check_shape("g", g, (B, T, H), "[B,T,H]")
+    _check_shape("beta", beta, (B, T, H), "[B,T,H]")
+    _check_shape("lam", lam, (H, D), "[H,D]")
+    if initial_state is not None:
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise ValueError("initial_state must be a pair (H0 [B,H,D,D], G0 [B,H,Dv,D])")
+        H0, G0 = initial_state
+        _check_tensor("initial_state[0] (H0)", H0)
+        _check_tensor("initial_state[1] (G0)", G0)
+        _check_shape("initial_state[0] (H0)", H0, (B, H, D, D), "[B,H,D,D]")
+        _check_shape("initial_state[1] (G0)", G0, (B, H, Dv, D), "[B,H,Dv,D]")
+        named["initial_state[0] (H0)"] = H0
+        named["initial_state[1] (G0)"] = G0
+    devices = {x.device for x in named.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{n}: {x.device}" for n, x in named.items())
+        raise ValueError(f"inputs are on different devices ({where})")
+    if not check_values:
+        return
+    for name, x in named.items():
+        _check_finite(name, x)
+    if bool((lam <= 0).any()):
+        raise ValueError(f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(lam.min()):.3g}")
+    if bool((g > 0).any()):
+        raise ValueError(f"g is the log forget gate and must be <= 0; max is {float(g.max()):.3g}")
+    if bool((beta < 0).any()) or bool((beta > 1).any()):
+        raise ValueError(f"beta must lie in [0, 1]; range is [{float(beta.min()):.3g}, {float(beta.max()):.3g}]")
+    if initial_state is not None:
+        H0 = initial_state[0].double()
+        asym = float((H0 - H0.transpose(-1, -2)).abs().max())
+        scale = float(H0.abs().max()) or 1.0
+        if asym > 1e-3 * scale:
+            raise ValueError(f"initial_state[0] (H0) must be symmetric; max |H0 - H0^T| = {asym:.3g}")
+
+
+@dataclass(frozen=True, eq=False)
+class MesaProblem:
+    """Validated inputs of one Mesa layer call (see the module docstring for the math)."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    g: torch.Tensor
+    beta: torch.Tensor
+    lam: torch.Tensor
+    initial_state: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        validate_inputs(self.q, self.k, self.v, self.g, self.beta, self.lam, self.initial_state)
+        if self.initial_state is not None:
+            object.__setattr__(self, "initial_state", tuple(self.initial_state))
+
+    # shape ------------------------------------------------------------------------------------
+    @property
+    def B(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def H(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def D(self) -> int:
+        return self.q.shape[3]
+
+    @property
+    def Dv(self) -> int:
+        return self.v.shape[3]
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.q.dtype
+
+    def __repr__(self) -> str:
+        init = "" if self.initial_state is None else ", initial_state"
+        return f"MesaProblem(B={self.B}, T={self.T}, H={self.H}, D={self.D}, Dv={self.Dv}, dtype={self.dtype}{init})"
+
+    # derived problems -----------------------------------------------------------------------------
+    def replace(self, **changes) -> MesaProblem:
+        """A new problem with some inputs replaced (validated again)."""
+        fields = dict(q=self.q, k=self.k, v=self.v, g=self.g, beta=self.beta, lam=self.lam,
+                      initial_state=self.initial_state)
+        fields.update(changes)
+        return MesaProblem(**fields)
+
+    def to(self, dtype: torch.dtype | None = None, device=None) -> MesaProblem:
+        """All inputs (gates and initial state included) cast to ``dtype`` and/or moved."""
+        def cast(x):
+            return x.to(device=device or x.device, dtype=dtype or x.dtype)
+        init = None if self.initial_state is None else tuple(cast(s) for s in self.initial_state)
+        return MesaProblem(cast(self.q), cast(self.k), cast(self.v), cast(self.g), cast(self.beta),
+                           cast(self.lam), init)
+
+    def tokens(self, t0: int, t1: int) -> MesaProblem:
+        """Tokens ``t0..t1-1`` as a problem of their own, without the state carried into ``t0``."""
+        return MesaProblem(self.q[:, t0:t1], self.k[:, t0:t1], self.v[:, t0:t1], self.g[:, t0:t1],
+                           self.beta[:, t0:t1], self.lam, None)
+
+    # dense materialisation (references, metrics) --------------------------------------------------
+    def iter_states(self, block: int = 64, dtype: torch.dtype = torch.float64,
+                    t0: int = 0, t1: int | None = None) -> Iterator[tuple[int, int, torch.Tensor, torch.Tensor]]:
+        """Yield ``(s, e, H, G)`` for consecutive token blocks ``s..e-1`` covering ``t0..t1-1``.
+
+        ``H: [B, e-s, H, D, D]`` holds H_t and ``G: [B, e-s, H, Dv, D]`` holds G_t, computed in
+        ``dtype`` from the chunkwise closed form with local cumulative log-decay
+        ``Gam_i = sum_{j in block, j<=i} g_j``::
+
+            H_i = exp(Gam_i) H_start + sum_{j<=i} exp(Gam_i - Gam_j) beta_j k_j k_j^T
+
+        Exponents are of non-positive differences only; the upper triangle is selected away.
+        Memory is O(block * D^2) per (batch, head).
+        """
+        t1 = self.T if t1 is None else t1
+        if not (0 <= t0 <= t1 <= self.T):
+            raise ValueError(f"token range [{t0}, {t1}) is outside [0, {self.T}]")
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        k = self.k.to(dtype).transpose(1, 2)  # [B,H,T,D]
+        v = self.v.to(dtype).transpose(1, 2)
+        g = self.g.to(dtype).transpose(1, 2)  # [B,H,T]
+        beta = self.beta.to(dtype).transpose(1, 2)
+        B, H, D, Dv = self.B, self.H, self.D, self.Dv
+        if self.initial_state is None:
+            Hs = torch.zeros(B, H, D, D, dtype=dtype, device=self.device)
+            Gs = torch.zeros(B, H, Dv, D, dtype=dtype, device=self.device)
+        else:
+            Hs, Gs = (s.to(dtype) for s in self.initial_state)
+        start = 0
+        while start < t1:
+            end = min(start + block, t1) if start >= t0 else min(start + block, t0)
+            Gam = torch.cumsum(g[:, :, start:end], dim=-1)  # [B,H,L]
+            diff = Gam[..., :, None] - Gam[..., None, :]  # Gam_i - Gam_j
+            L = end - start
+            causal = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()
+            W = torch.where(causal, torch.exp(torch.where(causal, diff, 0.0)), 0.0) * beta[:, :, None, start:end]
+            kb, vb = k[:, :, start:end], v[:, :, start:end]
+            decay = torch.exp(Gam)[..., None, None]  # [B,H,L,1,1]
+            Hb = decay * Hs[:, :, None] + torch.einsum("bhij,bhjd,bhje->bhide", W, kb, kb)
+            Gb = decay * Gs[:, :, None] + torch.einsum("bhij,bhjd,bhje->bhide", W, vb, kb)
+            Hs, Gs = Hb[:, :, -1], Gb[:, :, -1]
+            if start >= t0:
+                yield start, end, Hb.transpose(1, 2), Gb.transpose(1, 2)
+            start = end
+
+    def final_state(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
+        """(H_T, G_T) as ``[B,H,D,D]`` and ``[B,H,Dv,D]``."""
+        Hs = Gs = None
+        for _, _, Hb, Gb in self.iter_states(block=64, dtype=dtype):
+            Hs, Gs = Hb[:, -1], Gb[:, -1]
+        return Hs, Gs
+
+    def trace_H(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """tr H_t for every token, ``[B,T,H]``: the cumulative sum that bounds lambda_max.
+
+        tr H_t = gamma_t tr H_{t-1} + beta_t ||k_t||^2, evaluated with the same chunkwise
+        closed form as :meth:`iter_states` but on scalars.
+        """
+        return self.diag_H(dtype).sum(-1)
+
+    def diag_H(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+        """diag(H_t) for every token, ``[B,T,H,D]`` (Jacobi preconditioner, trace bound)."""
+        g = self.g.to(dtype).transpose(1, 2)
+        w = (self.beta.to(dtype)[..., None] * self.k.to(dtype) ** 2).transpose(1, 2)  # [B,H,T,D]
+        d0 = (torch.zeros(self.B, self.H, self.D, dtype=dtype, device=self.device)
+              if self.initial_state is None
+              else torch.diagonal(self.initial_state[0].to(dtype), dim1=-2, dim2=-1))
+        out = torch.empty_like(w)
+        # Sequential scan d_t = gamma_t d_{t-1} + beta_t k_t^2 (cheap: O(T D)).
+        gamma = torch.exp(g)
+        d = d0
+        for t in range(self.T):
+            d = gamma[:, :, t, None] * d + w[:, :, t]
+            out[:, :, t] = d
+        return out.transpose(1, 2)
+

@@ -1,0 +1,67 @@
+"""Sherman-Morrison: the original recurrent Mesa layer (recursive least squares).
+
+It propagates the inverse ``P_t = R_t^{-1}`` of
+
+    R_t = gamma_t R_{t-1} + beta_t k_t k_t^T,   R_0 = Lambda (+ H_0 with an initial state),
+
+by the rank-one update (Sherman-Morrison on ``R_t = gamma_t (R_{t-1} + (beta_t/gamma_t) k k^T)``)
+
+    u_t = P_{t-1} k_t,   P_t = ( P_{t-1} - beta_t u_t u_t^T / (gamma_t + beta_t k_t^T u_t) ) / gamma_t,
+    x_t = P_t q_t,       o_t = G_t x_t.
+
+Because the regulariser is decayed with the keys, ``R_t = H_t + zeta_{t,0} Lambda`` with
+``zeta_{t,0} = prod_{i<=t} gamma_i``: for gamma < 1 this is a *different* problem from Mesa's
+``H_t + Lambda`` (model mismatch), and ``P_t`` is divided by gamma at every step (covariance
+wind-up, which amplifies rounding). :func:`own_problem_reference` solves its own problem exactly,
+so the two error sources can be told apart. O(T D^2) sequential; P stored per the policy's
+state precision, products per its operand precision.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .exact import solve_exact
+from .precision import PrecisionPolicy
+from .problem import MesaProblem
+from .result import SolveResult
+
+
+def solve_sherman_morrison(problem: MesaProblem, policy: PrecisionPolicy) -> SolveResult:
+    acc = policy.accum_dtype
+    q = policy.round_input(problem.q).transpose(1, 2)  # [B,H,T,D]
+    k = policy.round_input(problem.k).transpose(1, 2)
+    v = policy.round_input(problem.v).transpose(1, 2)
+    gamma = torch.exp(problem.g.to(acc)).transpose(1, 2)  # [B,H,T]
+    beta = problem.beta.to(acc).transpose(1, 2)
+    B, H, T, D, Dv = problem.B, problem.H, problem.T, problem.D, problem.Dv
+    lam = problem.lam.to(acc)
+    R0 = torch.diag_embed(lam).expand(B, H, D, D)
+    if problem.initial_state is None:
+        P = torch.linalg.inv(R0)
+        Hs = torch.zeros(B, H, D, D, dtype=acc, device=problem.device)
+        Gs = torch.zeros(B, H, Dv, D, dtype=acc, device=problem.device)
+    else:
+        Hs, Gs = (s.to(acc) for s in problem.initial_state)
+        P = torch.linalg.inv(R0 + Hs)
+    P = policy.store(P)
+    mm = policy.mm
+    x = torch.empty(B, H, T, D, dtype=acc, device=problem.device)
+    o = torch.empty(B, H, T, Dv, dtype=acc, device=problem.device)
+    for t in range(T):
+        kt, gt, bt = k[:, :, t, :, None], gamma[:, :, t, None, None], beta[:, :, t, None, None]
+        u = mm(P, kt)  # [B,H,D,1]
+        denom = gt + bt * mm(kt.transpose(-1, -2), u)
+        P = policy.store((P - bt * mm(u, u.transpose(-1, -2)) / denom) / gt)
+        Hs = policy.store(gt * Hs + bt * mm(kt, kt.transpose(-1, -2)))
+        Gs = policy.store(gt * Gs + bt * mm(v[:, :, t, :, None], kt.transpose(-1, -2)))
+        xt = mm(P, q[:, :, t, :, None])
+        x[:, :, t] = xt[..., 0]
+        o[:, :, t] = mm(Gs, xt)[..., 0]
+    return SolveResult("sherman_morrison", policy, x.transpose(1, 2), o.transpose(1, 2), (Hs, Gs),
+                       info={"solves": "R_t = H_t + zeta_{t,0} Lambda"})
+
+
+def own_problem_reference(problem: MesaProblem, policy: PrecisionPolicy, block: int = 64) -> SolveResult:
+    """Exact solution of the problem Sherman-Morrison solves: ``(H_t + zeta_{t,0} Lambda) x_t = q_t``."""
+    return solve_exact(problem, policy, block=block, regularizer="decayed")

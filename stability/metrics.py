@@ -1,0 +1,104 @@
+"""Error metrics that say how wrong a solution is and why (DESIGN.md section 5).
+
+For a computed ``x`` and a reference ``x*`` (float64 exact or mpmath), all in float64:
+
+* normwise relative error      ``||x - x*||_F / ||x*||_F`` over the whole tensor;
+* per-token relative error     ``||x_t - x*_t|| / ||x*_t||`` (``[B,T,H]``) and its maximum;
+* backward error               ``||q_t - A_t x_t|| / (||A_t||_2 ||x_t|| + ||q_t||)``, A_t = H_t + Lambda:
+                               the smallest relative perturbation of (A_t, q_t) that x_t solves exactly;
+* condition number             ``kappa_t = lambda_max(A_t) / lambda_min(A_t)`` from float64 eigenvalues;
+* stability ratio              ``err / (kappa u)`` with u the policy's unit roundoff: a backward-stable
+                               method keeps it O(1) (times a modest growth factor) on every case.
+
+Tokens whose reference is exactly zero contribute their absolute error (q_t = 0 gives x*_t = 0).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from solvers import MesaProblem
+
+
+def _f64(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().to(torch.float64)
+
+
+def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Normwise relative error ||x - ref||_F / ||ref||_F (absolute error if ref is zero)."""
+    x, ref = _f64(x), _f64(ref)
+    if x.shape != ref.shape:
+        raise ValueError(f"x has shape {tuple(x.shape)} but ref has {tuple(ref.shape)}")
+    den = float(ref.norm())
+    num = float((x - ref).norm())
+    return num / den if den > 0 else num
+
+
+def token_rel_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Per-token relative error ``[B,T,H]`` (vectors along the last dim)."""
+    x, ref = _f64(x), _f64(ref)
+    if x.shape != ref.shape:
+        raise ValueError(f"x has shape {tuple(x.shape)} but ref has {tuple(ref.shape)}")
+    num = (x - ref).norm(dim=-1)
+    den = ref.norm(dim=-1)
+    return torch.where(den > 0, num / torch.where(den > 0, den, 1), num)
+
+
+def max_token_rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Worst per-token relative error."""
+    return float(token_rel_error(x, ref).max())
+
+
+def _systems(problem: MesaProblem, block: int):
+    """Yield (s, e, A_t = H_t + Lambda [B,L,H,D,D]) in float64."""
+    lam = torch.diag_embed(problem.lam.to(torch.float64))
+    for s, e, Hb, _ in problem.iter_states(block=block, dtype=torch.float64):
+        yield s, e, Hb + lam
+
+
+def backward_error(problem: MesaProblem, x: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """Per-token normwise backward error ``[B,T,H]`` of ``x`` for ``(H_t + Lambda) x_t = q_t``."""
+    x = _f64(x)
+    q = _f64(problem.q)
+    out = torch.empty(problem.B, problem.T, problem.H, dtype=torch.float64, device=x.device)
+    for s, e, A in _systems(problem, block):
+        xb = x[:, s:e, ..., None]
+        res = (q[:, s:e, ..., None] - A @ xb)[..., 0].norm(dim=-1)
+        normA = torch.linalg.eigvalsh(A)[..., -1]
+        out[:, s:e] = res / (normA * xb[..., 0].norm(dim=-1) + q[:, s:e].norm(dim=-1))
+    return out
+
+
+def condition_numbers(problem: MesaProblem, block: int = 64) -> torch.Tensor:
+    """Per-token 2-norm condition number ``kappa(H_t + Lambda)``, ``[B,T,H]``, from fp64 eigenvalues."""
+    out = torch.empty(problem.B, problem.T, problem.H, dtype=torch.float64, device=problem.device)
+    for s, e, A in _systems(problem, block):
+        ev = torch.linalg.eigvalsh(A)
+        out[:, s:e] = ev[..., -1] / ev[..., 0]
+    return out
+
+
+def stability_ratio(err: float | torch.Tensor, kappa: float | torch.Tensor, u: float):
+    """err / (kappa u): how much worse than a backward-stable solve in precision u."""
+    return err / (kappa * u)
+
+
+def summarize(problem: MesaProblem, x: torch.Tensor, o: torch.Tensor, x_ref: torch.Tensor, o_ref: torch.Tensor,
+              u: float, kappa: torch.Tensor | None = None) -> dict:
+    """All metrics of one solution as a flat dict (one row of a tidy table)."""
+    kappa = condition_numbers(problem) if kappa is None else kappa
+    err_x = rel_error(x, x_ref)
+    tok = token_rel_error(x, x_ref)
+    bwd = backward_error(problem, x)
+    return {
+        "rel_err_x": err_x,
+        "rel_err_o": rel_error(o, o_ref),
+        "max_token_err_x": float(tok.max()),
+        "max_token_err_o": max_token_rel_error(o, o_ref),
+        "backward_err_max": float(bwd.max()),
+        "backward_err_mean": float(bwd.mean()),
+        "kappa_max": float(kappa.max()),
+        "kappa_median": float(kappa.median()),
+        # per-token error against per-token conditioning: the worst token of the ratio
+        "stability_ratio": float(stability_ratio(tok, kappa, u).max()),
+    }

@@ -1,0 +1,35 @@
+"""The `mesa` command line."""
+
+from __future__ import annotations
+
+import pytest
+
+import solvers
+from stability.cli import main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert solvers.__version__ in capsys.readouterr().out
+
+
+def test_help_lists_subcommands(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "verify" in out
+
+
+def test_verify_runs_and_reports_agreement(capsys):
+    assert main(["verify", "--T", "12", "--D", "4", "--policies", "fp64", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "exact (fp64) vs mpmath" in out and "chebyshev" in out and "fp32" in out
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["verify", "--policies", "fp8"])
+    assert exc.value.code == 2
+    assert main(["verify", "--T", "0"]) == 2
+    assert "error" in capsys.readouterr().err

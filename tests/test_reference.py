@@ -1,0 +1,63 @@
+"""The float64 exact solver against the mpmath reference (the root of trust)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from solvers import get_policy, own_problem_reference, solve
+from stability.cases import random_problem
+from stability.metrics import max_token_rel_error, rel_error
+from stability.reference import mp_solve
+
+# exact (Cholesky in fp64) is backward stable: its error is about kappa * u_fp64 = kappa * 1.1e-16;
+# the problems below have kappa < 200, so 1e-12 leaves a factor > 40 for growth.
+EXACT_VS_MP = 1e-12
+
+CASES = {
+    "mild_forgetting": dict(gamma_range=(0.9, 1.0)),
+    "no_forgetting": dict(gamma_range=(1.0, 1.0)),
+    "strong_forgetting": dict(gamma_range=(0.01, 0.1)),
+    "initial_state": dict(gamma_range=(0.95, 1.0), initial_state=True),
+    "small_lam": dict(gamma_range=(1.0, 1.0), lam_range=(0.05, 0.1)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_exact_fp64_agrees_with_mpmath(case):
+    p = random_problem(B=1, T=40, H=2, D=8, Dv=5, seed=11, **CASES[case])
+    x_mp, o_mp = mp_solve(p, dps=50)
+    res = solve(p, "exact")
+    assert res.x.dtype == torch.float64
+    assert max_token_rel_error(res.x, x_mp) <= EXACT_VS_MP
+    assert max_token_rel_error(res.o, o_mp) <= EXACT_VS_MP
+
+
+def test_exact_fp64_agrees_with_mpmath_d16_t64():
+    p = random_problem(B=1, T=64, H=1, D=16, seed=5, gamma_range=(0.95, 1.0))
+    x_mp, o_mp = mp_solve(p)
+    res = solve(p, "exact", block=16)
+    assert rel_error(res.x, x_mp) <= EXACT_VS_MP and rel_error(res.o, o_mp) <= EXACT_VS_MP
+
+
+def test_decayed_regulariser_reference_agrees_with_mpmath():
+    p = random_problem(B=1, T=24, H=1, D=6, seed=2, gamma_range=(0.9, 1.0))
+    x_mp, o_mp = mp_solve(p, regularizer="decayed")
+    own = own_problem_reference(p, get_policy("fp64"))
+    assert rel_error(own.x, x_mp) <= EXACT_VS_MP and rel_error(own.o, o_mp) <= EXACT_VS_MP
+
+
+def test_mp_solve_refuses_large_problems_with_a_clear_message():
+    p = random_problem(B=2, T=512, H=4, D=32, seed=0)
+    with pytest.raises(ValueError, match="too large for the mpmath reference"):
+        mp_solve(p)
+
+
+def test_mp_solve_rejects_bad_arguments():
+    p = random_problem(T=2, D=2)
+    with pytest.raises(ValueError, match="dps"):
+        mp_solve(p, dps=10)
+    with pytest.raises(ValueError, match="regularizer"):
+        mp_solve(p, regularizer="bogus")
+    with pytest.raises(TypeError, match="MesaProblem"):
+        mp_solve(p.q)
