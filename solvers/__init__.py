@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from .cg import solve_cg
 from .chebyshev import solve_chebyshev
 from .exact import solve_exact
@@ -39,12 +41,28 @@ def solve(problem: MesaProblem, method: str = "exact", policy: str | PrecisionPo
     name = METHOD_ALIASES.get(method, method)
     if name not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)} (aliases {sorted(METHOD_ALIASES)})")
+    policy = get_policy(policy)
+    if problem.cu_seqlens is not None:
+        return _cat_results([solve(seq, name, policy, **options) for seq in problem.sequences()])
     try:
-        return METHODS[name](problem, get_policy(policy), **options)
+        return METHODS[name](problem, policy, **options)
     except TypeError as err:
         if "unexpected keyword argument" in str(err):
             raise ValueError(f"method {name!r} does not take that option: {err}") from None
         raise
+
+
+def _cat_results(parts: list[SolveResult]) -> SolveResult:
+    """Packed sequences: per-token fields concatenated along T, final states stacked along N."""
+    def cat(field):
+        vals = [getattr(p, field) for p in parts]
+        return None if vals[0] is None else torch.cat(vals, dim=1)
+
+    first = parts[0]
+    final = tuple(torch.cat([p.final_state[i] for p in parts]) for i in range(2))
+    return SolveResult(first.method, first.policy, cat("x"), cat("o"), final, steps=cat("steps"),
+                       residual=cat("residual"), breakdown=cat("breakdown"),
+                       info=dict(first.info, sequences=len(parts)))
 
 
 __all__ = [

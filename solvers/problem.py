@@ -12,6 +12,10 @@ with H_0, G_0 = 0 or the given ``initial_state``. Shapes: ``q, k: [B,T,H,D]``,
 ``v: [B,T,H,Dv]``, ``g, beta: [B,T,H]``, ``lam: [H,D]``, ``initial_state = (H_0 [B,H,D,D],
 G_0 [B,H,Dv,D])``.
 
+Variable-length batches are packed: ``B = 1`` and ``cu_seqlens = [0, T_1, T_1 + T_2, ..., T]``
+(int64) marks N sequences whose states start afresh (or from ``initial_state[n]``, now
+``[N,H,D,D]`` and ``[N,H,Dv,D]``); :meth:`MesaProblem.sequences` unpacks them.
+
 :class:`MesaProblem` validates once; every solver, reference and kernel takes one.
 :meth:`MesaProblem.iter_states` materialises H_t and G_t for blocks of tokens (for references
 and metrics), with memory bounded by the block size.
@@ -46,12 +50,13 @@ def _check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} has {bad} non-finite value(s) (inf or NaN)")
 
 
-def validate_inputs(q, k, v, g, beta, lam, initial_state=None, *, check_values: bool = True) -> None:
+def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, *,
+                    check_values: bool = True) -> None:
     """Raise ``ValueError`` naming the argument for any invalid input of a Mesa call.
 
     Checks: tensor type and supported dtype, shapes, a common device, finiteness, ``lam > 0``,
-    ``g <= 0``, ``0 <= beta <= 1``. ``check_values=False`` skips the value checks (which read
-    the data) and keeps the cheap structural ones.
+    ``g <= 0``, ``0 <= beta <= 1``, and for packed sequences ``cu_seqlens``. ``check_values=False``
+    skips the value checks (which read the data) and keeps the cheap structural ones.
     """
     named = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "lam": lam}
     for name, x in named.items():
@@ -68,16 +73,31 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, *, check_values: 
     _check_shape("g", g, (B, T, H), "[B,T,H]")
     _check_shape("beta", beta, (B, T, H), "[B,T,H]")
     _check_shape("lam", lam, (H, D), "[H,D]")
+    N = B
+    if cu_seqlens is not None:
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
+            raise ValueError("cu_seqlens must be an int32/int64 tensor [N+1] of cumulative sequence lengths")
+        if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+            raise ValueError(f"cu_seqlens must be 1-D with N+1 >= 2 entries, got shape {tuple(cu_seqlens.shape)}")
+        if B != 1:
+            raise ValueError(f"cu_seqlens needs packed inputs with B = 1, got B = {B}")
+        cs = cu_seqlens.tolist()
+        if cs[0] != 0 or cs[-1] != T or any(b <= a for a, b in zip(cs, cs[1:], strict=False)):
+            raise ValueError(f"cu_seqlens must increase strictly from 0 to T = {T}, got {cs}")
+        N = len(cs) - 1
     if initial_state is not None:
         if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
             raise ValueError("initial_state must be a pair (H0 [B,H,D,D], G0 [B,H,Dv,D])")
         H0, G0 = initial_state
         _check_tensor("initial_state[0] (H0)", H0)
         _check_tensor("initial_state[1] (G0)", G0)
-        _check_shape("initial_state[0] (H0)", H0, (B, H, D, D), "[B,H,D,D]")
-        _check_shape("initial_state[1] (G0)", G0, (B, H, Dv, D), "[B,H,Dv,D]")
+        lead = "B" if cu_seqlens is None else "N"
+        _check_shape("initial_state[0] (H0)", H0, (N, H, D, D), f"[{lead},H,D,D]")
+        _check_shape("initial_state[1] (G0)", G0, (N, H, Dv, D), f"[{lead},H,Dv,D]")
         named["initial_state[0] (H0)"] = H0
         named["initial_state[1] (G0)"] = G0
+    if cu_seqlens is not None:
+        named["cu_seqlens"] = cu_seqlens
     devices = {x.device for x in named.values()}
     if len(devices) > 1:
         where = ", ".join(f"{n}: {x.device}" for n, x in named.items())
@@ -85,7 +105,8 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, *, check_values: 
     if not check_values:
         return
     for name, x in named.items():
-        _check_finite(name, x)
+        if name != "cu_seqlens":
+            _check_finite(name, x)
     if bool((lam <= 0).any()):
         raise ValueError(f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(lam.min()):.3g}")
     if bool((g > 0).any()):
@@ -111,9 +132,10 @@ class MesaProblem:
     beta: torch.Tensor
     lam: torch.Tensor
     initial_state: tuple[torch.Tensor, torch.Tensor] | None = None
+    cu_seqlens: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
-        validate_inputs(self.q, self.k, self.v, self.g, self.beta, self.lam, self.initial_state)
+        validate_inputs(self.q, self.k, self.v, self.g, self.beta, self.lam, self.initial_state, self.cu_seqlens)
         if self.initial_state is not None:
             object.__setattr__(self, "initial_state", tuple(self.initial_state))
 
@@ -148,13 +170,15 @@ class MesaProblem:
 
     def __repr__(self) -> str:
         init = "" if self.initial_state is None else ", initial_state"
-        return f"MesaProblem(B={self.B}, T={self.T}, H={self.H}, D={self.D}, Dv={self.Dv}, dtype={self.dtype}{init})"
+        packed = "" if self.cu_seqlens is None else f", {self.cu_seqlens.numel() - 1} packed sequences"
+        return (f"MesaProblem(B={self.B}, T={self.T}, H={self.H}, D={self.D}, Dv={self.Dv}, dtype={self.dtype}"
+                f"{init}{packed})")
 
     # derived problems -----------------------------------------------------------------------------
     def replace(self, **changes) -> MesaProblem:
         """A new problem with some inputs replaced (validated again)."""
         fields = dict(q=self.q, k=self.k, v=self.v, g=self.g, beta=self.beta, lam=self.lam,
-                      initial_state=self.initial_state)
+                      initial_state=self.initial_state, cu_seqlens=self.cu_seqlens)
         fields.update(changes)
         return MesaProblem(**fields)
 
@@ -163,13 +187,28 @@ class MesaProblem:
         def cast(x):
             return x.to(device=device or x.device, dtype=dtype or x.dtype)
         init = None if self.initial_state is None else tuple(cast(s) for s in self.initial_state)
+        cu = None if self.cu_seqlens is None else self.cu_seqlens.to(device=device or self.cu_seqlens.device)
         return MesaProblem(cast(self.q), cast(self.k), cast(self.v), cast(self.g), cast(self.beta),
-                           cast(self.lam), init)
+                           cast(self.lam), init, cu)
 
     def tokens(self, t0: int, t1: int) -> MesaProblem:
         """Tokens ``t0..t1-1`` as a problem of their own, without the state carried into ``t0``."""
+        if self.cu_seqlens is not None:
+            raise ValueError("tokens() slices one sequence; unpack packed sequences with sequences() first")
         return MesaProblem(self.q[:, t0:t1], self.k[:, t0:t1], self.v[:, t0:t1], self.g[:, t0:t1],
                            self.beta[:, t0:t1], self.lam, None)
+
+    def sequences(self) -> list[MesaProblem]:
+        """The packed sequences as separate ``B = 1`` problems (``[self]`` when not packed)."""
+        if self.cu_seqlens is None:
+            return [self]
+        cs = self.cu_seqlens.tolist()
+        out = []
+        for n, (a, b) in enumerate(zip(cs, cs[1:], strict=False)):
+            init = None if self.initial_state is None else tuple(s[n:n + 1] for s in self.initial_state)
+            out.append(MesaProblem(self.q[:, a:b], self.k[:, a:b], self.v[:, a:b], self.g[:, a:b],
+                                   self.beta[:, a:b], self.lam, init))
+        return out
 
     # dense materialisation (references, metrics) --------------------------------------------------
     def iter_states(self, block: int = 64, dtype: torch.dtype = torch.float64,
@@ -190,6 +229,13 @@ class MesaProblem:
             raise ValueError(f"token range [{t0}, {t1}) is outside [0, {self.T}]")
         if block < 1:
             raise ValueError(f"block must be >= 1, got {block}")
+        if self.cu_seqlens is not None:  # states restart at every sequence: blocks never straddle one
+            for off, seq in zip(self.cu_seqlens.tolist(), self.sequences(), strict=False):
+                lo, hi = max(t0 - off, 0), min(t1 - off, seq.T)
+                if lo < hi:
+                    for s, e, Hb, Gb in seq.iter_states(block, dtype, lo, hi):
+                        yield s + off, e + off, Hb, Gb
+            return
         k = self.k.to(dtype).transpose(1, 2)  # [B,H,T,D]
         v = self.v.to(dtype).transpose(1, 2)
         g = self.g.to(dtype).transpose(1, 2)  # [B,H,T]
@@ -218,7 +264,10 @@ class MesaProblem:
             start = end
 
     def final_state(self, dtype: torch.dtype = torch.float64) -> tuple[torch.Tensor, torch.Tensor]:
-        """(H_T, G_T) as ``[B,H,D,D]`` and ``[B,H,Dv,D]``."""
+        """(H_T, G_T) as ``[B,H,D,D]`` and ``[B,H,Dv,D]`` (``[N,...]`` for packed sequences)."""
+        if self.cu_seqlens is not None:
+            finals = [seq.final_state(dtype) for seq in self.sequences()]
+            return torch.cat([f[0] for f in finals]), torch.cat([f[1] for f in finals])
         Hs = Gs = None
         for _, _, Hb, Gb in self.iter_states(block=64, dtype=dtype):
             Hs, Gs = Hb[:, -1], Gb[:, -1]
@@ -234,6 +283,8 @@ class MesaProblem:
 
     def diag_H(self, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """diag(H_t) for every token, ``[B,T,H,D]`` (Jacobi preconditioner, trace bound)."""
+        if self.cu_seqlens is not None:
+            return torch.cat([seq.diag_H(dtype) for seq in self.sequences()], dim=1)
         g = self.g.to(dtype).transpose(1, 2)
         w = (self.beta.to(dtype)[..., None] * self.k.to(dtype) ** 2).transpose(1, 2)  # [B,H,T,D]
         d0 = (torch.zeros(self.B, self.H, self.D, dtype=dtype, device=self.device)

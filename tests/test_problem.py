@@ -107,3 +107,26 @@ def test_iter_states_matches_plain_recurrence_and_blocks():
     assert torch.allclose(p.diag_H(), torch.diagonal(ref_H, dim1=-2, dim2=-1), rtol=1e-13, atol=1e-14)
     Hf, Gf = p.final_state()
     assert torch.allclose(Hf, ref_H[:, -1]) and torch.allclose(Gf, ref_G[:, -1])
+
+
+def test_packed_sequences_validate_and_unpack():
+    p = random_problem(B=1, T=30, H=2, D=4, Dv=3, seed=8)
+    cu = torch.tensor([0, 7, 20, 30])
+    packed = p.replace(cu_seqlens=cu)
+    seqs = packed.sequences()
+    assert [s.T for s in seqs] == [7, 13, 10]
+    for bad, msg in ((torch.tensor([0, 7, 7, 30]), "increase strictly"), (torch.tensor([1, 30]), "from 0"),
+                     (torch.tensor([0.0, 30.0]), "int32/int64"), (torch.tensor([[0, 30]]), "1-D")):
+        with pytest.raises(ValueError, match=msg) as err:
+            p.replace(cu_seqlens=bad)
+        assert str(err.value).startswith("cu_seqlens")
+    two = random_problem(B=2, T=30, H=2, D=4, seed=8)
+    with pytest.raises(ValueError, match="B = 1"):
+        two.replace(cu_seqlens=cu)
+    with pytest.raises(ValueError, match=r"initial_state\[0\].*\[N,H,D,D\]"):
+        packed.replace(initial_state=(torch.zeros(1, 2, 4, 4, dtype=torch.float64),
+                                      torch.zeros(1, 2, 3, 4, dtype=torch.float64)))
+    # the dense states restart at every sequence start
+    H_packed = torch.cat([h for _, _, h, _ in packed.iter_states(block=5)], 1)
+    H_sep = torch.cat([torch.cat([h for _, _, h, _ in s.iter_states(block=5)], 1) for s in seqs], 1)
+    assert torch.equal(H_packed, H_sep)
