@@ -1,0 +1,12 @@
+"""Triton kernels of the Mesa layer (DESIGN.md section 7).
+
+Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter: set the environment
+variable ``TRITON_INTERPRET=1`` before importing this package (triton decides at import time).
+Importing works without triton installed; calling a kernel then raises ``ImportError``.
+
+* :func:`chunk_states`: chunk-boundary states ``(H_c, G_c)`` of the chunkwise Mesa recurrence.
+"""
+
+from .chunk_state import chunk_states
+
+__all__ = ["chunk_states"]

@@ -1,0 +1,322 @@
+"""Triton kernel: chunk-boundary states of the Mesa recurrence (DESIGN.md sections 2 and 7).
+
+Per batch entry b and head h, the sequence of T tokens is split into N = ceil(T / C) chunks of C
+tokens (the last chunk partial: its missing tokens are masked in the kernel, never padded in
+memory). Within chunk c, with the local inclusive cumulative log-decay in float32
+
+    Gam_i = sum_{j<=i} g_j                         (i = 1..C, g = log forget gate <= 0)
+    w_j   = exp(Gam_C - Gam_j) * beta_j            (exponent of a non-positive difference only)
+
+the states at the chunk boundaries are
+
+    H_{c+1} = exp(Gam_C) H_c + K^T diag(w) K       (D x D)
+    G_{c+1} = exp(Gam_C) G_c + V^T diag(w) K       (Dv x D)
+
+with K: [C, D] and V: [C, Dv] the chunk's keys and values and ``(H_0, G_0)`` the initial state
+(zeros when none is given). Both updates have the form ``S_{c+1} = exp(Gam_C) S_c + L^T diag(w) K``
+with ``L = K`` (for H) or ``L = V`` (for G), so one kernel, :func:`_chunk_state_kernel`, computes
+one of them per launch and the wrapper launches it twice.
+
+Precision (the same policy as :class:`solvers.chunk_state.ChunkedSystem`): gates, cumulative sums
+and the running state are float32; the update is accumulated in float32 and the result is rounded
+to ``state_dtype`` after every chunk, i.e. the running state compounds the rounding of the stored
+state exactly as the emulation's ``policy.store`` does (a no-op for float32 states). The matmul
+operands are rounded to the input dtype, with ``diag(w)`` applied (in fp32, before that rounding) to
+the same factor as in the emulation: ``(diag(w) K)^T K`` for H and ``V^T (diag(w) K)`` for G, so
+low-precision results match :class:`~solvers.chunk_state.ChunkedSystem` up to summation order.
+
+* fp32 inputs: ``tl.dot(..., input_precision="ieee")``, i.e. true fp32 products. The GPU default
+  would be TF32 (10 mantissa bits), which is a different precision policy ("tf32").
+* bf16/fp16 inputs: a native low-precision dot with float32 accumulation (the "bf16-*"/"fp16-*"
+  policies). Products of two bf16/fp16 values are exact in fp32, so only the accumulation rounds.
+
+Layout: one program per (row tile of S, column tile of S, batch*head); it loops over the chunks
+sequentially and keeps the running state tile in registers. Returned shapes are ``[B,H,N,D,D]``,
+``[B,H,N,Dv,D]`` for the states *before* each chunk and ``[B,H,D,D]``, ``[B,H,Dv,D]`` for the
+state after the last token, all in ``state_dtype``.
+
+Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter when the environment
+variable ``TRITON_INTERPRET=1`` is set *before* this module (and triton) is imported: ``triton.jit``
+decides at decoration time whether a function is compiled or interpreted.
+"""
+
+from __future__ import annotations
+
+import torch
+
+try:  # importing the package must work without triton; calling the kernel needs it
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+# Input dtypes the kernel reads for k and v (DESIGN.md section 4: fp32, bf16 or fp16 inputs).
+INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# Dtypes the states may be stored in (fp32 by default; bf16/fp16 for the low-precision-state policies).
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# On the GPU tl.dot needs every block dimension >= 16 (the smallest MMA tile).
+MIN_DOT_BLOCK = 16
+# Largest row/column tile of a state per program: a 64 x 64 float32 tile is 16 KiB of registers,
+# 32 registers per thread at 4 warps, which leaves room for the chunk's operand tiles.
+MAX_STATE_BLOCK = 64
+
+
+if triton is not None:
+
+    @triton.jit
+    def _round(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
+        """fp32 ``x`` rounded to nearest-even in ``DTYPE``, returned as fp32 (exactly representable in DTYPE)."""
+        if SOFT_BF16 and DTYPE == tl.bfloat16:
+            # The interpreter's fp32 -> bf16 cast truncates (triton 3.6), so round on the bit pattern:
+            # add 0x7FFF (half a bf16 ulp minus one) plus the parity of the last kept bit (bit 16),
+            # then clear the 16 dropped mantissa bits. Inf stays inf; NaN payloads are not preserved.
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            y = bits.to(tl.float32, bitcast=True)
+        else:
+            y = x.to(DTYPE).to(tl.float32)
+        return y
+
+    @triton.jit
+    def _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l, o_k, m_l, m_k,
+                    m_s, o_s, T, N, H: tl.constexpr, DL: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
+                    W_LEFT: tl.constexpr, IS_FP32: tl.constexpr, IS_BF16: tl.constexpr,
+                    SOFT_BF16: tl.constexpr):
+        """Store the state before chunk ``i_c`` and return the state after it (float32 tile)."""
+        tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, state.to(s_ptr.dtype.element_ty), mask=m_s)
+        t = i_c * C + o_c  # token index of each row of the chunk block
+        m_t = (o_c < C) & (t < T)  # inside the chunk and inside the sequence
+        row = (tok0 + t) * H + i_h  # [B, T, H] row of each token
+        # masked tokens read g = 0 and beta = 0: they leave Gam and the state unchanged
+        g = tl.load(g_ptr + row, mask=m_t, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
+        gam = tl.cumsum(g, axis=0)  # Gam_i, inclusive, float32
+        # Gam_C: g <= 0 makes the cumsum non-increasing and the masked tail adds exact zeros,
+        # so its minimum is the value at the last real token (no gather needed). Taking the
+        # minimum also makes every exponent Gam_C - Gam_j <= 0 by construction, even where a
+        # parallel scan rounds non-monotonically.
+        gam_C = tl.min(gam, axis=0)
+        w = tl.exp(gam_C - gam) * beta
+        lt = tl.load(l_ptr + row[:, None] * DL + o_l[None, :], mask=m_t[:, None] & m_l[None, :], other=0.0)
+        kt = tl.load(k_ptr + row[:, None] * D + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
+        # diag(w) goes on the factor the emulation puts it on (K^T diag(w) K = (w K)^T K for H,
+        # V^T (w K) for G); it is formed in fp32 and rounded to the input dtype (the operand precision)
+        if W_LEFT:
+            lt = lt.to(tl.float32) * w[:, None]
+        else:
+            kt = kt.to(tl.float32) * w[:, None]
+        if IS_FP32:
+            # ieee: true fp32 products; the GPU default (tf32) would round operands to 10 bits
+            upd = tl.dot(tl.trans(lt), kt, input_precision="ieee")
+        elif SOFT_BF16 and IS_BF16:
+            # interpreter: its bf16 tl.dot multiplies raw bit patterns, so round the operands to bf16
+            # in software and multiply fp32 tiles (a bf16 product is exact in fp32, so this equals a
+            # bf16 MMA with fp32 accumulation up to summation order)
+            a = _round(lt.to(tl.float32), tl.bfloat16, SOFT_BF16)
+            b = _round(kt.to(tl.float32), tl.bfloat16, SOFT_BF16)
+            upd = tl.dot(tl.trans(a), b, input_precision="ieee")
+        else:
+            # bf16/fp16 MMA with fp32 accumulation; the fp32 operand is rounded (RTNE) to the input dtype
+            in_ty = l_ptr.dtype.element_ty
+            upd = tl.dot(tl.trans(lt.to(in_ty)), kt.to(in_ty))
+        state = tl.exp(gam_C) * state + upd
+        # accumulated in fp32, rounded to the state dtype as stored (no-op for float32 states)
+        state = _round(state, s_ptr.dtype.element_ty, SOFT_BF16)
+        return state
+
+    @triton.jit
+    def _chunk_state_kernel(
+        l_ptr,  # [B, T, H, DL] left factor L (k for H, v for G), contiguous
+        k_ptr,  # [B, T, H, D]  keys, contiguous
+        g_ptr,  # [B, T, H]     log forget gate, float32, contiguous
+        beta_ptr,  # [B, T, H]  input gate, contiguous
+        s0_ptr,  # [B, H, DL, D] initial state (read only when HAS_INIT)
+        s_ptr,  # [B, H, N, DL, D] state before each chunk (output, state dtype)
+        sT_ptr,  # [B, H, DL, D] state after the last token (output, state dtype)
+        T,  # tokens per sequence
+        H: tl.constexpr,  # heads
+        DL: tl.constexpr,  # rows of the state (D for H, Dv for G)
+        D: tl.constexpr,  # columns of the state (key dim)
+        C: tl.constexpr,  # chunk size (tokens); any positive int, masked up to BLOCK_C
+        N,  # number of chunks, ceil(T / C)
+        BLOCK_C: tl.constexpr,  # max(16, next_pow2(C)): token block of one chunk
+        BLOCK_L: tl.constexpr,  # row tile of the state, >= 16, power of two
+        BLOCK_K: tl.constexpr,  # column tile of the state, >= 16, power of two
+        HAS_INIT: tl.constexpr,  # an initial state is given
+        W_LEFT: tl.constexpr,  # diag(w) multiplies L (the H update) rather than K (the G update)
+        IS_FP32: tl.constexpr,  # k and v are float32: ieee dot
+        IS_BF16: tl.constexpr,  # k and v are bfloat16
+        SOFT_BF16: tl.constexpr,  # bf16 rounding and bf16 dots done in software (interpreter)
+        INTERPRET: tl.constexpr,  # running in the Triton interpreter (TRITON_INTERPRET=1)
+    ):
+        i_l = tl.program_id(0)
+        i_k = tl.program_id(1)
+        i_bh = tl.program_id(2)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_l = i_l * BLOCK_L + tl.arange(0, BLOCK_L)
+        o_k = i_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        o_c = tl.arange(0, BLOCK_C)
+        m_l = o_l < DL
+        m_k = o_k < D
+        m_s = m_l[:, None] & m_k[None, :]
+        # offsets of this program's state tile inside one [DL, D] state
+        o_s = o_l[:, None] * D + o_k[None, :]
+        # int64 bases: B*T*H*D and B*H*N*DL*D can exceed 2^31 elements for long sequences
+        bh64 = i_bh.to(tl.int64)
+        tok0 = i_b.to(tl.int64) * T  # first token of this sequence in the [B*T] token index
+
+        if HAS_INIT:
+            state = tl.load(s0_ptr + bh64 * DL * D + o_s, mask=m_s, other=0.0).to(tl.float32)
+        else:
+            state = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+        # round to the state dtype, as every stored state is (no-op for float32 states)
+        state = _round(state, s_ptr.dtype.element_ty, SOFT_BF16)
+
+        if INTERPRET:
+            # the interpreter passes runtime ints as 1-element numpy arrays and `range(N)` calls
+            # int() on them, which recent numpy (2.4 here) refuses; a while loop compares instead
+            i_c = 0
+            while i_c < N:
+                state = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l,
+                                    o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
+                                    SOFT_BF16)
+                i_c += 1
+        else:
+            for i_c in range(N):
+                state = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l,
+                                    o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
+                                    SOFT_BF16)
+
+        tl.store(sT_ptr + bh64 * DL * D + o_s, state.to(sT_ptr.dtype.element_ty), mask=m_s)
+
+
+def _is_interpreted(fn) -> bool:
+    """Whether ``triton.jit`` made ``fn`` an interpreter function (TRITON_INTERPRET=1 at import)."""
+    return type(fn).__name__ == "InterpretedFunction"
+
+
+def _check_tensor(name: str, x, ndim: int, what: str) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {what}, got shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} {what}")
+
+
+def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted: bool) -> None:
+    """Raise ``ValueError`` naming the argument for any invalid input of :func:`chunk_states`."""
+    _check_tensor("k", k, 4, "[B,T,H,D]")
+    _check_tensor("v", v, 4, "[B,T,H,Dv]")
+    _check_tensor("g", g, 3, "[B,T,H]")
+    _check_tensor("beta", beta, 3, "[B,T,H]")
+    B, T, Hh, D = k.shape
+    if min(B, T, Hh, D) < 1:
+        raise ValueError(f"k has an empty dimension: shape {tuple(k.shape)}")
+    if k.dtype not in INPUT_DTYPES:
+        raise ValueError(f"k has dtype {k.dtype}; supported: {list(INPUT_DTYPES)}")
+    if tuple(v.shape[:3]) != (B, T, Hh) or v.shape[3] < 1:
+        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B,T,H,Dv] = [{B},{T},{Hh},Dv] with Dv >= 1")
+    if v.dtype != k.dtype:
+        raise ValueError(f"v has dtype {v.dtype}, expected k's dtype {k.dtype} (one operand precision)")
+    Dv = v.shape[3]
+    _check_shape("g", g, (B, T, Hh), "[B,T,H]")
+    if g.dtype != torch.float32:
+        raise ValueError(f"g must be float32 (cumulative log-gates are float32), got {g.dtype}")
+    _check_shape("beta", beta, (B, T, Hh), "[B,T,H]")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if state_dtype not in STATE_DTYPES:
+        raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}")
+    named = {"k": k, "v": v, "g": g, "beta": beta}
+    if initial_state is not None:
+        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
+            raise ValueError("initial_state must be a pair (H0 [B,H,D,D], G0 [B,H,Dv,D])")
+        H0, G0 = initial_state
+        _check_tensor("initial_state[0] (H0)", H0, 4, "[B,H,D,D]")
+        _check_tensor("initial_state[1] (G0)", G0, 4, "[B,H,Dv,D]")
+        _check_shape("initial_state[0] (H0)", H0, (B, Hh, D, D), "[B,H,D,D]")
+        _check_shape("initial_state[1] (G0)", G0, (B, Hh, Dv, D), "[B,H,Dv,D]")
+        named["initial_state[0] (H0)"] = H0
+        named["initial_state[1] (G0)"] = G0
+    devices = {x.device for x in named.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{n}: {x.device}" for n, x in named.items())
+        raise ValueError(f"inputs are on different devices ({where})")
+    if k.device.type != "cuda" and not interpreted:
+        raise ValueError(f"k is on {k.device}: the kernel needs CUDA tensors, or TRITON_INTERPRET=1 set "
+                         "before triton is imported to run on the CPU")
+    if k.device.type == "cuda" and interpreted:
+        raise ValueError("k is on CUDA but TRITON_INTERPRET=1 is set: the interpreter reads CPU tensors")
+    # value check that the recurrence relies on (exp of non-positive numbers only); one reduction
+    if bool((g > 0).any()):
+        raise ValueError(f"g is the log forget gate and must be <= 0; max is {float(g.max()):.3g}")
+
+
+def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, chunk_size: int = 64,
+                 initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 state_dtype: torch.dtype = torch.float32):
+    """Chunk-boundary states of the Mesa recurrence (see the module docstring for the math).
+
+    Args:
+        k: keys ``[B,T,H,D]``, float32, bfloat16 or float16.
+        v: values ``[B,T,H,Dv]``, same dtype as ``k``.
+        g: log forget gate ``[B,T,H]``, float32, ``<= 0``.
+        beta: input gate ``[B,T,H]``, any float dtype (read as float32).
+        chunk_size: tokens per chunk C, any positive int (the chunk is masked up to a power of two
+            >= 16); ``min(chunk_size, T)`` is used, as in :class:`solvers.chunk_state.ChunkedSystem`.
+        initial_state: optional ``(H0 [B,H,D,D], G0 [B,H,Dv,D])``, any float dtype.
+        state_dtype: dtype the states are stored (and rounded after every chunk) in.
+
+    Returns:
+        ``(Hc [B,H,N,D,D], Gc [B,H,N,Dv,D], (H_T [B,H,D,D], G_T [B,H,Dv,D]))`` in ``state_dtype``,
+        where ``Hc[:, :, c]`` is the state before chunk c and ``(H_T, G_T)`` the state after the
+        last token.
+
+    Raises:
+        ImportError: triton is not installed.
+        ValueError: an input is invalid (the message names the argument).
+    """
+    if triton is None:
+        raise ImportError("kernels.chunk_states needs triton (pip install triton); it is not installed")
+    interpreted = _is_interpreted(_chunk_state_kernel)
+    _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted)
+    B, T, Hh, D = k.shape
+    Dv = v.shape[3]
+    C = min(chunk_size, T)
+    N = triton.cdiv(T, C)
+    k, v, g, beta = k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous()
+    dev = k.device
+    Hc = torch.empty(B, Hh, N, D, D, dtype=state_dtype, device=dev)
+    Gc = torch.empty(B, Hh, N, Dv, D, dtype=state_dtype, device=dev)
+    H_T = torch.empty(B, Hh, D, D, dtype=state_dtype, device=dev)
+    G_T = torch.empty(B, Hh, Dv, D, dtype=state_dtype, device=dev)
+    if initial_state is None:
+        H0 = G0 = None
+    else:
+        H0, G0 = (s.contiguous() for s in initial_state)
+    BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
+    BLOCK_K = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(D)))
+    for left, s0, s, sT, w_left in ((k, H0, Hc, H_T, True), (v, G0, Gc, G_T, False)):
+        DL = left.shape[3]
+        BLOCK_L = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(DL)))
+        grid = (triton.cdiv(DL, BLOCK_L), triton.cdiv(D, BLOCK_K), B * Hh)
+        _chunk_state_kernel[grid](
+            left, k, g, beta, s0 if s0 is not None else s, s, sT,
+            T, Hh, DL, D, C, N,
+            BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
+            HAS_INIT=s0 is not None, W_LEFT=w_left, IS_FP32=k.dtype == torch.float32,
+            IS_BF16=k.dtype == torch.bfloat16, SOFT_BF16=interpreted, INTERPRET=interpreted,
+        )
+    return Hc, Gc, (H_T, G_T)
+
+
+__all__ = ["chunk_states"]

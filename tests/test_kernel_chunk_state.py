@@ -1,0 +1,236 @@
+"""Triton chunk-state kernel (kernels/chunk_state.py) against the PyTorch emulation and float64.
+
+Runs on CUDA, or on the CPU through the Triton interpreter (``TRITON_INTERPRET=1`` in the
+environment before the test session starts); skips otherwise, and where triton is missing.
+
+Error bounds are componentwise against ``S_abs``: the float64 chunk-boundary states of the same
+problem with ``|k|, |v|, |H0|, |G0|``. Every state entry is a sum of products, and the standard
+rounding bound for such a sum is ``|err| <= n u * (sum of |terms|) = n u * S_abs`` (entrywise),
+so the checks hold for off-diagonal entries of H and for G, where terms cancel, as well as for
+diag(H).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
+if not (INTERPRET or torch.cuda.is_available()):
+    pytest.skip("the Triton kernel needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import kernels  # noqa: E402
+import solvers  # noqa: E402
+from kernels import chunk_states  # noqa: E402
+from solvers.chunk_state import ChunkedSystem  # noqa: E402
+from solvers.precision import UNIT_ROUNDOFF  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+pytestmark = pytest.mark.triton  # selected by tox's interp-triton* and gpu envs (pyproject markers)
+
+# fp32 tolerance, relative to S_abs entrywise. Unit roundoff u = 2^-24 = 6e-8. The rounding
+# error of one state entry is bounded by n u S_abs with n ~ C |Gam_C| (the fp32 cumsum feeding
+# exp) + C (the chunk's dot product) + N (one decay-and-add per chunk) + a few (exp, w k, store):
+# at most ~150 for C <= 32, |g| <= 0.1, N <= 7 here. Rounding errors add up like a random walk;
+# the largest error seen on these problems is ~8 u (5e-7 S_abs), so 1e-5 (~170 u, the worst-case
+# linear bound) leaves a 20x margin and still fails on any real mistake (a wrong decay, a missing
+# beta or an extra token is O(1e-2) or more).
+TOL_FP32 = 1e-5
+
+
+def make_problem(B: int, T: int, H: int, D: int, Dv: int, *, init: bool, seed: int,
+                 dtype: torch.dtype = torch.float32) -> solvers.MesaProblem:
+    """A seeded Mesa problem: unit-norm keys, gamma = exp(g) in [0.9, 1], beta in [0, 1], lam = 1."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, D, generator=gen)
+    k = torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1)
+    v = torch.randn(B, T, H, Dv, generator=gen)
+    g = torch.log(0.9 + 0.1 * torch.rand(B, T, H, generator=gen))  # g in [log 0.9, 0] ~ [-0.105, 0]
+    beta = torch.rand(B, T, H, generator=gen)
+    lam = torch.ones(H, D)
+    initial_state = None
+    if init:
+        A = torch.randn(B, H, D, D, generator=gen) / D**0.5
+        H0 = A @ A.transpose(-1, -2)
+        H0 = 0.5 * (H0 + H0.transpose(-1, -2))  # exactly symmetric PSD
+        G0 = torch.randn(B, H, Dv, D, generator=gen)
+        initial_state = (H0, G0)
+    mv = (lambda x: x.to(DEVICE))  # noqa: E731
+    return solvers.MesaProblem(mv(q), mv(k.to(dtype)), mv(v.to(dtype)), mv(g), mv(beta), mv(lam),
+                               None if initial_state is None else tuple(mv(s) for s in initial_state))
+
+
+def boundary_states(problem: solvers.MesaProblem, chunk_size: int):
+    """float64 states before each chunk ``[B,H,N,.,D]`` and after the last token, from iter_states."""
+    C = min(chunk_size, problem.T)
+    f64 = dict(dtype=torch.float64, device=problem.device)
+    if problem.initial_state is None:
+        Hs = [torch.zeros(problem.B, problem.H, problem.D, problem.D, **f64)]
+        Gs = [torch.zeros(problem.B, problem.H, problem.Dv, problem.D, **f64)]
+    else:
+        Hs, Gs = [problem.initial_state[0].to(**f64)], [problem.initial_state[1].to(**f64)]
+    for _, _, Hb, Gb in problem.iter_states(block=C, dtype=torch.float64):  # block = chunk: ends align
+        Hs.append(Hb[:, -1])
+        Gs.append(Gb[:, -1])
+    return torch.stack(Hs[:-1], dim=2), torch.stack(Gs[:-1], dim=2), Hs[-1], Gs[-1]
+
+
+def abs_problem(problem: solvers.MesaProblem) -> solvers.MesaProblem:
+    init = None if problem.initial_state is None else tuple(s.abs() for s in problem.initial_state)
+    return problem.replace(k=problem.k.abs(), v=problem.v.abs(), initial_state=init)
+
+
+def assert_close(name: str, got: torch.Tensor, ref: torch.Tensor, scale: torch.Tensor, tol: float) -> None:
+    """``|got - ref| <= tol * scale`` entrywise (scale = S_abs), with a readable failure."""
+    assert got.shape == ref.shape, f"{name}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
+    err = (got.double() - ref.double()).abs()
+    ratio = float((err / scale.double().clamp_min(1e-300)).max())
+    assert torch.isfinite(got).all(), f"{name}: non-finite values"
+    assert bool((err <= tol * scale.double()).all()), f"{name}: max |err| / S_abs = {ratio:.3g} > {tol:.3g}"
+
+
+def assert_states_close(label: str, got, ref, scale, tol: float) -> None:
+    """:func:`assert_close` on the four results ``(Hc, Gc, H_T, G_T)``."""
+    for name, a, b, c in zip(("Hc", "Gc", "H_T", "G_T"), got, ref, scale, strict=True):
+        assert_close(f"{name} {label}", a.float(), b, c, tol)
+
+
+def run_kernel(problem: solvers.MesaProblem, chunk_size: int, state_dtype=torch.float32):
+    return chunk_states(problem.k, problem.v, problem.g, problem.beta, chunk_size=chunk_size,
+                        initial_state=problem.initial_state, state_dtype=state_dtype)
+
+
+# T covers one token, a partial last chunk, exact multiples and several chunks; (D, Dv) covers
+# non-powers of two and Dv < D, Dv > D. Every (T, C, init) combination runs once, with the
+# (D, Dv) pairs cycled over them, to stay within the interpreter's time budget.
+DIMS = [(16, 16), (24, 20), (24, 8)]
+CASES = [(T, C, init, *DIMS[i % len(DIMS)])
+         for i, (T, C, init) in enumerate((T, C, init) for T in (1, 37, 64, 100) for C in (16, 32)
+                                          for init in (False, True))]
+
+
+@pytest.mark.parametrize("T,C,init,D,Dv", CASES)
+def test_fp32_matches_emulation_and_float64(T, C, init, D, Dv):
+    problem = make_problem(2, T, 2, D, Dv, init=init, seed=1000 * T + 10 * C + init)
+    Hc, Gc, (H_T, G_T) = run_kernel(problem, C)
+    N = -(-T // min(C, T))
+    assert Hc.shape == (2, 2, N, D, D) and Gc.shape == (2, 2, N, Dv, D)
+    assert H_T.shape == (2, 2, D, D) and G_T.shape == (2, 2, Dv, D)
+    assert Hc.dtype == Gc.dtype == H_T.dtype == G_T.dtype == torch.float32
+    # S_abs: componentwise scale of every state entry (module docstring)
+    aHc, aGc, aH_T, aG_T = boundary_states(abs_problem(problem), C)
+
+    emu = ChunkedSystem.build(problem, solvers.get_policy("fp32"), C)
+    got, scale = (Hc, Gc, H_T, G_T), (aHc, aGc, aH_T, aG_T)
+    assert_states_close("vs emulation", got, (emu.Hc, emu.Gc, emu.H_final, emu.G_final), scale, TOL_FP32)
+    assert_states_close("vs float64", got, boundary_states(problem.to(torch.float64), C), scale, TOL_FP32)
+
+    # the state before the first chunk is H0 (or zero) exactly: fp32 stores it unrounded
+    if init:
+        assert torch.equal(Hc[:, :, 0], problem.initial_state[0])
+        assert torch.equal(Gc[:, :, 0], problem.initial_state[1])
+    else:
+        assert not Hc[:, :, 0].any() and not Gc[:, :, 0].any()
+
+
+def test_multiple_tiles_odd_chunk_and_strided_inputs():
+    """D, Dv > 64 (two state tiles per dim), chunk size 20 (not a power of two), non-contiguous inputs."""
+    T, C, D, Dv = 45, 20, 72, 40
+    problem = make_problem(1, T, 2, D, Dv, init=True, seed=7)
+    # strided views of the same values: every other column of a wider tensor
+    k_wide = torch.zeros(1, T, 2, 2 * D, device=DEVICE)
+    k_wide[..., ::2] = problem.k
+    k_strided = k_wide[..., ::2]
+    assert not k_strided.is_contiguous()
+    Hc, Gc, (H_T, G_T) = chunk_states(k_strided, problem.v, problem.g, problem.beta, chunk_size=C,
+                                      initial_state=problem.initial_state)
+    assert_states_close("vs float64", (Hc, Gc, H_T, G_T), boundary_states(problem.to(torch.float64), C),
+                        boundary_states(abs_problem(problem), C), TOL_FP32)
+
+
+@pytest.mark.parametrize("policy,in_dtype,state_dtype", [
+    ("bf16-bf16state", torch.bfloat16, torch.bfloat16),
+    ("bf16-fp32state", torch.bfloat16, torch.float32),
+    ("fp16-fp16state", torch.float16, torch.float16),
+])
+def test_low_precision_matches_policy_emulation(policy, in_dtype, state_dtype):
+    """bf16/fp16 inputs and states: the kernel implements the policy the emulation emulates."""
+    T, C = 100, 16
+    problem = make_problem(2, T, 2, 24, 20, init=True, seed=11, dtype=in_dtype)
+    Hc, Gc, (H_T, G_T) = run_kernel(problem, C, state_dtype)
+    assert Hc.dtype == Gc.dtype == H_T.dtype == G_T.dtype == state_dtype
+    pol = solvers.get_policy(policy)
+    emu = ChunkedSystem.build(problem, pol, C)
+    N = Hc.shape[2]
+    # Same operands, same roundings; only the fp32 summation order differs, which can flip the
+    # rounding of a stored low-precision state by one ulp (2u relative) per chunk, carried on
+    # (decayed, never amplified) by later chunks: at most 2u (N + 1) S_abs. With fp32 states
+    # the fp32 bound applies.
+    u_state = UNIT_ROUNDOFF[pol.state]
+    tol = TOL_FP32 if state_dtype == torch.float32 else 2 * u_state * (N + 1)
+    got, scale = (Hc, Gc, H_T, G_T), boundary_states(abs_problem(problem), C)
+    assert_states_close(f"vs emulation ({policy})", got, (emu.Hc, emu.Gc, emu.H_final, emu.G_final), scale, tol)
+    # against exact arithmetic on the same (already rounded) inputs: the operand diag(w) K is
+    # rounded once (u), every stored state once per chunk (u_state each, N + 1 of them)
+    tol64 = UNIT_ROUNDOFF[pol.operand] + u_state * (N + 1) + TOL_FP32
+    assert_states_close(f"vs float64 ({policy})", got, boundary_states(problem.to(torch.float64), C), scale, tol64)
+
+
+# -- validation --------------------------------------------------------------------------------------
+
+def _inputs():
+    p = make_problem(1, 5, 2, 16, 8, init=True, seed=3)
+    return dict(k=p.k, v=p.v, g=p.g, beta=p.beta), p.initial_state
+
+
+def _bad_cases():
+    args, (H0, G0) = _inputs()
+    k, v, g, beta = args["k"], args["v"], args["g"], args["beta"]
+    return [
+        ("k", dict(k=k[0])),
+        ("k", dict(k=k.double(), v=v.double())),
+        ("k", dict(k=[1.0])),
+        ("v", dict(v=v[:, :-1])),
+        ("v", dict(v=v.half())),
+        ("g", dict(g=g.double())),
+        ("g", dict(g=g[:, :, :1])),
+        ("g", dict(g=-g + 0.5)),  # positive log-gate
+        ("beta", dict(beta=beta[:, :-1])),
+        ("chunk_size", dict(chunk_size=0)),
+        ("chunk_size", dict(chunk_size=16.0)),
+        ("chunk_size", dict(chunk_size=True)),
+        ("state_dtype", dict(state_dtype=torch.float64)),
+        ("initial_state", dict(initial_state=(H0,))),
+        ("initial_state[0] (H0)", dict(initial_state=(H0[..., :-1], G0))),
+        ("initial_state[1] (G0)", dict(initial_state=(H0, G0.transpose(-1, -2)))),
+    ]
+
+
+@pytest.mark.parametrize("name,change", _bad_cases(), ids=lambda x: x if isinstance(x, str) else "")
+def test_bad_input_raises_value_error_naming_argument(name, change):
+    args, init = _inputs()
+    kwargs = dict(chunk_size=16, initial_state=init, state_dtype=torch.float32)
+    for key, value in change.items():
+        (args if key in args else kwargs)[key] = value
+    with pytest.raises(ValueError, match="^" + re.escape(name)):
+        chunk_states(args["k"], args["v"], args["g"], args["beta"], **kwargs)
+
+
+def test_module_imports_without_triton(monkeypatch):
+    """kernels/chunk_state.py imports without triton; calling the kernel then raises ImportError."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    monkeypatch.setitem(sys.modules, "triton.language", None)
+    spec = importlib.util.spec_from_file_location("_chunk_state_without_triton", kernels.chunk_state.__file__)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # a fresh module object: the real one is left untouched
+    assert mod.triton is None
+    args, _ = _inputs()
+    with pytest.raises(ImportError, match="triton"):
+        mod.chunk_states(args["k"], args["v"], args["g"], args["beta"])
