@@ -11,6 +11,8 @@ For a computed ``x`` and a reference ``x*`` (float64 exact or mpmath), all in fl
                                method keeps it O(1) (times a modest growth factor) on every case.
 
 Tokens whose reference is exactly zero contribute their absolute error (q_t = 0 gives x*_t = 0).
+A computed value that is not finite (overflow, NaN) has infinite error: errors are ``inf``, never
+``nan``, so that "larger is worse" holds in every table and plot.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ def rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = _f64(x), _f64(ref)
     if x.shape != ref.shape:
         raise ValueError(f"x has shape {tuple(x.shape)} but ref has {tuple(ref.shape)}")
+    if not bool(torch.isfinite(x).all()):
+        return float("inf")
     den = float(ref.norm())
     num = float((x - ref).norm())
     return num / den if den > 0 else num
@@ -41,7 +45,8 @@ def token_rel_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"x has shape {tuple(x.shape)} but ref has {tuple(ref.shape)}")
     num = (x - ref).norm(dim=-1)
     den = ref.norm(dim=-1)
-    return torch.where(den > 0, num / torch.where(den > 0, den, 1), num)
+    err = torch.where(den > 0, num / torch.where(den > 0, den, 1), num)
+    return torch.where(torch.isfinite(x).all(dim=-1), err, torch.inf)
 
 
 def max_token_rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
@@ -49,30 +54,33 @@ def max_token_rel_error(x: torch.Tensor, ref: torch.Tensor) -> float:
     return float(token_rel_error(x, ref).max())
 
 
-def _systems(problem: MesaProblem, block: int):
-    """Yield (s, e, A_t = H_t + Lambda [B,L,H,D,D]) in float64."""
+def systems(problem: MesaProblem, block: int = 64):
+    """Yield ``(s, e, A)`` with ``A_t = H_t + Lambda`` for tokens ``s..e-1``, ``[B,e-s,H,D,D]``, float64."""
     lam = torch.diag_embed(problem.lam.to(torch.float64))
     for s, e, Hb, _ in problem.iter_states(block=block, dtype=torch.float64):
         yield s, e, Hb + lam
 
 
+def backward_error_of(A: torch.Tensor, norm_A: torch.Tensor, q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``||q - A x|| / (||A||_2 ||x|| + ||q||)`` per token, for given systems and their 2-norms."""
+    x, q = _f64(x), _f64(q)
+    res = (q[..., None] - A @ x[..., None])[..., 0].norm(dim=-1)
+    err = res / (norm_A * x.norm(dim=-1) + q.norm(dim=-1))
+    return torch.where(torch.isfinite(x).all(dim=-1), err, torch.inf)
+
+
 def backward_error(problem: MesaProblem, x: torch.Tensor, block: int = 64) -> torch.Tensor:
     """Per-token normwise backward error ``[B,T,H]`` of ``x`` for ``(H_t + Lambda) x_t = q_t``."""
-    x = _f64(x)
-    q = _f64(problem.q)
     out = torch.empty(problem.B, problem.T, problem.H, dtype=torch.float64, device=x.device)
-    for s, e, A in _systems(problem, block):
-        xb = x[:, s:e, ..., None]
-        res = (q[:, s:e, ..., None] - A @ xb)[..., 0].norm(dim=-1)
-        normA = torch.linalg.eigvalsh(A)[..., -1]
-        out[:, s:e] = res / (normA * xb[..., 0].norm(dim=-1) + q[:, s:e].norm(dim=-1))
+    for s, e, A in systems(problem, block):
+        out[:, s:e] = backward_error_of(A, torch.linalg.eigvalsh(A)[..., -1], problem.q[:, s:e], x[:, s:e])
     return out
 
 
 def condition_numbers(problem: MesaProblem, block: int = 64) -> torch.Tensor:
     """Per-token 2-norm condition number ``kappa(H_t + Lambda)``, ``[B,T,H]``, from fp64 eigenvalues."""
     out = torch.empty(problem.B, problem.T, problem.H, dtype=torch.float64, device=problem.device)
-    for s, e, A in _systems(problem, block):
+    for s, e, A in systems(problem, block):
         ev = torch.linalg.eigvalsh(A)
         out[:, s:e] = ev[..., -1] / ev[..., 0]
     return out

@@ -45,6 +45,9 @@ def mp_solve(problem: MesaProblem, dps: int = 50, *, regularizer: str = "static"
         raise ValueError(f"regularizer must be 'static' or 'decayed', got {regularizer!r}")
     if dps < 20:
         raise ValueError(f"dps={dps} is too few digits for a reference (use >= 20, default 50)")
+    if problem.cu_seqlens is not None:  # packed: every sequence from its own start state
+        parts = [mp_solve(seq, dps, regularizer=regularizer, max_work=max_work) for seq in problem.sequences()]
+        return torch.cat([x for x, _ in parts], dim=1), torch.cat([o for _, o in parts], dim=1)
     B, T, H, D, Dv = problem.B, problem.T, problem.H, problem.D, problem.Dv
     work = B * H * T * D**3
     if work > max_work:
