@@ -41,6 +41,12 @@ def _plt():
     return plt
 
 
+def _legend(ax, **kw) -> None:
+    """A legend, only when something was drawn (subsets of the grid may leave a plot empty)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(**kw)
+
+
 def _finite_max(*series) -> float:
     vals = [v for s in series for v in s if math.isfinite(v)]
     return max(vals) if vals else 1.0
@@ -74,7 +80,7 @@ def plot_error_vs_kappa(df: pd.DataFrame, path: str) -> None:
         ax.set(xscale="log", yscale="log", xlabel="max condition number kappa(H_t + Lambda)",
                title=f"{solver} (converged settings)")
     axes[0][0].set_ylabel("worst per-token relative error of x")
-    axes[0][-1].legend(fontsize=7, title="policy (dashed: kappa u)", title_fontsize=7)
+    _legend(axes[0][-1], fontsize=7, title="policy (dashed: kappa u)", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -96,7 +102,7 @@ def plot_error_vs_length(df: pd.DataFrame, case: str, path: str) -> None:
            title=f"error vs length under forgetting ({case})")
     ax.annotate("x: overflow (inf / NaN)", xy=(0.01, ceiling), xycoords=("axes fraction", "data"), va="bottom",
                 fontsize=7, color="grey")
-    ax.legend(fontsize=6, ncol=2, loc="center right")
+    _legend(ax, fontsize=6, ncol=2, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -113,7 +119,7 @@ def plot_error_vs_steps(df: pd.DataFrame, case: str, path: str) -> None:
         ax.axhline(g.u.iloc[0], color=c, lw=0.7, ls=":")
     ax.set(xscale="log", yscale="log", xlabel="CG steps (fixed)", ylabel="relative error of x",
            title=f"CG error vs steps ({case}); dotted: unit roundoff u")
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -134,7 +140,7 @@ def plot_error_vs_tol(df: pd.DataFrame, case: str, path: str) -> None:
             title="steps needed")
     ax.invert_xaxis()
     ax2.invert_xaxis()
-    ax.legend(fontsize=7)
+    _legend(ax, fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
