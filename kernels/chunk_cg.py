@@ -1,0 +1,207 @@
+"""Triton kernel: fused per-chunk conjugate gradient for all tokens of a chunk, and the output.
+
+One program per (chunk c, batch entry b, head h). It loads the chunk's start state ``H_c`` (from
+:func:`kernels.chunk_state.chunk_states`), its keys K, queries Q, gates, and keeps them on chip
+while it runs preconditioned CG (DESIGN.md section 3) for the C systems of the chunk together:
+
+    A(P) = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam),
+    M_ij = exp(Gam_i - Gam_j) beta_j   for i >= j, else 0 (selected away before exp),
+
+    r_0 = q - A x_0,  z = M_J^{-1} r,  p_0 = z_0;   alpha = (r.z) / (p.Ap),  x += alpha p,
+    r -= alpha Ap;   p = z + ((r.z)_new / (r.z)) p
+
+with the Jacobi preconditioner ``M_J = diag(H_t + Lambda) = exp(Gam_i) diag(H_c) + M (K*K) + lam``
+when ``PRECOND``. Each token leaves the iteration (is frozen with ``where``) when its relative
+residual ``||r_k|| <= tol ||r_0||`` (if a tolerance is set), when its residual is exactly zero, or on
+breakdown (``p.Ap <= 0`` or NaN, flagged, never divided through); the loop ends **early** as soon as
+no token of the chunk is active, and at ``STEPS`` at the latest. Then
+
+    O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V
+
+is formed in the same program. Per-token step counts and final relative residuals are written.
+
+Precision (the policy of :mod:`solvers.precision`, natively): cumulative log-gates, M, the vectors
+x, r, p and all scalars are float32; the three products of A(P) round their operands to the
+operand precision ``OP``: ``ieee`` (true fp32), ``tf32`` (tensor cores, 10-bit mantissa), ``bf16``
+or ``fp16`` (tensor cores), accumulating in float32. The stored states ``H_c``, ``G_c`` arrive in
+the policy's state dtype.
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+# Operand precisions of the products (solvers.precision names -> kernel codes).
+OP_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3}
+
+if triton is not None:
+    from .chunk_state import _round
+
+    @triton.jit
+    def _operand(x, OP: tl.constexpr, SOFT: tl.constexpr):
+        """An fp32 tile as a product operand of precision OP (SOFT: interpreter, rounded fp32 values)."""
+        if OP == 2:
+            if SOFT:
+                y = _round(x, tl.bfloat16, True)
+            else:
+                y = x.to(tl.bfloat16)
+        elif OP == 3:
+            if SOFT:
+                y = _round(x, tl.float16, False)
+            else:
+                y = x.to(tl.float16)
+        elif OP == 1 and SOFT:
+            # interpreter: tf32 dots run in fp32 there, so round to tf32 (10 explicit mantissa bits,
+            # round-to-nearest-even on the bit pattern, as solvers.precision.round_tf32 does)
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & 0xFFFFE000
+            y = bits.to(tl.float32, bitcast=True)
+        else:
+            y = x
+        return y
+
+    @triton.jit
+    def _dot(a, b, OP: tl.constexpr, SOFT: tl.constexpr):
+        """a @ b with operands already in precision OP, accumulated in fp32."""
+        if OP == 0:
+            # ieee: true fp32 products (the GPU default would be tf32)
+            c = tl.dot(a, b, input_precision="ieee")
+        elif OP == 1 and not SOFT:
+            c = tl.dot(a, b, input_precision="tf32")
+        elif SOFT:
+            # interpreter: tf32/bf16/fp16 operands were rounded in fp32 tiles; a product of two such
+            # values is exact in fp32, so an ieee fp32 dot equals the low-precision MMA
+            c = tl.dot(a, b, input_precision="ieee")
+        else:
+            c = tl.dot(a, b)
+        return c
+
+    @triton.jit
+    def _matvec(p, Hc_op, K_op, Kt_op, M, eG, lam, OP: tl.constexpr, SOFT: tl.constexpr):
+        """A(P) = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam) for a [BLOCK_C, BLOCK_D] tile."""
+        p_op = _operand(p, OP, SOFT)
+        inter = eG[:, None] * _dot(p_op, Hc_op, OP, SOFT)
+        s = _dot(p_op, Kt_op, OP, SOFT) * M
+        intra = _dot(_operand(s, OP, SOFT), K_op, OP, SOFT)
+        return inter + intra + p * lam[None, :]
+
+    @triton.jit
+    def _chunk_cg_kernel(
+        q_ptr, k_ptr, v_ptr,  # [B*T, H, D], [B*T, H, D], [B*T, H, Dv] contiguous (input dtype)
+        g_ptr, beta_ptr,  # [B*T, H] float32
+        lam_ptr,  # [H, D] float32
+        Hc_ptr, Gc_ptr,  # [B, H, N, D, D], [B, H, N, Dv, D] state before each chunk (state dtype)
+        o_ptr,  # [B*T, H, Dv] output (float32)
+        x_ptr,  # [B*T, H, D] q-star (float32), written when STORE_X
+        steps_ptr, res_ptr,  # [B*T, H] int32 step counts, float32 final relative residuals
+        T, N, tol, steps,  # tokens per sequence, chunks, relative tolerance (<= 0: none), step cap
+        H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        OP: tl.constexpr,  # operand precision code (OP_CODES)
+        X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr, STORE_X: tl.constexpr,
+        SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
+    ):
+        i_c = tl.program_id(0)
+        i_bh = tl.program_id(1)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_c = tl.arange(0, BLOCK_C)
+        o_d = tl.arange(0, BLOCK_D)
+        o_v = tl.arange(0, BLOCK_DV)
+        m_d = o_d < D
+        m_v = o_v < Dv
+        t = i_c * C + o_c
+        m_t = (o_c < C) & (t < T)
+        row = (i_b.to(tl.int64) * T + t) * H + i_h  # [B*T, H] row of each token (int64: large B*T*H*D)
+        m_td = m_t[:, None] & m_d[None, :]
+
+        # gates: masked tokens read g = 0, beta = 0 (they change nothing and get q = 0)
+        g = tl.load(g_ptr + row, mask=m_t, other=0.0).to(tl.float32)
+        beta = tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
+        gam = tl.cumsum(g, axis=0)
+        eG = tl.exp(gam)
+        causal = o_c[:, None] >= o_c[None, :]
+        # M_ij = exp(Gam_i - Gam_j) beta_j below the diagonal; the exponent is selected to 0 above it
+        M = tl.where(causal, tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0)), 0.0) * beta[None, :]
+        # padded coordinates get lam = 1: their r, p, x stay exactly 0 and the Jacobi diagonal stays > 0
+        lam = tl.load(lam_ptr + i_h * D + o_d, mask=m_d, other=1.0).to(tl.float32)
+
+        K = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        K_op = _operand(K, OP, SOFT)
+        Kt_op = tl.trans(K_op)
+        s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
+        m_dd = m_d[:, None] & m_d[None, :]
+        Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
+        Hc_op = _operand(Hc, OP, SOFT)
+
+        diag = lam[None, :] + tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+        if PRECOND or X0_JACOBI:
+            dHc = tl.load(Hc_ptr + s_base + o_d * (D + 1), mask=m_d, other=0.0).to(tl.float32)
+            diag = diag + eG[:, None] * dHc[None, :] + tl.dot(M, K * K, input_precision="ieee")
+
+        if X0_JACOBI:
+            x = Q / diag
+            r = Q - _matvec(x, Hc_op, K_op, Kt_op, M, eG, lam, OP, SOFT)
+        else:
+            x = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
+            r = Q
+        if PRECOND:
+            z = r / diag
+        else:
+            z = r
+        p = z
+        rz = tl.sum(r * z, axis=1)
+        r0 = tl.sqrt(tl.sum(r * r, axis=1))
+        rn = r0
+        active = m_t & (r0 > 0)
+        if HAS_TOL:
+            active = active & (r0 > tol * r0)
+        count = tl.zeros([BLOCK_C], dtype=tl.int32)
+        it = 0
+        n_active = tl.sum(active.to(tl.int32), axis=0)
+        while (it < steps) & (n_active > 0):
+            Ap = _matvec(p, Hc_op, K_op, Kt_op, M, eG, lam, OP, SOFT)
+            pAp = tl.sum(p * Ap, axis=1)
+            active = active & (pAp > 0)  # breakdown (p.Ap <= 0 or NaN) leaves the iteration
+            alpha = tl.where(active, rz / tl.where(active, pAp, 1.0), 0.0)
+            x = tl.where(active[:, None], x + alpha[:, None] * p, x)
+            r = tl.where(active[:, None], r - alpha[:, None] * Ap, r)
+            count += active.to(tl.int32)
+            rn = tl.where(active, tl.sqrt(tl.sum(r * r, axis=1)), rn)
+            still = active & (rn > 0)
+            if HAS_TOL:
+                still = still & (rn > tol * r0)
+            if PRECOND:
+                z = r / diag
+            else:
+                z = r
+            rz_new = tl.sum(r * z, axis=1)
+            b = tl.where(still, rz_new / tl.where(still, rz, 1.0), 0.0)
+            p = tl.where(still[:, None], z + b[:, None] * p, p)
+            rz = tl.where(still, rz_new, rz)
+            active = still
+            n_active = tl.sum(active.to(tl.int32), axis=0)
+            it += 1
+
+        tl.store(steps_ptr + row, count, mask=m_t)
+        tl.store(res_ptr + row, tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0), mask=m_t)
+        if STORE_X:
+            tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)
+
+        # O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V
+        m_tv = m_t[:, None] & m_v[None, :]
+        V = tl.load(v_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+        g_base = (i_bh.to(tl.int64) * N + i_c) * Dv * D
+        GcT = tl.load(Gc_ptr + g_base + o_v[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_v[None, :],
+                      other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_DV] = G_c^T
+        x_op = _operand(x, OP, SOFT)
+        out = eG[:, None] * _dot(x_op, _operand(GcT, OP, SOFT), OP, SOFT)
+        s = _dot(x_op, Kt_op, OP, SOFT) * M
+        out += _dot(_operand(s, OP, SOFT), _operand(V, OP, SOFT), OP, SOFT)
+        tl.store(o_ptr + row[:, None] * Dv + o_v[None, :], out, mask=m_tv)

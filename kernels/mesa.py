@@ -1,0 +1,222 @@
+"""Public ops: ``mesa_chunk`` (chunkwise prefill, forward) and ``mesa_step`` (one-token decode).
+
+``mesa_chunk`` = :func:`kernels.chunk_state.chunk_states` (chunk-boundary states H_c, G_c,
+accumulated in float32, stored per the policy's state dtype) followed by
+:mod:`kernels.chunk_cg` (per-chunk CG with early exit, and the output o = G_t x_t). Shapes as in
+the peer op: ``q, k: [B,T,H,D]``, ``v: [B,T,H,Dv]``, ``g, beta: [B,T,H]`` (g = log forget gate),
+``lam: [H,D]``. Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter
+(``TRITON_INTERPRET=1`` set before triton is imported).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from solvers import get_policy, validate_inputs
+from solvers.cg import PRECOND_CHOICES, check_iteration_options
+from solvers.precision import PrecisionPolicy
+
+from . import chunk_cg, decode
+from .chunk_state import MIN_DOT_BLOCK, _is_interpreted, chunk_states
+
+try:
+    import triton
+except ImportError:  # pragma: no cover
+    triton = None
+
+# The default precision policy of the kernels (see benchmarks/README.md for the measurements
+# that chose it): tf32 products with fp32 states and vectors.
+DEFAULT_POLICY = "tf32"
+KERNEL_POLICIES = ("fp32", "tf32", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state", "fp16-fp16state")
+# Largest head dims the fused CG kernel holds on chip (H_c is a D x D tile).
+MAX_D = 128
+
+
+@dataclass
+class MesaStats:
+    """Per-token solver statistics of a ``mesa_chunk`` / ``mesa_step`` call."""
+
+    steps: torch.Tensor  # [B,T,H] int32 CG iterations per token
+    residual: torch.Tensor  # [B,T,H] float32 final relative residual ||r_k|| / ||r_0||
+    x: torch.Tensor | None = None  # [B,T,H,D] float32 q-star
+
+    @property
+    def mean_steps(self) -> float:
+        return float(self.steps.double().mean())
+
+
+def _require_triton(fn) -> bool:
+    if triton is None:
+        raise ImportError("kernels need triton (pip install triton); it is not installed")
+    return _is_interpreted(fn)
+
+
+def _check_device(name: str, x: torch.Tensor, interpreted: bool) -> None:
+    if interpreted and x.device.type != "cpu":
+        raise ValueError(f"{name} is on {x.device}, but TRITON_INTERPRET=1 runs kernels on CPU tensors")
+    if not interpreted and x.device.type != "cuda":
+        raise ValueError(f"{name} is on {x.device}: the kernels need CUDA tensors (or TRITON_INTERPRET=1 set before "
+                         "triton is imported, to run them on the CPU)")
+
+
+def _kernel_policy(policy) -> PrecisionPolicy:
+    pol = get_policy(policy)
+    if pol.name not in KERNEL_POLICIES:
+        raise ValueError(f"policy {pol.name!r} is not implemented by the kernels; use one of {KERNEL_POLICIES} "
+                         "(fp64 is the reference solvers' job: solvers.solve)")
+    return pol
+
+
+def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
+               precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 64,
+               initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
+               return_x: bool = False):
+    """Mesa layer forward: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG.
+
+    Args:
+        q, k: ``[B,T,H,D]``; v: ``[B,T,H,Dv]``; g (log forget gate, <= 0), beta (in [0,1]): ``[B,T,H]``;
+            lam (> 0): ``[H,D]``. Any float dtype; cast to the policy's input dtype.
+        steps: CG step cap (fixed step count when ``tol`` is None). ``steps=0`` gives x = x0.
+        tol: relative residual tolerance ``||r|| <= tol ||r_0||``; each chunk stops early when all its
+            tokens meet it.
+        x0: initial guess, ``"zero"`` or ``"jacobi"`` (q / diag(H_t + Lambda)).
+        precond: ``None`` or ``"jacobi"``.
+        policy: precision policy name or object (default ``DEFAULT_POLICY``).
+        chunk_size: tokens per chunk (any positive int; power-of-two blocks are masked).
+        initial_state: ``(H0 [N,H,D,D], G0 [N,H,Dv,D])``, N = B (or the number of packed sequences).
+        output_final_state: also return ``(H_T, G_T)`` (float32 or the policy's state dtype).
+        cu_seqlens: packed variable-length sequences (B = 1), int tensor ``[N+1]``.
+        return_stats: also return a :class:`MesaStats` (per-token steps, residuals).
+        return_x: store q-star in the stats (``return_stats`` implied).
+
+    Returns:
+        ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
+        ``return_stats``.
+    """
+    interpreted = _require_triton(chunk_cg._chunk_cg_kernel)
+    pol = _kernel_policy(policy)
+    check_iteration_options(steps, tol, x0)
+    if precond not in PRECOND_CHOICES:
+        raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
+    validate_inputs(q, k, v, g, beta, lam, initial_state, cu_seqlens)
+    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
+        _check_device(name, x, interpreted)
+    D, Dv = q.shape[3], v.shape[3]
+    if D > MAX_D or Dv > MAX_D:
+        raise ValueError(f"head dims up to {MAX_D} are supported (the chunk's D x D state is held on chip); "
+                         f"got D = {D}, Dv = {Dv}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    return_stats = return_stats or return_x
+    if cu_seqlens is not None:
+        return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats,
+                       dict(steps=steps, tol=tol, x0=x0, precond=precond, policy=pol, chunk_size=chunk_size,
+                            return_x=return_x))
+
+    in_dt = pol.input_dtype
+    q, k, v = (t.to(in_dt).contiguous() for t in (q, k, v))
+    g = g.to(torch.float32).contiguous()
+    beta = beta.to(torch.float32).contiguous()
+    lam = lam.to(torch.float32).contiguous()
+    B, T, H, _ = q.shape
+    C = min(chunk_size, T)
+    Hc, Gc, final = chunk_states(k, v, g, beta, chunk_size=C, initial_state=initial_state,
+                                 state_dtype=pol.state_dtype)
+    N = Hc.shape[2]
+    dev = q.device
+    o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
+    x = torch.empty(B, T, H, D, dtype=torch.float32, device=dev) if return_x else o
+    n_steps = torch.empty(B, T, H, dtype=torch.int32, device=dev)
+    res = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
+    BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
+    BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
+    chunk_cg._chunk_cg_kernel[(N, B * H)](
+        q, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res,
+        T, N, float(tol) if tol is not None else -1.0, steps,
+        H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+        OP=chunk_cg.OP_CODES[pol.operand], X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi",
+        HAS_TOL=tol is not None, STORE_X=return_x, SOFT=interpreted,
+        num_warps=8 if BLOCK_D >= 128 else 4,
+    )
+    out = [o]
+    if output_final_state:
+        out.append(final)
+    if return_stats:
+        out.append(MesaStats(n_steps, res, x if return_x else None))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats, opts):
+    """Packed sequences: each sequence runs from its own start state (one launch per sequence)."""
+    cs = cu_seqlens.tolist()
+    outs, finals, stats = [], [], []
+    for n, (a, b) in enumerate(zip(cs, cs[1:], strict=False)):
+        init = None if initial_state is None else tuple(s[n:n + 1] for s in initial_state)
+        o, fin, st = mesa_chunk(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], lam,
+                                initial_state=init, output_final_state=True, return_stats=True, **opts)
+        outs.append(o)
+        finals.append(fin)
+        stats.append(st)
+    out = [torch.cat(outs, dim=1)]
+    if output_final_state:
+        out.append(tuple(torch.cat([f[i] for f in finals]) for i in range(2)))
+    if return_stats:
+        xs = [s.x for s in stats]
+        out.append(MesaStats(torch.cat([s.steps for s in stats], 1), torch.cat([s.residual for s in stats], 1),
+                             None if xs[0] is None else torch.cat(xs, 1)))
+    return out[0] if len(out) == 1 else tuple(out)
+
+
+def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
+              precond: str | None = None, return_stats: bool = False):
+    """One decode step for one new token per sequence.
+
+    Args:
+        q, k: ``[B,H,D]`` (or ``[B,1,H,D]``); v: ``[B,H,Dv]``; g, beta: ``[B,H]``; lam: ``[H,D]``;
+        state: ``(H [B,H,D,D], G [B,H,Dv,D])``, e.g. the final state of ``mesa_chunk``.
+
+    Returns:
+        ``(o [B,H,Dv], new_state)`` in float32 (and the stats if ``return_stats``). The update is
+        ``H' = gamma H + beta k k^T``, ``G' = gamma G + beta v k^T`` in float32, then CG on
+        ``(H' + Lambda) x = q`` and ``o = G' x``.
+    """
+    interpreted = _require_triton(decode._decode_kernel)
+    check_iteration_options(steps, tol, x0)
+    if precond not in PRECOND_CHOICES:
+        raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
+    squeeze = q.dim() == 4
+    if squeeze:
+        if q.shape[1] != 1:
+            raise ValueError(f"mesa_step takes one token: q has T = {q.shape[1]}; use mesa_chunk for prefill")
+        q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
+    if not (isinstance(state, (tuple, list)) and len(state) == 2):
+        raise ValueError("state must be a pair (H [B,H,D,D], G [B,H,Dv,D])")
+    # validate through the problem definition with T = 1
+    validate_inputs(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam, tuple(state))
+    for name, x in (("q", q), ("k", k), ("v", v), ("state[0]", state[0]), ("state[1]", state[1])):
+        _check_device(name, x, interpreted)
+    B, H, D = q.shape
+    Dv = v.shape[2]
+    dev = q.device
+    Hs, Gs = (s.to(torch.float32).contiguous() for s in state)
+    Hn, Gn = torch.empty_like(Hs), torch.empty_like(Gs)
+    o = torch.empty(B, H, Dv, dtype=torch.float32, device=dev)
+    x = torch.empty(B, H, D, dtype=torch.float32, device=dev)
+    n_steps = torch.empty(B, H, dtype=torch.int32, device=dev)
+    res = torch.empty(B, H, dtype=torch.float32, device=dev)
+    decode._decode_kernel[(B * H,)](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.to(torch.float32).contiguous(),
+        beta.to(torch.float32).contiguous(), lam.to(torch.float32).contiguous(), Hs, Gs, Hn, Gn, o, x, n_steps, res,
+        float(tol) if tol is not None else -1.0, steps,
+        H=H, D=D, Dv=Dv, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
+        X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi", HAS_TOL=tol is not None,
+    )
+    if squeeze:
+        o = o[:, None]
+    out = (o, (Hn, Gn))
+    if return_stats:
+        out = out + (MesaStats(n_steps, res, x),)
+    return out

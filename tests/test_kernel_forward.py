@@ -1,0 +1,163 @@
+"""Triton forward kernels (`kernels.mesa_chunk`, `kernels.mesa_step`) against the references.
+
+Runs on CUDA, or on the CPU through the Triton interpreter (``TRITON_INTERPRET=1`` set before the
+test session); skips otherwise. Sizes are small: the interpreter executes every tile op in numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+if not (INTERPRET or torch.cuda.is_available()):
+    pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
+
+import solvers  # noqa: E402
+from kernels import mesa_chunk, mesa_step  # noqa: E402
+from stability import cases, properties  # noqa: E402
+from stability.metrics import condition_numbers, max_token_rel_error, rel_error  # noqa: E402
+
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+pytestmark = pytest.mark.triton
+
+
+def _dev(p):
+    return p.to(torch.float32, device=DEVICE)
+
+
+def _args(p):
+    return dict(q=p.q, k=p.k, v=p.v, g=p.g, beta=p.beta, lam=p.lam)
+
+
+@pytest.fixture(scope="module")
+def prob():
+    return cases.make("well_conditioned", B=2, T=45, H=2, D=16, Dv=12)
+
+
+@pytest.mark.parametrize("policy", ["fp32", "tf32", "bf16-fp32state", "fp16-fp32state"])
+def test_matches_the_torch_cg_of_the_same_policy(prob, policy):
+    """Same algorithm, same policy: agreement at the policy's rounding level (summation order and
+    the points where fp32 intermediates round to the operand precision differ)."""
+    pol = solvers.get_policy(policy)
+    p = _dev(prob)
+    o, st = mesa_chunk(**_args(p), steps=20, policy=pol, chunk_size=16, return_x=True)
+    emu = solvers.solve(p, "cg", pol, steps=20, chunk_size=16)
+    # fp32: 10 u (u = 6e-8); low precision: a few u of the operand format, kappa < 5 here
+    bound = 1e-6 if policy == "fp32" else 8 * pol.u
+    assert rel_error(st.x.cpu(), emu.x.cpu()) <= bound
+    assert rel_error(o.cpu(), emu.o.cpu()) <= bound
+    assert torch.equal(st.steps.cpu().long(), emu.steps.cpu())
+
+
+@pytest.mark.parametrize("case", ["well_conditioned", "low_rank_keys", "strong_forgetting", "tiny_lambda"])
+def test_error_vs_float64_exact_within_kappa_u(case):
+    p64 = cases.make(case, B=1, T=40, H=2, D=16)
+    ref = solvers.solve(p64, "exact")
+    kappa = float(condition_numbers(p64).max())
+    o, st = mesa_chunk(**_args(_dev(p64)), steps=200, tol=1e-7, policy="fp32", chunk_size=16, return_x=True)
+    # converged fp32 CG: error <= c kappa u with u = 6e-8 (c = 50: D-term sums, states, recursion)
+    assert max_token_rel_error(st.x.cpu(), ref.x) <= 50 * kappa * 2.0**-24
+    assert rel_error(o.cpu(), ref.o) <= 50 * kappa * 2.0**-24
+
+
+def test_shapes_non_power_of_two_dims_partial_chunk_and_dtypes():
+    p = cases.make("well_conditioned", B=1, T=23, H=3, D=20, Dv=9)
+    ref = solvers.solve(p, "exact")
+    for dtype in (torch.float32, torch.bfloat16):
+        q = p.to(dtype, DEVICE)
+        o = mesa_chunk(**_args(q), steps=60, tol=1e-6, policy="fp32", chunk_size=16)
+        assert o.shape == (1, 23, 3, 9) and o.dtype == torch.float32
+        bound = 1e-5 if dtype == torch.float32 else 3e-2  # bf16 inputs: the problem itself moves by u_bf16
+        assert rel_error(o.cpu(), ref.o) <= bound
+
+
+def test_early_exit_lowers_steps_and_keeps_the_tolerance_promise(prob):
+    p = _dev(prob)
+    o_fix, st_fix = mesa_chunk(**_args(p), steps=40, policy="fp32", return_stats=True)
+    o_tol, st_tol = mesa_chunk(**_args(p), steps=40, tol=1e-4, policy="fp32", return_stats=True)
+    assert st_tol.mean_steps < 0.5 * st_fix.mean_steps
+    assert float(st_tol.residual.max()) <= 1e-4
+    ref = solvers.solve(prob, "exact")
+    kappa = float(condition_numbers(prob).max())
+    # relative residual 1e-4 bounds the relative error of x by kappa * 1e-4
+    x_tol = mesa_chunk(**_args(p), steps=40, tol=1e-4, policy="fp32", return_x=True)[1].x
+    assert max_token_rel_error(x_tol.cpu(), ref.x) <= kappa * 1e-4
+
+
+def test_metamorphic_properties(prob):
+    def op(q, k, v, g, beta, lam, **kw):
+        return mesa_chunk(q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), g.to(DEVICE), beta.to(DEVICE), lam.to(DEVICE),
+                          steps=15, policy="fp32", **kw)
+
+    p = prob.to(torch.float32)
+    bound = 1e-5  # fp32: ~100 u
+    checks = [properties.scale_q(op, p), properties.scale_v(op, p), properties.chunk_size(op, p, (16, 32, 64)),
+              properties.independence(op, p), properties.continuation(op, p, split=29),
+              properties.varlen(op, cases.make("varlen", T=40, D=16, n_seqs=3).to(torch.float32))]
+    for r in checks:
+        assert r.holds(bound), (r.name, r.discrepancy, r.detail)
+
+
+def test_final_state_and_initial_state(prob):
+    p = _dev(prob)
+    _, (H_T, G_T) = mesa_chunk(**_args(p), steps=5, policy="fp32", output_final_state=True)
+    Hf, Gf = prob.final_state()
+    assert rel_error(H_T.cpu(), Hf) <= 1e-6 and rel_error(G_T.cpu(), Gf) <= 1e-6
+    p_init = cases.random_problem(B=2, T=20, H=2, D=16, seed=3, initial_state=True)
+    o = mesa_chunk(**_args(_dev(p_init)), steps=60, tol=1e-7, policy="fp32",
+                   initial_state=tuple(s.to(device=DEVICE, dtype=torch.float32) for s in p_init.initial_state))
+    assert rel_error(o.cpu(), solvers.solve(p_init, "exact").o) <= 1e-5
+
+
+def test_decode_after_prefill_matches_one_longer_prefill(prob):
+    p = _dev(prob)
+    T = p.T
+    o_pre, state = mesa_chunk(**{k_: v_[:, : T - 2] if v_.dim() > 2 else v_ for k_, v_ in _args(p).items()},
+                              steps=50, tol=1e-7, policy="fp32", output_final_state=True)
+    outs = []
+    for t in (T - 2, T - 1):
+        o_t, state = mesa_step(p.q[:, t], p.k[:, t], p.v[:, t], p.g[:, t], p.beta[:, t], p.lam, state,
+                               steps=50, tol=1e-7)
+        outs.append(o_t)
+    full = mesa_chunk(**_args(p), steps=50, tol=1e-7, policy="fp32")
+    assert rel_error(torch.stack(outs, 1).cpu(), full[:, T - 2:].cpu()) <= 1e-5
+    ref_H, _ = prob.final_state()
+    assert rel_error(state[0].cpu(), ref_H) <= 1e-6
+
+
+@pytest.mark.parametrize("field,bad,msg", [
+    ("q", lambda a: a["q"][..., :8], "k"),
+    ("lam", lambda a: -a["lam"], "lam"),
+    ("g", lambda a: a["g"] + 1, "g"),
+    ("beta", lambda a: a["beta"] * 3, "beta"),
+    ("v", lambda a: a["v"].clone().fill_(float("nan")), "v"),
+    ("q", lambda a: a["q"].to(torch.int32), "q"),
+])
+def test_bad_inputs_name_the_argument(prob, field, bad, msg):
+    a = _args(_dev(prob))
+    a[field] = bad(a)
+    with pytest.raises(ValueError) as err:
+        mesa_chunk(**a)
+    assert str(err.value).split()[0] == msg
+
+
+def test_bad_options_and_devices(prob):
+    a = _args(_dev(prob))
+    with pytest.raises(ValueError, match="policy 'fp64'"):
+        mesa_chunk(**a, policy="fp64")
+    with pytest.raises(ValueError, match="tol"):
+        mesa_chunk(**a, tol=2.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        mesa_chunk(**a, chunk_size=0)
+    with pytest.raises(ValueError, match="head dims"):
+        big = cases.make("well_conditioned", T=4, D=160, H=1)
+        mesa_chunk(**_args(_dev(big)))
+    other = torch.device("meta")
+    with pytest.raises(ValueError, match="different devices|is on"):
+        mesa_chunk(**dict(a, lam=a["lam"].to(other)))
+    with pytest.raises(ValueError, match="one token"):
+        mesa_step(a["q"], a["k"], a["v"], a["g"], a["beta"], a["lam"], (None, None))
