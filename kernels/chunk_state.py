@@ -212,7 +212,7 @@ def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} {what}")
 
 
-def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted: bool) -> None:
+def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted: bool, check_values: bool) -> None:
     """Raise ``ValueError`` naming the argument for any invalid input of :func:`chunk_states`."""
     _check_tensor("k", k, 4, "[B,T,H,D]")
     _check_tensor("v", v, 4, "[B,T,H,Dv]")
@@ -257,13 +257,13 @@ def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted
     if k.device.type == "cuda" and interpreted:
         raise ValueError("k is on CUDA but TRITON_INTERPRET=1 is set: the interpreter reads CPU tensors")
     # value check that the recurrence relies on (exp of non-positive numbers only); one reduction
-    if bool((g > 0).any()):
+    if check_values and bool((g > 0).any()):
         raise ValueError(f"g is the log forget gate and must be <= 0; max is {float(g.max()):.3g}")
 
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, chunk_size: int = 64,
                  initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 state_dtype: torch.dtype = torch.float32):
+                 state_dtype: torch.dtype = torch.float32, check_values: bool = True):
     """Chunk-boundary states of the Mesa recurrence (see the module docstring for the math).
 
     Args:
@@ -275,6 +275,8 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
             >= 16); ``min(chunk_size, T)`` is used, as in :class:`solvers.chunk_state.ChunkedSystem`.
         initial_state: optional ``(H0 [B,H,D,D], G0 [B,H,Dv,D])``, any float dtype.
         state_dtype: dtype the states are stored (and rounded after every chunk) in.
+        check_values: check ``g <= 0`` (one reduction and a host sync); callers that validated
+            already pass False.
 
     Returns:
         ``(Hc [B,H,N,D,D], Gc [B,H,N,Dv,D], (H_T [B,H,D,D], G_T [B,H,Dv,D]))`` in ``state_dtype``,
@@ -288,7 +290,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
     if triton is None:
         raise ImportError("kernels.chunk_states needs triton (pip install triton); it is not installed")
     interpreted = _is_interpreted(_chunk_state_kernel)
-    _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted)
+    _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted, check_values)
     B, T, Hh, D = k.shape
     Dv = v.shape[3]
     C = min(chunk_size, T)

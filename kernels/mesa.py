@@ -72,7 +72,7 @@ def _kernel_policy(policy) -> PrecisionPolicy:
 def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
                precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 64,
                initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
-               return_x: bool = False):
+               return_x: bool = False, validate: bool = True):
     """Mesa layer forward: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG.
 
     Args:
@@ -90,6 +90,8 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         cu_seqlens: packed variable-length sequences (B = 1), int tensor ``[N+1]``.
         return_stats: also return a :class:`MesaStats` (per-token steps, residuals).
         return_x: store q-star in the stats (``return_stats`` implied).
+        validate: check values too (finiteness, lam > 0, g <= 0, beta in [0, 1]: a few reductions and
+            host syncs). Shapes, dtypes and devices are always checked.
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
@@ -100,7 +102,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     check_iteration_options(steps, tol, x0)
     if precond not in PRECOND_CHOICES:
         raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
-    validate_inputs(q, k, v, g, beta, lam, initial_state, cu_seqlens)
+    validate_inputs(q, k, v, g, beta, lam, initial_state, cu_seqlens, check_values=validate)
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
         _check_device(name, x, interpreted)
     D, Dv = q.shape[3], v.shape[3]
@@ -113,7 +115,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats,
                        dict(steps=steps, tol=tol, x0=x0, precond=precond, policy=pol, chunk_size=chunk_size,
-                            return_x=return_x))
+                            return_x=return_x, validate=False))
 
     in_dt = pol.input_dtype
     q, k, v = (t.to(in_dt).contiguous() for t in (q, k, v))
@@ -123,7 +125,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     B, T, H, _ = q.shape
     C = min(chunk_size, T)
     Hc, Gc, final = chunk_states(k, v, g, beta, chunk_size=C, initial_state=initial_state,
-                                 state_dtype=pol.state_dtype)
+                                 state_dtype=pol.state_dtype, check_values=False)
     N = Hc.shape[2]
     dev = q.device
     o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
