@@ -18,6 +18,7 @@ Model FLOPs per token and head (C = chunk size): chunk states ``2 D (D + Dv)``; 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -74,62 +75,67 @@ def bench(fn, rep_ms=200):
     return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median")
 
 
-def run(args):
+def bench_shape(B, T, H, D, args, peer):
+    """All rows of one shape: our policies x configs x chunk sizes, the peer, SDPA."""
     rows = []
+    inp = make_inputs(B, T, H, D)
+    q, k, v, g, beta, lam = inp
+    sl, o_ref = reference_slice(inp, args.slice_T)
+    shape = f"({B},{T},{H},{D})"
+    print(f"shape {shape}", flush=True)
+    for pol_name in args.policies:
+        pol = solvers.get_policy(pol_name)
+        kp, vp = k.to(pol.input_dtype), v.to(pol.input_dtype)
+        for name, cfg in CONFIGS:
+            for C in args.chunk_sizes:
+                run_ours = functools.partial(mesa_chunk, *inp, policy=pol, chunk_size=C, validate=False, **cfg)
+                o, st = run_ours(return_stats=True)
+                err = rel_error(o[sl].double(), o_ref)
+                ms = bench(run_ours)
+                ms_states = bench(functools.partial(chunk_states, kp, vp, g, beta, chunk_size=C,
+                                                    state_dtype=pol.state_dtype, check_values=False))
+                mean_steps = st.mean_steps
+                rows.append(dict(impl="ours", shape=shape, B=B, T=T, H=H, D=D, policy=pol.name, config=name,
+                                 chunk_size=C, ms=ms, ms_states=ms_states,
+                                 tflops=flops(B, T, H, D, D, C, mean_steps) / ms / 1e9,
+                                 mean_steps=mean_steps, max_steps=int(st.steps.max()), rel_err_o=err))
+                print(f"  ours {pol.name:15s} {name:9s} C={C:3d} {ms:8.3f} ms (states {ms_states:.3f}) "
+                      f"steps {mean_steps:5.2f} err {err:.2e}", flush=True)
+    if peer is not None:
+        for name, steps in (("steps=10", 10), ("steps=30", 30)):
+            run_peer = functools.partial(peer, *inp, max_CG_iteration=steps)
+            try:
+                o = run_peer()[0]
+                err = rel_error(o[sl].double(), o_ref)
+                ms = bench(run_peer)
+                rows.append(dict(impl="fla-core", shape=shape, B=B, T=T, H=H, D=D, policy="peer", config=name,
+                                 chunk_size=64, ms=ms, tflops=flops(B, T, H, D, D, 64, steps) / ms / 1e9,
+                                 mean_steps=steps, max_steps=steps, rel_err_o=err))
+                print(f"  fla  {name:9s} {ms:8.3f} ms err {err:.2e}", flush=True)
+            except Exception as exc:  # recorded in the results, not hidden
+                rows.append(dict(impl="fla-core", shape=shape, config=name, error=repr(exc)[:300]))
+                print(f"  fla  {name} failed: {exc!r}"[:300], flush=True)
+    qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))
+    ms = bench(functools.partial(torch.nn.functional.scaled_dot_product_attention, qs, ks, vs, is_causal=True))
+    # causal attention: half of the 4 T^2 D FLOPs of full attention, per batch entry and head
+    rows.append(dict(impl="sdpa", shape=shape, B=B, T=T, H=H, D=D, policy="bf16", config="causal", ms=ms,
+                     tflops=B * H * 2 * T * T * D / ms / 1e9))
+    print(f"  sdpa {ms:8.3f} ms", flush=True)
+    return rows
+
+
+def run(args):
     dev_name = torch.cuda.get_device_name()
     try:
-        from fla.ops.mesa_net import chunk_mesa_net
         import fla
+        from fla.ops.mesa_net import chunk_mesa_net
 
         peer_version = getattr(fla, "__version__", "?")
     except Exception as err:  # optional dependency
         chunk_mesa_net, peer_version = None, f"unavailable: {err}"
-    shapes = SHAPES[:1] if args.quick else SHAPES
-    for B, T, H, D in shapes:
-        inp = make_inputs(B, T, H, D)
-        q, k, v, g, beta, lam = inp
-        sl, o_ref = reference_slice(inp, args.slice_T)
-        shape = f"({B},{T},{H},{D})"
-        print(f"shape {shape}", flush=True)
-        for pol in args.policies:
-            for name, cfg in CONFIGS:
-                for C in args.chunk_sizes:
-                    def fn(cfg=cfg, pol=pol, C=C):
-                        return mesa_chunk(q, k, v, g, beta, lam, policy=pol, chunk_size=C, validate=False, **cfg)
-                    o, st = mesa_chunk(q, k, v, g, beta, lam, policy=pol, chunk_size=C, return_stats=True, **cfg)
-                    err = rel_error(o[sl].double(), o_ref)
-                    ms = bench(fn)
-                    ms_states = bench(lambda C=C, pol=pol: chunk_states(
-                        k.to(solvers.get_policy(pol).input_dtype), v.to(solvers.get_policy(pol).input_dtype), g,
-                        beta, chunk_size=C, state_dtype=solvers.get_policy(pol).state_dtype))
-                    mean_steps = st.mean_steps
-                    rows.append(dict(impl="ours", shape=shape, B=B, T=T, H=H, D=D, policy=pol, config=name,
-                                     chunk_size=C, ms=ms, ms_states=ms_states,
-                                     tflops=flops(B, T, H, D, D, C, mean_steps) / ms / 1e9,
-                                     mean_steps=mean_steps, max_steps=int(st.steps.max()), rel_err_o=err))
-                    print(f"  ours {pol:15s} {name:9s} C={C:3d} {ms:8.3f} ms (states {ms_states:.3f}) "
-                          f"steps {mean_steps:5.2f} err {err:.2e}", flush=True)
-        if chunk_mesa_net is not None:
-            for name, steps in (("steps=10", 10), ("steps=30", 30)):
-                def peer(steps=steps):
-                    return chunk_mesa_net(q, k, v, g, beta, lam, max_CG_iteration=steps)[0]
-                try:
-                    o = peer()
-                    err = rel_error(o[sl].double(), o_ref)
-                    ms = bench(peer)
-                    rows.append(dict(impl="fla-core", shape=shape, B=B, T=T, H=H, D=D, policy="peer", config=name,
-                                     chunk_size=64, ms=ms, tflops=flops(B, T, H, D, D, 64, steps) / ms / 1e9,
-                                     mean_steps=steps, max_steps=steps, rel_err_o=err))
-                    print(f"  fla  {name:9s} {ms:8.3f} ms err {err:.2e}", flush=True)
-                except Exception as exc:  # record, don't hide
-                    rows.append(dict(impl="fla-core", shape=shape, config=name, error=repr(exc)[:300]))
-                    print(f"  fla  {name} failed: {exc!r}"[:300], flush=True)
-        qs, ks, vs = (x.transpose(1, 2) for x in (q, k, v))
-        ms = bench(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
-        rows.append(dict(impl="sdpa", shape=shape, B=B, T=T, H=H, D=D, policy="bf16", config="causal", ms=ms,
-                         tflops=B * H * 2 * T * T * D / ms / 1e9))  # causal: half of 4 T^2 D
-        print(f"  sdpa {ms:8.3f} ms", flush=True)
-        del inp, q, k, v, g, beta, lam
+    rows = []
+    for B, T, H, D in (SHAPES[:1] if args.quick else SHAPES):
+        rows += bench_shape(B, T, H, D, args, chunk_mesa_net)
         torch.cuda.empty_cache()
     return rows, dev_name, peer_version
 
