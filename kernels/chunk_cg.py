@@ -23,8 +23,10 @@ is formed in the same program. Per-token step counts and final relative residual
 Precision (the policy of :mod:`solvers.precision`, natively): cumulative log-gates, M, the vectors
 x, r, p and all scalars are float32; the three products of A(P) round their operands to the
 operand precision ``OP``: ``ieee`` (true fp32), ``tf32`` (tensor cores, 10-bit mantissa), ``bf16``
-or ``fp16`` (tensor cores), accumulating in float32. The stored states ``H_c``, ``G_c`` arrive in
-the policy's state dtype.
+or ``fp16`` (tensor cores), or ``bf16x3`` (operands split into bf16 ``hi + lo`` parts,
+``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi``: three bf16 MMAs, ~16 significant bits; a factor that
+is exactly bf16, such as bf16 keys, has ``lo = 0`` and costs two), accumulating in float32. The
+stored states ``H_c``, ``G_c`` arrive in the policy's state dtype.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 # Operand precisions of the products (solvers.precision names -> kernel codes).
-OP_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3}
+OP_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "bf16x3": 4}
 
 if triton is not None:
     from .chunk_state import _round
@@ -82,12 +84,37 @@ if triton is not None:
         return c
 
     @triton.jit
-    def _matvec(p, Hc_op, K_op, Kt_op, M, eG, lam, OP: tl.constexpr, SOFT: tl.constexpr):
+    def _split(x, OP: tl.constexpr, SOFT: tl.constexpr):
+        """(hi, lo) operand parts of an fp32 tile: bf16 hi and lo for bf16x3, else (operand, unused)."""
+        if OP == 4:
+            hi = _operand(x, 2, SOFT)
+            lo = _operand(x - hi.to(tl.float32), 2, SOFT)
+        else:
+            hi = _operand(x, OP, SOFT)
+            lo = hi
+        return hi, lo
+
+    @triton.jit
+    def _mm(a, b_hi, b_lo, OP: tl.constexpr, SOFT: tl.constexpr, B_EXACT: tl.constexpr):
+        """a @ b for an fp32 tile a and a prepared operand b = (b_hi, b_lo) (see :func:`_split`).
+
+        bf16x3: a_hi b_hi + a_lo b_hi (+ a_hi b_lo unless b is exactly bf16, B_EXACT)."""
+        if OP == 4:
+            a_hi, a_lo = _split(a, OP, SOFT)
+            c = _dot(a_hi, b_hi, 2, SOFT) + _dot(a_lo, b_hi, 2, SOFT)
+            if not B_EXACT:
+                c += _dot(a_hi, b_lo, 2, SOFT)
+        else:
+            c = _dot(_operand(a, OP, SOFT), b_hi, OP, SOFT)
+        return c
+
+    @triton.jit
+    def _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP: tl.constexpr, SOFT: tl.constexpr,
+                K_EXACT: tl.constexpr):
         """A(P) = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam) for a [BLOCK_C, BLOCK_D] tile."""
-        p_op = _operand(p, OP, SOFT)
-        inter = eG[:, None] * _dot(p_op, Hc_op, OP, SOFT)
-        s = _dot(p_op, Kt_op, OP, SOFT) * M
-        intra = _dot(_operand(s, OP, SOFT), K_op, OP, SOFT)
+        inter = eG[:, None] * _mm(p, H_hi, H_lo, OP, SOFT, False)
+        s = _mm(p, Kt_hi, Kt_lo, OP, SOFT, K_EXACT) * M
+        intra = _mm(s, K_hi, K_lo, OP, SOFT, K_EXACT)
         return inter + intra + p * lam[None, :]
 
     @triton.jit
@@ -103,6 +130,7 @@ if triton is not None:
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         OP: tl.constexpr,  # operand precision code (OP_CODES)
+        K_EXACT: tl.constexpr,  # k and v are bf16 tensors: exact bf16 operands (bf16x3 skips their lo part)
         X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr, STORE_X: tl.constexpr,
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
     ):
@@ -133,12 +161,13 @@ if triton is not None:
 
         K = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        K_op = _operand(K, OP, SOFT)
-        Kt_op = tl.trans(K_op)
+        K_hi, K_lo = _split(K, OP, SOFT)
+        Kt_hi = tl.trans(K_hi)
+        Kt_lo = tl.trans(K_lo)
         s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
         m_dd = m_d[:, None] & m_d[None, :]
         Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
-        Hc_op = _operand(Hc, OP, SOFT)
+        H_hi, H_lo = _split(Hc, OP, SOFT)
 
         diag = lam[None, :] + tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
         if PRECOND or X0_JACOBI:
@@ -147,7 +176,7 @@ if triton is not None:
 
         if X0_JACOBI:
             x = Q / diag
-            r = Q - _matvec(x, Hc_op, K_op, Kt_op, M, eG, lam, OP, SOFT)
+            r = Q - _matvec(x, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP, SOFT, K_EXACT)
         else:
             x = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
             r = Q
@@ -166,7 +195,7 @@ if triton is not None:
         it = 0
         n_active = tl.sum(active.to(tl.int32), axis=0)
         while (it < steps) & (n_active > 0):
-            Ap = _matvec(p, Hc_op, K_op, Kt_op, M, eG, lam, OP, SOFT)
+            Ap = _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP, SOFT, K_EXACT)
             pAp = tl.sum(p * Ap, axis=1)
             active = active & (pAp > 0)  # breakdown (p.Ap <= 0 or NaN) leaves the iteration
             alpha = tl.where(active, rz / tl.where(active, pAp, 1.0), 0.0)
@@ -200,8 +229,9 @@ if triton is not None:
         g_base = (i_bh.to(tl.int64) * N + i_c) * Dv * D
         GcT = tl.load(Gc_ptr + g_base + o_v[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_DV] = G_c^T
-        x_op = _operand(x, OP, SOFT)
-        out = eG[:, None] * _dot(x_op, _operand(GcT, OP, SOFT), OP, SOFT)
-        s = _dot(x_op, Kt_op, OP, SOFT) * M
-        out += _dot(_operand(s, OP, SOFT), _operand(V, OP, SOFT), OP, SOFT)
+        G_hi, G_lo = _split(GcT, OP, SOFT)
+        V_hi, V_lo = _split(V, OP, SOFT)
+        out = eG[:, None] * _mm(x, G_hi, G_lo, OP, SOFT, False)
+        s = _mm(x, Kt_hi, Kt_lo, OP, SOFT, K_EXACT) * M
+        out += _mm(s, V_hi, V_lo, OP, SOFT, K_EXACT)
         tl.store(o_ptr + row[:, None] * Dv + o_v[None, :], out, mask=m_tv)

@@ -29,7 +29,8 @@ except ImportError:  # pragma: no cover
 # The default precision policy of the kernels (see benchmarks/README.md for the measurements
 # that chose it): tf32 products with fp32 states and vectors.
 DEFAULT_POLICY = "tf32"
-KERNEL_POLICIES = ("fp32", "tf32", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state", "fp16-fp16state")
+KERNEL_POLICIES = ("fp32", "tf32", "bf16x3", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state",
+                   "fp16-fp16state")
 # Largest head dims the fused CG kernel holds on chip (H_c is a D x D tile).
 MAX_D = 128
 
@@ -118,13 +119,18 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
                             return_x=return_x, validate=False))
 
     in_dt = pol.input_dtype
-    q, k, v = (t.to(in_dt).contiguous() for t in (q, k, v))
+    # inputs already in a format the policy's input dtype holds exactly (bf16 or fp16 under an fp32
+    # input policy) stay as they are: the CG kernel reads them without loss and half the bytes
+    if not (in_dt == torch.float32 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)):
+        q, k, v = (t.to(in_dt) for t in (q, k, v))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.to(torch.float32).contiguous()
     beta = beta.to(torch.float32).contiguous()
     lam = lam.to(torch.float32).contiguous()
     B, T, H, _ = q.shape
     C = min(chunk_size, T)
-    Hc, Gc, final = chunk_states(k, v, g, beta, chunk_size=C, initial_state=initial_state,
+    # the states' input precision is the policy's (fp32 inputs -> ieee products in chunk_states)
+    Hc, Gc, final = chunk_states(k.to(in_dt), v.to(in_dt), g, beta, chunk_size=C, initial_state=initial_state,
                                  state_dtype=pol.state_dtype, check_values=False)
     N = Hc.shape[2]
     dev = q.device
@@ -139,7 +145,8 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         q, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res,
         T, N, float(tol) if tol is not None else -1.0, steps,
         H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        OP=chunk_cg.OP_CODES[pol.operand], X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi",
+        OP=chunk_cg.OP_CODES[pol.operand], K_EXACT=k.dtype == torch.bfloat16,
+        X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi",
         HAS_TOL=tol is not None, STORE_X=return_x, SOFT=interpreted,
         num_warps=8 if BLOCK_D >= 128 else 4,
     )

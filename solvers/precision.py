@@ -7,7 +7,10 @@ A policy names, separately (DESIGN.md section 4):
 * ``state``    dtype the states H and G (and the Sherman-Morrison inverse P) are *stored* in;
                they are always *accumulated* in ``accum``;
 * ``operand``  precision of matrix-product operands: ``fp64``, ``fp32`` (IEEE), ``tf32``
-               (10 explicit mantissa bits, fp32 range), ``bf16`` or ``fp16``;
+               (10 explicit mantissa bits, fp32 range), ``bf16``, ``fp16``, or ``bf16x3``: each
+               operand split as ``a = a_hi + a_lo`` with ``a_hi = bf16(a)``, ``a_lo = bf16(a - a_hi)``
+               and ``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi`` (three bf16 tensor-core products,
+               about 16 significant bits);
 * ``accum``    dtype products are accumulated in, and the dtype of the iteration vectors
                (x, r, p of CG);
 * ``scalar``   dtype of solver scalars (CG's alpha, beta and residual norms).
@@ -35,6 +38,9 @@ UNIT_ROUNDOFF = {
     "tf32": 2.0**-11,
     "fp16": 2.0**-11,
     "bf16": 2.0**-8,
+    # bf16x3: a_hi + a_lo carries 16 significand bits (8 + 8), and the dropped a_lo b_lo term is
+    # below 2^-16 relative: u = 2^-16 (the classic split-precision bound, e.g. 3xTF32 on GPUs)
+    "bf16x3": 2.0**-16,
 }
 
 _DTYPE_NAME = {
@@ -79,7 +85,16 @@ def round_to(x: torch.Tensor, precision: str) -> torch.Tensor:
         if x.dtype in (torch.float16, torch.bfloat16):
             return x
         return round_tf32(x).to(x.dtype)
+    if precision == "bf16x3":
+        hi, lo = split_bf16(x)
+        return hi + lo
     return x.to(_NAME_DTYPE[precision]).to(x.dtype)
+
+
+def split_bf16(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(a_hi, a_lo)`` with ``a_hi = bf16(a)``, ``a_lo = bf16(a - a_hi)``, both in ``x``'s dtype."""
+    hi = x.to(torch.bfloat16).to(x.dtype)
+    return hi, (x - hi).to(torch.bfloat16).to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -139,7 +154,12 @@ class PrecisionPolicy:
         return round_to(a.to(self.accum_dtype), self.operand)
 
     def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Batched ``a @ b`` with both operands rounded to ``operand``, accumulated in ``accum``."""
+        """Batched ``a @ b`` with both operands rounded to ``operand``, accumulated in ``accum``
+        (for ``bf16x3``: ``a_hi b_hi + a_hi b_lo + a_lo b_hi`` of the bf16 splits)."""
+        if self.operand == "bf16x3":
+            a_hi, a_lo = split_bf16(a.to(self.accum_dtype))
+            b_hi, b_lo = split_bf16(b.to(self.accum_dtype))
+            return torch.matmul(a_hi, b_hi) + torch.matmul(a_hi, b_lo) + torch.matmul(a_lo, b_hi)
         return torch.matmul(self.operand_round(a), self.operand_round(b))
 
     def to_scalar(self, s: torch.Tensor) -> torch.Tensor:
@@ -157,6 +177,7 @@ POLICIES: dict[str, PrecisionPolicy] = {
         _p("fp64", "fp64", "fp64", "fp64", "fp64", "fp64"),
         _p("fp32", "fp32", "fp32", "fp32"),
         _p("tf32", "fp32", "fp32", "tf32"),
+        _p("bf16x3", "fp32", "fp32", "bf16x3"),
         _p("bf16-fp32state", "bf16", "fp32", "bf16"),
         _p("bf16-bf16state", "bf16", "bf16", "bf16"),
         _p("fp16-fp32state", "fp16", "fp32", "fp16"),

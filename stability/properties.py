@@ -111,8 +111,8 @@ def independence(f: Impl, p: MesaProblem, **options) -> PropertyResult:
     if p.initial_state is not None or p.cu_seqlens is not None:
         raise ValueError("independence takes a problem without initial_state or cu_seqlens")
     base = _o(f(**_args(p), **options)).double()
-    bperm = torch.arange(p.B - 1, -1, -1)
-    hperm = torch.roll(torch.arange(p.H), 1)
+    bperm = torch.arange(p.B - 1, -1, -1, device=p.q.device)
+    hperm = torch.roll(torch.arange(p.H, device=p.q.device), 1)
 
     def perm(x, head_dim=2):
         x = x[bperm]
@@ -127,7 +127,7 @@ def independence(f: Impl, p: MesaProblem, **options) -> PropertyResult:
     v[0, :, 0] = v[0, :, 0].flip(0)
     beta[0, :, 0] = 1 - beta[0, :, 0]
     other = _o(f(**_args(p, q=q, v=v, beta=beta), **options)).double()
-    keep = torch.ones(p.B, p.H, dtype=torch.bool)
+    keep = torch.ones(p.B, p.H, dtype=torch.bool, device=base.device)
     keep[0, 0] = False
     mask = keep[:, None, :, None].expand_as(base)
     err_local = rel_error(other[mask], base[mask]) if bool(mask.any()) else 0.0

@@ -38,7 +38,7 @@ def prob():
     return cases.make("well_conditioned", B=2, T=45, H=2, D=16, Dv=12)
 
 
-@pytest.mark.parametrize("policy", ["fp32", "tf32", "bf16-fp32state", "fp16-fp32state"])
+@pytest.mark.parametrize("policy", ["fp32", "tf32", "bf16x3", "bf16-fp32state", "fp16-fp32state"])
 def test_matches_the_torch_cg_of_the_same_policy(prob, policy):
     """Same algorithm, same policy: agreement at the policy's rounding level (summation order and
     the points where fp32 intermediates round to the operand precision differ)."""
