@@ -71,7 +71,7 @@ def _kernel_policy(policy) -> PrecisionPolicy:
 
 
 def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
-               precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 64,
+               precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 32,
                initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
                return_x: bool = False, validate: bool = True):
     """Mesa layer forward: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG.
@@ -85,7 +85,8 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         x0: initial guess, ``"zero"`` or ``"jacobi"`` (q / diag(H_t + Lambda)).
         precond: ``None`` or ``"jacobi"``.
         policy: precision policy name or object (default ``DEFAULT_POLICY``).
-        chunk_size: tokens per chunk (any positive int; power-of-two blocks are masked).
+        chunk_size: tokens per chunk (any positive int; power-of-two blocks are masked). The default 32
+            was faster than 64 on an H100 at D = 128 (benchmarks/README.md).
         initial_state: ``(H0 [N,H,D,D], G0 [N,H,Dv,D])``, N = B (or the number of packed sequences).
         output_final_state: also return ``(H_T, G_T)`` (float32 or the policy's state dtype).
         cu_seqlens: packed variable-length sequences (B = 1), int tensor ``[N+1]``.

@@ -115,8 +115,8 @@ def independence(f: Impl, p: MesaProblem, **options) -> PropertyResult:
     hperm = torch.roll(torch.arange(p.H, device=p.q.device), 1)
 
     def perm(x, head_dim=2):
-        x = x[bperm]
-        return x.index_select(head_dim, hperm)
+        x = x[bperm.to(x.device)]
+        return x.index_select(head_dim, hperm.to(x.device))
 
     permuted = _args(p, q=perm(p.q), k=perm(p.k), v=perm(p.v), g=perm(p.g), beta=perm(p.beta),
                      lam=p.lam[hperm])
