@@ -30,13 +30,14 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+import kernels.mesa  # noqa: E402
 import solvers  # noqa: E402
 from kernels import mesa_chunk  # noqa: E402
 from kernels.chunk_state import chunk_states  # noqa: E402
 from stability.metrics import rel_error  # noqa: E402
 
 SHAPES = [(4, 2048, 16, 128), (8, 4096, 8, 128), (4, 4096, 16, 64), (1, 16384, 16, 128)]
-POLICIES = ["tf32", "fp32", "bf16-fp32state", "fp16-fp32state", "bf16-bf16state"]
+POLICIES = ["bf16x3", "tf32", "fp32", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state", "fp16-fp16state"]
 CONFIGS = [("steps=10", dict(steps=10)), ("steps=30", dict(steps=30)), ("tol=1e-4", dict(steps=30, tol=1e-4))]
 
 
@@ -91,6 +92,8 @@ def bench_shape(B, T, H, D, args, peer):
                 run_ours = functools.partial(mesa_chunk, *inp, policy=pol, chunk_size=C, validate=False, **cfg)
                 o, st = run_ours(return_stats=True)
                 err = rel_error(o[sl].double(), o_ref)
+                launch = kernels.mesa.LAST_LAUNCH.get("chunk_cg")  # resource report of the CG kernel
+                regs, spills = getattr(launch, "n_regs", None), getattr(launch, "n_spills", None)
                 ms = bench(run_ours)
                 ms_states = bench(functools.partial(chunk_states, kp, vp, g, beta, chunk_size=C,
                                                     state_dtype=pol.state_dtype, check_values=False))
@@ -98,9 +101,10 @@ def bench_shape(B, T, H, D, args, peer):
                 rows.append(dict(impl="ours", shape=shape, B=B, T=T, H=H, D=D, policy=pol.name, config=name,
                                  chunk_size=C, ms=ms, ms_states=ms_states,
                                  tflops=flops(B, T, H, D, D, C, mean_steps) / ms / 1e9,
-                                 mean_steps=mean_steps, max_steps=int(st.steps.max()), rel_err_o=err))
+                                 mean_steps=mean_steps, max_steps=int(st.steps.max()), rel_err_o=err,
+                                 cg_regs=regs, cg_spills=spills))
                 print(f"  ours {pol.name:15s} {name:9s} C={C:3d} {ms:8.3f} ms (states {ms_states:.3f}) "
-                      f"steps {mean_steps:5.2f} err {err:.2e}", flush=True)
+                      f"steps {mean_steps:5.2f} err {err:.2e} regs {regs} spills {spills}", flush=True)
     if peer is not None:
         for name, steps in (("steps=10", 10), ("steps=30", 30)):
             run_peer = functools.partial(peer, *inp, max_CG_iteration=steps)
@@ -167,7 +171,7 @@ def main():
     with open(os.path.join(args.out, "bench_forward.md"), "w") as fh:
         fh.write(f"# Forward benchmark on {dev_name}\n\n{json.dumps(env)}\n\n")
         cols = [c for c in ("impl", "shape", "policy", "config", "chunk_size", "ms", "ms_states", "tflops",
-                            "mean_steps", "rel_err_o", "error") if c in df.columns]
+                            "mean_steps", "rel_err_o", "cg_regs", "cg_spills", "error") if c in df.columns]
         fh.write(df[cols].to_markdown(index=False) if hasattr(df, "to_markdown") and _has_tabulate()
                  else df[cols].to_string(index=False))
     print(json.dumps(env))

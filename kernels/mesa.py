@@ -33,6 +33,9 @@ KERNEL_POLICIES = ("fp32", "tf32", "bf16x3", "bf16-fp32state", "bf16-bf16state",
                    "fp16-fp16state")
 # Largest head dims the fused CG kernel holds on chip (H_c is a D x D tile).
 MAX_D = 128
+# The compiled kernels of the latest launches (name -> triton CompiledKernel): a diagnostic hook
+# for benchmarks (registers, spills); nothing in the library reads it.
+LAST_LAUNCH: dict = {}
 
 
 @dataclass
@@ -142,7 +145,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
     BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
-    chunk_cg._chunk_cg_kernel[(N, B * H)](
+    LAST_LAUNCH["chunk_cg"] = chunk_cg._chunk_cg_kernel[(N, B * H)](
         q, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res,
         T, N, float(tol) if tol is not None else -1.0, steps,
         H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,

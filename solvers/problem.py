@@ -13,7 +13,7 @@ with H_0, G_0 = 0 or the given ``initial_state``. Shapes: ``q, k: [B,T,H,D]``,
 G_0 [B,H,Dv,D])``.
 
 Variable-length batches are packed: ``B = 1`` and ``cu_seqlens = [0, T_1, T_1 + T_2, ..., T]``
-(int64) marks N sequences whose states start afresh (or from ``initial_state[n]``, now
+(int32/int64, on any device: it is read on the host) marks N sequences whose states start afresh (or from ``initial_state[n]``, now
 ``[N,H,D,D]`` and ``[N,H,Dv,D]``); :meth:`MesaProblem.sequences` unpacks them.
 
 :class:`MesaProblem` validates once; every solver, reference and kernel takes one.
@@ -96,8 +96,6 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, 
         _check_shape("initial_state[1] (G0)", G0, (N, H, Dv, D), f"[{lead},H,Dv,D]")
         named["initial_state[0] (H0)"] = H0
         named["initial_state[1] (G0)"] = G0
-    if cu_seqlens is not None:
-        named["cu_seqlens"] = cu_seqlens
     devices = {x.device for x in named.values()}
     if len(devices) > 1:
         where = ", ".join(f"{n}: {x.device}" for n, x in named.items())
@@ -105,8 +103,7 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, 
     if not check_values:
         return
     for name, x in named.items():
-        if name != "cu_seqlens":
-            _check_finite(name, x)
+        _check_finite(name, x)
     if bool((lam <= 0).any()):
         raise ValueError(f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(lam.min()):.3g}")
     if bool((g > 0).any()):
