@@ -13,8 +13,9 @@ with H_0, G_0 = 0 or the given ``initial_state``. Shapes: ``q, k: [B,T,H,D]``,
 G_0 [B,H,Dv,D])``.
 
 Variable-length batches are packed: ``B = 1`` and ``cu_seqlens = [0, T_1, T_1 + T_2, ..., T]``
-(int32/int64, on any device: it is read on the host) marks N sequences whose states start afresh (or from ``initial_state[n]``, now
-``[N,H,D,D]`` and ``[N,H,Dv,D]``); :meth:`MesaProblem.sequences` unpacks them.
+(int32/int64, on any device: it is read on the host) marks N sequences whose states start afresh
+(or from ``initial_state[n]``, now ``[N,H,D,D]`` and ``[N,H,Dv,D]``); :meth:`MesaProblem.sequences`
+unpacks them.
 
 :class:`MesaProblem` validates once; every solver, reference and kernel takes one.
 :meth:`MesaProblem.iter_states` materialises H_t and G_t for blocks of tokens (for references
