@@ -67,11 +67,11 @@ def _quick() -> Preset:
     # about 30 tokens: the short lengths show the growth, the long ones the overflow.
     sizes["strong_forgetting"] = [dict(base, T=T) for T in (8, 16, 32, 128, 512)]
     return Preset(
-        "quick", sizes, ["fp64", "fp32", "tf32", "bf16-fp32state", "fp16-fp32state"],
+        "quick", sizes, ["fp64", "fp32", "tf32", "bf16x3", "bf16-fp32state", "fp16-fp32state"],
         # Chebyshev's cap: the a-priori count for tol = u is at most ~3000 steps on these cases (tiny_lambda, fp64)
         _settings(CG_STEPS, CG_TOLS, (8, 32, 128), (1e-4, 1e-8), 500, 5000),
         description="CPU, about a minute: every case at D = 16, T = 128 (512 without forgetting), "
-                    "strong forgetting swept over T = 8 to 512; five policies",
+                    "strong forgetting swept over T = 8 to 512; six policies",
     )
 
 
