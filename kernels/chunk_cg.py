@@ -118,6 +118,46 @@ if triton is not None:
         return inter + intra + p * lam[None, :]
 
     @triton.jit
+    def _cg_init(r, diag, valid, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):
+        """CG start for the rows of a tile: ``z = M_J^{-1} r``, ``p = z``; returns (p, r.z, ||r_0||, active)."""
+        if PRECOND:
+            z = r / diag
+        else:
+            z = r
+        rz = tl.sum(r * z, axis=1)
+        r0 = tl.sqrt(tl.sum(r * r, axis=1))
+        active = valid & (r0 > 0)
+        if HAS_TOL:
+            active = active & (r0 > tol * r0)
+        return z, rz, r0, active
+
+    @triton.jit
+    def _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):
+        """One CG update of every active row given ``A p``; frozen rows keep their values.
+
+        Breakdown (``p.Ap <= 0`` or NaN) and an exactly zero residual take a row out, and with a
+        tolerance so does ``||r|| <= tol ||r_0||``. Returns (x, r, p, r.z, ||r||, active, count)."""
+        pAp = tl.sum(p * Ap, axis=1)
+        active = active & (pAp > 0)
+        alpha = tl.where(active, rz / tl.where(active, pAp, 1.0), 0.0)
+        x = tl.where(active[:, None], x + alpha[:, None] * p, x)
+        r = tl.where(active[:, None], r - alpha[:, None] * Ap, r)
+        count += active.to(tl.int32)
+        rn = tl.where(active, tl.sqrt(tl.sum(r * r, axis=1)), rn)
+        still = active & (rn > 0)
+        if HAS_TOL:
+            still = still & (rn > tol * r0)
+        if PRECOND:
+            z = r / diag
+        else:
+            z = r
+        rz_new = tl.sum(r * z, axis=1)
+        b = tl.where(still, rz_new / tl.where(still, rz, 1.0), 0.0)
+        p = tl.where(still[:, None], z + b[:, None] * p, p)
+        rz = tl.where(still, rz_new, rz)
+        return x, r, p, rz, rn, still, count
+
+    @triton.jit
     def _chunk_cg_kernel(
         q_ptr, k_ptr, v_ptr,  # [B*T, H, D], [B*T, H, D], [B*T, H, Dv] contiguous (input dtype)
         g_ptr, beta_ptr,  # [B*T, H] float32
@@ -180,41 +220,16 @@ if triton is not None:
         else:
             x = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
             r = Q
-        if PRECOND:
-            z = r / diag
-        else:
-            z = r
-        p = z
-        rz = tl.sum(r * z, axis=1)
-        r0 = tl.sqrt(tl.sum(r * r, axis=1))
+        p, rz, r0, active = _cg_init(r, diag, m_t, tol, PRECOND, HAS_TOL)
         rn = r0
-        active = m_t & (r0 > 0)
-        if HAS_TOL:
-            active = active & (r0 > tol * r0)
         count = tl.zeros([BLOCK_C], dtype=tl.int32)
         it = 0
         n_active = tl.sum(active.to(tl.int32), axis=0)
+        # early exit: the chunk stops as soon as none of its tokens is active
         while (it < steps) & (n_active > 0):
             Ap = _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP, SOFT, K_EXACT)
-            pAp = tl.sum(p * Ap, axis=1)
-            active = active & (pAp > 0)  # breakdown (p.Ap <= 0 or NaN) leaves the iteration
-            alpha = tl.where(active, rz / tl.where(active, pAp, 1.0), 0.0)
-            x = tl.where(active[:, None], x + alpha[:, None] * p, x)
-            r = tl.where(active[:, None], r - alpha[:, None] * Ap, r)
-            count += active.to(tl.int32)
-            rn = tl.where(active, tl.sqrt(tl.sum(r * r, axis=1)), rn)
-            still = active & (rn > 0)
-            if HAS_TOL:
-                still = still & (rn > tol * r0)
-            if PRECOND:
-                z = r / diag
-            else:
-                z = r
-            rz_new = tl.sum(r * z, axis=1)
-            b = tl.where(still, rz_new / tl.where(still, rz, 1.0), 0.0)
-            p = tl.where(still[:, None], z + b[:, None] * p, p)
-            rz = tl.where(still, rz_new, rz)
-            active = still
+            x, r, p, rz, rn, active, count = _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol,
+                                                      PRECOND, HAS_TOL)
             n_active = tl.sum(active.to(tl.int32), axis=0)
             it += 1
 

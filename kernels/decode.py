@@ -3,8 +3,8 @@
 One program per (batch entry b, head h), for one new token (DESIGN.md section 2):
 
     H' = gamma H + beta k k^T,   G' = gamma G + beta v k^T          (float32)
-    x  = (H' + Lambda)^{-1} q    by CG on one vector, the same iteration as
-         :mod:`kernels.chunk_cg` (relative tolerance, frozen when converged, breakdown flagged)
+    x  = (H' + Lambda)^{-1} q    by CG on one vector with the same iteration code as
+         :mod:`kernels.chunk_cg` (``_cg_init``, ``_cg_step``: relative tolerance, breakdown flagged)
     o  = G' x
 
 The state tiles stay in registers: ``H' p`` is ``sum_j H'_ij p_j`` (a broadcast product and a row
@@ -22,6 +22,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 if triton is not None:
+    from .chunk_cg import _cg_init, _cg_step
 
     @triton.jit
     def _decode_kernel(
@@ -59,51 +60,30 @@ if triton is not None:
         tl.store(Hn_ptr + i_bh * D * D + o_d[:, None] * D + o_d[None, :], Hs, mask=m_dd)
         tl.store(Gn_ptr + i_bh * Dv * D + o_v[:, None] * D + o_d[None, :], Gs, mask=m_vd)
 
-        # diag(H' + Lambda), by selecting the diagonal (no strided gather)
+        # diag(H' + Lambda), by selecting the diagonal (no strided gather). The CG vectors are
+        # [1, BLOCK_D] tiles so that the chunk kernel's row-wise CG update serves here too.
         eye = o_d[:, None] == o_d[None, :]
-        diag = tl.sum(tl.where(eye, Hs, 0.0), axis=1) + lam
+        diag = (tl.sum(tl.where(eye, Hs, 0.0), axis=1) + lam)[None, :]
+        q = q[None, :]
         if X0_JACOBI:
             x = q / diag
-            r = q - (tl.sum(Hs * x[None, :], axis=1) + lam * x)
+            r = q - (tl.sum(Hs * x, axis=1)[None, :] + lam[None, :] * x)
         else:
-            x = tl.zeros([BLOCK_D], dtype=tl.float32)
+            x = tl.zeros([1, BLOCK_D], dtype=tl.float32)
             r = q
-        if PRECOND:
-            z = r / diag
-        else:
-            z = r
-        p = z
-        rz = tl.sum(r * z, axis=0)
-        r0 = tl.sqrt(tl.sum(r * r, axis=0))
+        valid = tl.full([1], 1, tl.int1)
+        p, rz, r0, active = _cg_init(r, diag, valid, tol, PRECOND, HAS_TOL)
         rn = r0
-        active = r0 > 0
-        if HAS_TOL:
-            active = active & (r0 > tol * r0)
-        count = 0
+        count = tl.zeros([1], dtype=tl.int32)
         it = 0
-        while (it < steps) & active:
-            Ap = tl.sum(Hs * p[None, :], axis=1) + lam * p
-            pAp = tl.sum(p * Ap, axis=0)
-            active = pAp > 0  # breakdown (p.Ap <= 0 or NaN) stops the iteration
-            alpha = tl.where(active, rz / tl.where(active, pAp, 1.0), 0.0)
-            x = tl.where(active, x + alpha * p, x)
-            r = tl.where(active, r - alpha * Ap, r)
-            count += active.to(tl.int32)
-            rn = tl.where(active, tl.sqrt(tl.sum(r * r, axis=0)), rn)
-            active = active & (rn > 0)
-            if HAS_TOL:
-                active = active & (rn > tol * r0)
-            if PRECOND:
-                z = r / diag
-            else:
-                z = r
-            rz_new = tl.sum(r * z, axis=0)
-            b = tl.where(active, rz_new / tl.where(active, rz, 1.0), 0.0)
-            p = z + b * p
-            rz = rz_new
+        while (it < steps) & (tl.sum(active.to(tl.int32), axis=0) > 0):
+            Ap = tl.sum(Hs * p, axis=1)[None, :] + lam[None, :] * p
+            x, r, p, rz, rn, active, count = _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol,
+                                                      PRECOND, HAS_TOL)
             it += 1
+        x = tl.sum(x, axis=0)  # back to a [BLOCK_D] vector
         o = tl.sum(Gs * x[None, :], axis=1)
         tl.store(o_ptr + i_bh * Dv + o_v, o, mask=m_v)
         tl.store(x_ptr + i_bh * D + o_d, x, mask=m_d)
-        tl.store(steps_ptr + i_bh, count)
-        tl.store(res_ptr + i_bh, tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0))
+        tl.store(steps_ptr + i_bh + tl.arange(0, 1), count)
+        tl.store(res_ptr + i_bh + tl.arange(0, 1), tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0))
