@@ -88,22 +88,25 @@ def bench_shape(B, T, H, D, args, peer):
         pol = solvers.get_policy(pol_name)
         kp, vp = k.to(pol.input_dtype), v.to(pol.input_dtype)
         for name, cfg in CONFIGS:
-            for C in args.chunk_sizes:
-                run_ours = functools.partial(mesa_chunk, *inp, policy=pol, chunk_size=C, validate=False, **cfg)
+            for C, nw in [(c, w) for c in args.chunk_sizes for w in args.num_warps]:
+                run_ours = functools.partial(mesa_chunk, *inp, policy=pol, chunk_size=C, validate=False,
+                                             num_warps=nw, **cfg)
                 o, st = run_ours(return_stats=True)
                 err = rel_error(o[sl].double(), o_ref)
                 launch = kernels.mesa.LAST_LAUNCH.get("chunk_cg")  # resource report of the CG kernel
                 regs, spills = getattr(launch, "n_regs", None), getattr(launch, "n_spills", None)
                 ms = bench(run_ours)
-                ms_states = bench(functools.partial(chunk_states, kp, vp, g, beta, chunk_size=C,
-                                                    state_dtype=pol.state_dtype, check_values=False))
+                split = pol.operand == "bf16x3"
+                ms_states = bench(functools.partial(chunk_states, *((k, v) if split else (kp, vp)), g, beta,
+                                                    chunk_size=C, state_dtype=pol.state_dtype, check_values=False,
+                                                    split=split))
                 mean_steps = st.mean_steps
                 rows.append(dict(impl="ours", shape=shape, B=B, T=T, H=H, D=D, policy=pol.name, config=name,
-                                 chunk_size=C, ms=ms, ms_states=ms_states,
+                                 chunk_size=C, num_warps=nw or "auto", ms=ms, ms_states=ms_states,
                                  tflops=flops(B, T, H, D, D, C, mean_steps) / ms / 1e9,
                                  mean_steps=mean_steps, max_steps=int(st.steps.max()), rel_err_o=err,
                                  cg_regs=regs, cg_spills=spills))
-                print(f"  ours {pol.name:15s} {name:9s} C={C:3d} {ms:8.3f} ms (states {ms_states:.3f}) "
+                print(f"  ours {pol.name:15s} {name:9s} C={C:3d} w={nw} {ms:8.3f} ms (states {ms_states:.3f}) "
                       f"steps {mean_steps:5.2f} err {err:.2e} regs {regs} spills {spills}", flush=True)
     if peer is not None:
         for name, steps in (("steps=10", 10), ("steps=30", 30)):
@@ -149,7 +152,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--quick", action="store_true", help="first shape only")
     ap.add_argument("--policies", nargs="+", default=POLICIES)
-    ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[64])
+    ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[32])
+    ap.add_argument("--num-warps", nargs="+", type=int, default=[None], help="CG kernel warps (default: auto)")
     ap.add_argument("--slice-T", type=int, default=512)
     args = ap.parse_args()
     if not torch.cuda.is_available():

@@ -82,7 +82,7 @@ if triton is not None:
     def _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l, o_k, m_l, m_k,
                     m_s, o_s, T, N, H: tl.constexpr, DL: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
                     W_LEFT: tl.constexpr, IS_FP32: tl.constexpr, IS_BF16: tl.constexpr,
-                    SOFT_BF16: tl.constexpr):
+                    SOFT_BF16: tl.constexpr, SPLIT: tl.constexpr):
         """Store the state before chunk ``i_c`` and return the state after it (float32 tile)."""
         tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, state.to(s_ptr.dtype.element_ty), mask=m_s)
         t = i_c * C + o_c  # token index of each row of the chunk block
@@ -106,7 +106,25 @@ if triton is not None:
             lt = lt.to(tl.float32) * w[:, None]
         else:
             kt = kt.to(tl.float32) * w[:, None]
-        if IS_FP32:
+        if SPLIT:
+            # bf16x3: each fp32 factor a = a_hi + a_lo with bf16 parts; a^T b ~ a_hi^T b_hi + a_lo^T b_hi
+            # + a_hi^T b_lo (three bf16 MMAs, ~16 significant bits; a bf16 input factor has lo = 0)
+            a = lt.to(tl.float32)
+            b = kt.to(tl.float32)
+            a_hi = _round(a, tl.bfloat16, SOFT_BF16)
+            b_hi = _round(b, tl.bfloat16, SOFT_BF16)
+            a_lo = _round(a - a_hi, tl.bfloat16, SOFT_BF16)
+            b_lo = _round(b - b_hi, tl.bfloat16, SOFT_BF16)
+            if SOFT_BF16:
+                # interpreter: rounded fp32 tiles and ieee dots (a bf16 product is exact in fp32)
+                upd = (tl.dot(tl.trans(a_hi), b_hi, input_precision="ieee")
+                       + tl.dot(tl.trans(a_lo), b_hi, input_precision="ieee")
+                       + tl.dot(tl.trans(a_hi), b_lo, input_precision="ieee"))
+            else:
+                bf = tl.bfloat16
+                upd = (tl.dot(tl.trans(a_hi.to(bf)), b_hi.to(bf)) + tl.dot(tl.trans(a_lo.to(bf)), b_hi.to(bf))
+                       + tl.dot(tl.trans(a_hi.to(bf)), b_lo.to(bf)))
+        elif IS_FP32:
             # ieee: true fp32 products; the GPU default (tf32) would round operands to 10 bits
             upd = tl.dot(tl.trans(lt), kt, input_precision="ieee")
         elif SOFT_BF16 and IS_BF16:
@@ -148,6 +166,7 @@ if triton is not None:
         IS_FP32: tl.constexpr,  # k and v are float32: ieee dot
         IS_BF16: tl.constexpr,  # k and v are bfloat16
         SOFT_BF16: tl.constexpr,  # bf16 rounding and bf16 dots done in software (interpreter)
+        SPLIT: tl.constexpr,  # bf16x3 products (split-bf16 operands) instead of the input dtype's
         INTERPRET: tl.constexpr,  # running in the Triton interpreter (TRITON_INTERPRET=1)
     ):
         i_l = tl.program_id(0)
@@ -181,13 +200,13 @@ if triton is not None:
             while i_c < N:
                 state = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l,
                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
-                                    SOFT_BF16)
+                                    SOFT_BF16, SPLIT)
                 i_c += 1
         else:
             for i_c in range(N):
                 state = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l,
                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
-                                    SOFT_BF16)
+                                    SOFT_BF16, SPLIT)
 
         tl.store(sT_ptr + bh64 * DL * D + o_s, state.to(sT_ptr.dtype.element_ty), mask=m_s)
 
@@ -263,7 +282,7 @@ def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, chunk_size: int = 64,
                  initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 state_dtype: torch.dtype = torch.float32, check_values: bool = True):
+                 state_dtype: torch.dtype = torch.float32, check_values: bool = True, split: bool = False):
     """Chunk-boundary states of the Mesa recurrence (see the module docstring for the math).
 
     Args:
@@ -277,6 +296,9 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
         state_dtype: dtype the states are stored (and rounded after every chunk) in.
         check_values: check ``g <= 0`` (one reduction and a host sync); callers that validated
             already pass False.
+        split: bf16x3 products: every factor (the w-weighted one in fp32) is split into bf16
+            ``hi + lo`` parts and three bf16 MMAs replace one product: ~16 significant bits at
+            tensor-core speed, whatever the input dtype (the ``bf16x3`` precision policy).
 
     Returns:
         ``(Hc [B,H,N,D,D], Gc [B,H,N,Dv,D], (H_T [B,H,D,D], G_T [B,H,Dv,D]))`` in ``state_dtype``,
@@ -316,7 +338,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
             T, Hh, DL, D, C, N,
             BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
             HAS_INIT=s0 is not None, W_LEFT=w_left, IS_FP32=k.dtype == torch.float32,
-            IS_BF16=k.dtype == torch.bfloat16, SOFT_BF16=interpreted, INTERPRET=interpreted,
+            IS_BF16=k.dtype == torch.bfloat16, SOFT_BF16=interpreted, INTERPRET=interpreted, SPLIT=split,
         )
     return Hc, Gc, (H_T, G_T)
 

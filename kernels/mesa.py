@@ -76,7 +76,7 @@ def _kernel_policy(policy) -> PrecisionPolicy:
 def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
                precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 32,
                initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
-               return_x: bool = False, validate: bool = True):
+               return_x: bool = False, validate: bool = True, num_warps: int | None = None):
     """Mesa layer forward: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG.
 
     Args:
@@ -97,6 +97,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         return_x: store q-star in the stats (``return_stats`` implied).
         validate: check values too (finiteness, lam > 0, g <= 0, beta in [0, 1]: a few reductions and
             host syncs). Shapes, dtypes and devices are always checked.
+        num_warps: warps per program of the CG kernel (default: 8 for head dims above 64, else 4).
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
@@ -133,9 +134,12 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     lam = lam.to(torch.float32).contiguous()
     B, T, H, _ = q.shape
     C = min(chunk_size, T)
-    # the states' input precision is the policy's (fp32 inputs -> ieee products in chunk_states)
-    Hc, Gc, final = chunk_states(k.to(in_dt), v.to(in_dt), g, beta, chunk_size=C, initial_state=initial_state,
-                                 state_dtype=pol.state_dtype, check_values=False)
+    # the states' products follow the policy: bf16x3 splits (whatever the input dtype), otherwise the
+    # policy's input dtype (fp32 inputs -> ieee products)
+    split = pol.operand == "bf16x3"
+    ks, vs = (k, v) if split else (k.to(in_dt), v.to(in_dt))
+    Hc, Gc, final = chunk_states(ks, vs, g, beta, chunk_size=C, initial_state=initial_state,
+                                 state_dtype=pol.state_dtype, check_values=False, split=split)
     N = Hc.shape[2]
     dev = q.device
     o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
@@ -152,7 +156,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         OP=chunk_cg.OP_CODES[pol.operand], K_EXACT=k.dtype == torch.bfloat16,
         X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi",
         HAS_TOL=tol is not None, STORE_X=return_x, SOFT=interpreted,
-        num_warps=8 if BLOCK_D >= 128 else 4,
+        num_warps=num_warps or (8 if BLOCK_D >= 128 else 4),
     )
     out = [o]
     if output_final_state:

@@ -234,3 +234,19 @@ def test_module_imports_without_triton(monkeypatch):
     args, _ = _inputs()
     with pytest.raises(ImportError, match="triton"):
         mod.chunk_states(args["k"], args["v"], args["g"], args["beta"])
+
+
+@pytest.mark.parametrize("in_dtype", [torch.bfloat16, torch.float32])
+def test_split_bf16x3_matches_policy_emulation_and_float64(in_dtype):
+    """split=True (bf16x3 products): the bf16x3 policy's emulation up to summation order, and
+    float64 within ~2^-16 relative per product (the split's unit roundoff) times the same growth
+    as the fp32 bound above."""
+    problem = make_problem(2, 45, 2, 24, 20, init=True, seed=7, dtype=in_dtype)
+    got = chunk_states(problem.k, problem.v, problem.g, problem.beta, chunk_size=16,
+                       initial_state=problem.initial_state, split=True)
+    emu = ChunkedSystem.build(problem, solvers.get_policy("bf16x3"), 16)
+    ref = boundary_states(problem, 16)
+    scale = boundary_states(abs_problem(problem), 16)
+    assert_states_close("vs bf16x3 emulation", got[:2] + got[2], (emu.Hc, emu.Gc, emu.H_final, emu.G_final), scale,
+                        TOL_FP32)
+    assert_states_close("vs float64", got[:2] + got[2], ref, scale, 170 * UNIT_ROUNDOFF["bf16x3"])
