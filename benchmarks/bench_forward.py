@@ -87,7 +87,7 @@ def bench_shape(B, T, H, D, args, peer):
     for pol_name in args.policies:
         pol = solvers.get_policy(pol_name)
         kp, vp = k.to(pol.input_dtype), v.to(pol.input_dtype)
-        for name, cfg in CONFIGS:
+        for name, cfg in [c for c in CONFIGS if c[0] in args.configs]:
             for C, nw in [(c, w) for c in args.chunk_sizes for w in args.num_warps]:
                 run_ours = functools.partial(mesa_chunk, *inp, policy=pol, chunk_size=C, validate=False,
                                              num_warps=nw, **cfg)
@@ -155,6 +155,7 @@ def main():
     ap.add_argument("--chunk-sizes", nargs="+", type=int, default=[32])
     ap.add_argument("--num-warps", nargs="+", type=int, default=[None], help="CG kernel warps (default: auto)")
     ap.add_argument("--slice-T", type=int, default=512)
+    ap.add_argument("--configs", nargs="+", default=[c[0] for c in CONFIGS], choices=[c[0] for c in CONFIGS])
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench_forward needs a CUDA GPU")
