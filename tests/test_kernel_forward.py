@@ -161,3 +161,27 @@ def test_bad_options_and_devices(prob):
         mesa_chunk(**dict(a, lam=a["lam"].to(other)))
     with pytest.raises(ValueError, match="one token"):
         mesa_step(a["q"], a["k"], a["v"], a["g"], a["beta"], a["lam"], (None, None))
+
+
+def test_non_contiguous_inputs_and_varlen_with_initial_states():
+    p = cases.make("well_conditioned", B=1, T=30, H=2, D=16)
+    a = _args(_dev(p))
+    # non-contiguous views (a transposed copy transposed back) give the same result
+    nc = {k_: (v_.transpose(1, 2).contiguous().transpose(1, 2) if v_.dim() == 4 else v_) for k_, v_ in a.items()}
+    assert not nc["q"].is_contiguous()
+    base = mesa_chunk(**a, steps=10, policy="fp32")
+    assert torch.equal(mesa_chunk(**nc, steps=10, policy="fp32"), base)
+    # packed sequences, each from its own initial state, against separate runs
+    vl = cases.make("varlen", T=40, D=16, n_seqs=3)
+    init = cases.random_problem(B=3, T=1, H=2, D=16, seed=5, initial_state=True).initial_state
+    init = tuple(s.to(device=DEVICE, dtype=torch.float32) for s in init)
+    q = _dev(vl)
+    o, (H_T, G_T) = mesa_chunk(**_args(q), steps=40, tol=1e-6, policy="fp32", initial_state=init,
+                               cu_seqlens=vl.cu_seqlens, output_final_state=True)
+    cs = vl.cu_seqlens.tolist()
+    for n, (s0, s1) in enumerate(zip(cs, cs[1:], strict=False)):
+        part = {k_: (v_[:, s0:s1] if v_.dim() > 2 else v_) for k_, v_ in _args(q).items()}
+        o_n, (H_n, _) = mesa_chunk(**part, steps=40, tol=1e-6, policy="fp32",
+                                   initial_state=tuple(s[n:n + 1] for s in init), output_final_state=True)
+        assert rel_error(o[:, s0:s1].cpu(), o_n.cpu()) <= 1e-6
+        assert rel_error(H_T[n:n + 1].cpu(), H_n.cpu()) <= 1e-6
