@@ -1,4 +1,4 @@
-"""Public ops: ``mesa_chunk`` (chunkwise prefill, forward) and ``mesa_step`` (one-token decode).
+"""Public ops: ``mesa_chunk`` (chunkwise prefill, differentiable) and ``mesa_step`` (one-token decode).
 
 ``mesa_chunk`` = :func:`kernels.chunk_state.chunk_states` (chunk-boundary states H_c, G_c,
 accumulated in float32, stored per the policy's state dtype) followed by
@@ -16,6 +16,7 @@ import torch
 
 from solvers import get_policy, validate_inputs
 from solvers.cg import PRECOND_CHOICES, check_iteration_options
+from solvers.implicit import MesaImplicit, SolveConfig, implicit_backward
 from solvers.precision import PrecisionPolicy
 
 from . import chunk_cg, decode
@@ -31,6 +32,7 @@ except ImportError:  # pragma: no cover
 DEFAULT_POLICY = "bf16x3"
 KERNEL_POLICIES = ("fp32", "tf32", "bf16x3", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state",
                    "fp16-fp16state")
+BACKENDS = ("auto", "triton", "torch")
 # Largest head dims the fused CG kernel holds on chip (H_c is a D x D tile).
 MAX_D = 128
 # The compiled kernels of the latest launches (name -> triton CompiledKernel): a diagnostic hook
@@ -76,8 +78,9 @@ def _kernel_policy(policy) -> PrecisionPolicy:
 def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
                precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 32,
                initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
-               return_x: bool = False, validate: bool = True, num_warps: int | None = None):
-    """Mesa layer forward: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG.
+               return_x: bool = False, validate: bool = True, num_warps: int | None = None, backend: str = "auto",
+               bwd_steps: int | None = None, bwd_tol: float | None = None):
+    """Mesa layer: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG; differentiable.
 
     Args:
         q, k: ``[B,T,H,D]``; v: ``[B,T,H,Dv]``; g (log forget gate, <= 0), beta (in [0,1]): ``[B,T,H]``;
@@ -100,31 +103,81 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         num_warps: warps per program of the CG kernel (default from an H100 sweep at D = 128, C = 32:
             8 for fp32 / tf32 / bf16x3 operands at head dims above 64, whose tiles need the registers
             of 256 threads; 4 otherwise, 1.6x faster than 8 for bf16 / fp16 operands).
+        backend: ``"triton"`` (the kernels: CUDA, or CPU through the interpreter), ``"torch"`` (the
+            PyTorch chunkwise CG of :mod:`solvers`, any device and policy, fp64 included) or
+            ``"auto"``: Triton on CUDA tensors, torch otherwise. Both are differentiable with the
+            implicit backward of :mod:`solvers.implicit` (an adjoint CG solve per token).
+        bwd_steps, bwd_tol: step cap and tolerance of the adjoint solve (default: ``steps``, ``tol``).
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
         ``return_stats``.
     """
-    interpreted = _require_triton(chunk_cg._chunk_cg_kernel)
-    pol = _kernel_policy(policy)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        backend = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
     check_iteration_options(steps, tol, x0)
     if precond not in PRECOND_CHOICES:
         raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
     validate_inputs(q, k, v, g, beta, lam, initial_state, cu_seqlens, check_values=validate)
-    for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
-        _check_device(name, x, interpreted)
-    D, Dv = q.shape[3], v.shape[3]
-    if D > MAX_D or Dv > MAX_D:
-        raise ValueError(f"head dims up to {MAX_D} are supported (the chunk's D x D state is held on chip); "
-                         f"got D = {D}, Dv = {Dv}")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    if backend == "triton":
+        pol = _kernel_policy(policy)
+        interpreted = _require_triton(chunk_cg._chunk_cg_kernel)
+        for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
+            _check_device(name, x, interpreted)
+        D, Dv = q.shape[3], v.shape[3]
+        if D > MAX_D or Dv > MAX_D:
+            raise ValueError(f"head dims up to {MAX_D} are supported (the chunk's D x D state is held on chip); "
+                             f"got D = {D}, Dv = {Dv}")
+    else:
+        pol = get_policy(policy)
     return_stats = return_stats or return_x
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats,
                        dict(steps=steps, tol=tol, x0=x0, precond=precond, policy=pol, chunk_size=chunk_size,
-                            return_x=return_x, validate=False))
+                            return_x=return_x, validate=False, num_warps=num_warps, backend=backend,
+                            bwd_steps=bwd_steps, bwd_tol=bwd_tol))
+    cfg = SolveConfig(pol, steps, tol, x0, precond, chunk_size, bwd_steps, bwd_tol)
+    H0, G0 = (None, None) if initial_state is None else initial_state
+    if backend == "torch":
+        o, H_T, G_T, x, n_steps, res = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg)
+    else:
+        o, H_T, G_T, x, n_steps, res = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg, num_warps)
+    out = [o]
+    if output_final_state:
+        out.append((H_T, G_T))
+    if return_stats:
+        out.append(MesaStats(n_steps, res, x if return_x else None))
+    return out[0] if len(out) == 1 else tuple(out)
 
+
+class TritonMesa(torch.autograd.Function):
+    """The Triton forward with the implicit backward of :func:`solvers.implicit.implicit_backward`
+    (the adjoint CG solve and the gradient contractions run as PyTorch operations on the same device)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps):
+        init = None if H0 is None else (H0, G0)
+        o, (H_T, G_T), n_steps, res, x = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps)
+        ctx.cfg = cfg
+        ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, x)
+        ctx.mark_non_differentiable(x, n_steps, res)
+        return o, H_T, G_T, x, n_steps, res
+
+    @staticmethod
+    def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res):
+        *inputs, x = ctx.saved_tensors
+        return (*implicit_backward(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, do, dH_T, dG_T), None, None)
+
+
+def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps):
+    """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x)."""
+    interpreted = _is_interpreted(chunk_cg._chunk_cg_kernel)
+    pol = cfg.policy
+    D, Dv = q.shape[3], v.shape[3]
     in_dt = pol.input_dtype
     # inputs already in a format the policy's input dtype holds exactly (bf16 or fp16 under an fp32
     # input policy) stay as they are: the CG kernel reads them without loss and half the bytes
@@ -135,7 +188,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     beta = beta.to(torch.float32).contiguous()
     lam = lam.to(torch.float32).contiguous()
     B, T, H, _ = q.shape
-    C = min(chunk_size, T)
+    C = min(cfg.chunk_size, T)
     # the states' products follow the policy: bf16x3 splits (whatever the input dtype), otherwise the
     # policy's input dtype (fp32 inputs -> ieee products)
     split = pol.operand == "bf16x3"
@@ -145,27 +198,23 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     N = Hc.shape[2]
     dev = q.device
     o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
-    x = torch.empty(B, T, H, D, dtype=torch.float32, device=dev) if return_x else o
+    x = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
     n_steps = torch.empty(B, T, H, dtype=torch.int32, device=dev)
     res = torch.empty(B, T, H, dtype=torch.float32, device=dev)
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
     BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
+    tol = cfg.tol
     LAST_LAUNCH["chunk_cg"] = chunk_cg._chunk_cg_kernel[(N, B * H)](
         q, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res,
-        T, N, float(tol) if tol is not None else -1.0, steps,
+        T, N, float(tol) if tol is not None else -1.0, cfg.steps,
         H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         OP=chunk_cg.OP_CODES[pol.operand], K_EXACT=k.dtype == torch.bfloat16,
-        X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi",
-        HAS_TOL=tol is not None, STORE_X=return_x, SOFT=interpreted,
+        X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi",
+        HAS_TOL=tol is not None, STORE_X=True, SOFT=interpreted,
         num_warps=num_warps or (8 if BLOCK_D >= 128 and pol.operand in ("fp32", "tf32", "bf16x3") else 4),
     )
-    out = [o]
-    if output_final_state:
-        out.append(final)
-    if return_stats:
-        out.append(MesaStats(n_steps, res, x if return_x else None))
-    return out[0] if len(out) == 1 else tuple(out)
+    return o, final, n_steps, res, x
 
 
 def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats, opts):

@@ -48,21 +48,24 @@ def check_iteration_options(steps, tol, x0) -> None:
         raise ValueError(f"x0 must be one of {X0_CHOICES}, got {x0!r}")
 
 
-def initial_guess(S: ChunkedSystem, x0: str, diag: torch.Tensor) -> torch.Tensor:
-    """x_0 = 0, or q / diag(H_t + Lambda) (``diag`` given, [B,H,N,C,D])."""
-    return torch.zeros_like(S.Q) if x0 == "zero" else S.Q / diag
+def initial_guess(S: ChunkedSystem, x0: str, diag: torch.Tensor, rhs: torch.Tensor | None = None) -> torch.Tensor:
+    """x_0 = 0, or rhs / diag(H_t + Lambda) (``diag`` given, [B,H,N,C,D]; rhs defaults to q)."""
+    rhs = S.Q if rhs is None else rhs
+    return torch.zeros_like(rhs) if x0 == "zero" else rhs / diag
 
 
-def solve_cg(problem: MesaProblem, policy: PrecisionPolicy, *, steps: int = 30, tol: float | None = None,
-             x0: str = "zero", precond: str | None = None, chunk_size: int = 64) -> SolveResult:
-    check_iteration_options(steps, tol, x0)
-    if precond not in PRECOND_CHOICES:
-        raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
+def cg_iterate(S: ChunkedSystem, rhs: torch.Tensor, policy: PrecisionPolicy, *, steps: int, tol: float | None,
+               x0: str, precond: str | None):
+    """CG on ``A_t x_t = rhs_t`` for every token of a chunked system (the module docstring's iteration).
+
+    ``rhs``: ``[B,H,N,C,D]`` in the accumulation dtype. Returns ``(x, steps, relative residual,
+    breakdown)``, all in chunked layout. Used for q-star and for the adjoint solve of backward.
+    Written without in-place updates, so that autograd can also differentiate the unrolled
+    iteration (the true gradient of a truncated solve, which the tests compare with the implicit one)."""
     jacobi = precond == "jacobi"
-    S = ChunkedSystem.build(problem, policy, chunk_size)
     diag = S.diag_H() + S.lam
-    x = initial_guess(S, x0, diag)
-    r = S.Q - S.matvec(x) if x0 != "zero" else S.Q.clone()
+    x = initial_guess(S, x0, diag, rhs)
+    r = rhs - S.matvec(x) if x0 != "zero" else rhs.clone()
     z = r / diag if jacobi else r
     p = z
     rz = dot(r, z, policy)
@@ -71,7 +74,7 @@ def solve_cg(problem: MesaProblem, policy: PrecisionPolicy, *, steps: int = 30, 
     valid = S.valid.expand_as(rz)
     active = valid & (rn > 0)
     if tol is not None:
-        active &= ~(rn <= tol * r0)
+        active = active & ~(rn <= tol * r0)
     breakdown = torch.zeros_like(active)
     count = torch.zeros(rz.shape, dtype=torch.int64, device=rz.device)
     acc = policy.accum_dtype
@@ -81,17 +84,17 @@ def solve_cg(problem: MesaProblem, policy: PrecisionPolicy, *, steps: int = 30, 
         Ap = S.matvec(p)
         pAp = dot(p, Ap, policy)
         broke = active & ~(pAp > 0)
-        breakdown |= broke
-        active &= ~broke
+        breakdown = breakdown | broke
+        active = active & ~broke
         alpha = torch.where(active, rz / torch.where(active, pAp, 1), 0).to(acc)[..., None]
         sel = active[..., None]
         x = torch.where(sel, x + alpha * p, x)
         r = torch.where(sel, r - alpha * Ap, r)
-        count += active
+        count = count + active
         rn = torch.where(active, torch.sqrt(dot(r, r, policy)), rn)
         still = active & (rn > 0)
         if tol is not None:
-            still &= ~(rn <= tol * r0)
+            still = still & ~(rn <= tol * r0)
         z = r / diag if jacobi else r
         rz_new = dot(r, z, policy)
         beta = torch.where(still, rz_new / torch.where(still, rz, 1), 0).to(acc)[..., None]
@@ -99,6 +102,20 @@ def solve_cg(problem: MesaProblem, policy: PrecisionPolicy, *, steps: int = 30, 
         rz = torch.where(still, rz_new, rz)
         active = still
     rel = torch.where(r0 > 0, rn / torch.where(r0 > 0, r0, 1), 0)
+    return x, count, rel, breakdown
+
+
+def check_precond(precond) -> None:
+    if precond not in PRECOND_CHOICES:
+        raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
+
+
+def solve_cg(problem: MesaProblem, policy: PrecisionPolicy, *, steps: int = 30, tol: float | None = None,
+             x0: str = "zero", precond: str | None = None, chunk_size: int = 64) -> SolveResult:
+    check_iteration_options(steps, tol, x0)
+    check_precond(precond)
+    S = ChunkedSystem.build(problem, policy, chunk_size)
+    x, count, rel, breakdown = cg_iterate(S, S.Q, policy, steps=steps, tol=tol, x0=x0, precond=precond)
     o = S.output(x)
     return SolveResult(
         "cg", policy, S.to_tokens(x), S.to_tokens(o), (S.H_final, S.G_final),

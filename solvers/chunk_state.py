@@ -83,24 +83,28 @@ class ChunkedSystem:
             h, gs = (s.to(acc) for s in problem.initial_state)
         w = torch.exp(Gam[..., -1:] - Gam) * beta  # [B,H,N,C]
         decay_end = torch.exp(Gam[..., -1])  # [B,H,N]
-        Hc = torch.empty(B, H, N, D, D, dtype=acc, device=problem.device)
-        Gc = torch.empty(B, H, N, Dv, D, dtype=acc, device=problem.device)
+        Hs, Gs = [], []  # lists and a stack (not in-place writes): the build stays differentiable
         h, gs = policy.store(h), policy.store(gs)
         for c in range(N):
-            Hc[:, :, c], Gc[:, :, c] = h, gs
+            Hs.append(h)
+            Gs.append(gs)
             wk = w[:, :, c, :, None] * K[:, :, c]
             # accumulate in accum, store per policy.state: a low-precision state compounds its
             # rounding from chunk to chunk, as a kernel that stores states between chunks does.
             h = policy.store(decay_end[:, :, c, None, None] * h + policy.mm(wk.transpose(-1, -2), K[:, :, c]))
             gs = policy.store(decay_end[:, :, c, None, None] * gs + policy.mm(V[:, :, c].transpose(-1, -2), wk))
         lam = problem.lam.to(acc)[None, :, None, None, :]
-        return cls(policy, T, C, Q, K, V, Gam, M, Hc, Gc, h, gs, lam)
+        return cls(policy, T, C, Q, K, V, Gam, M, torch.stack(Hs, dim=2), torch.stack(Gs, dim=2), h, gs, lam)
 
     # operators -----------------------------------------------------------------------------------
     def matvec(self, P: torch.Tensor) -> torch.Tensor:
-        """A(P) = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam), for all chunks at once."""
+        """A(P) = diag(exp(Gam)) P H_c^T + ((P K^T) * M) K + P diag(lam), for all chunks at once.
+
+        (Rows of P are vectors: row i is (A_i p_i)^T = p_i^T A_i^T. H_c is symmetric, so H_c^T = H_c
+        in value; writing the transpose keeps the derivative with respect to an initial state in the
+        convention dL/dH = -y x^T of DESIGN.md.)"""
         mm = self.policy.mm
-        inter = torch.exp(self.Gam)[..., None] * mm(P, self.Hc)
+        inter = torch.exp(self.Gam)[..., None] * mm(P, self.Hc.transpose(-1, -2))
         intra = mm(mm(P, self.K.transpose(-1, -2)) * self.M, self.K)
         return inter + intra + P * self.lam
 
@@ -109,6 +113,13 @@ class ChunkedSystem:
         mm = self.policy.mm
         inter = torch.exp(self.Gam)[..., None] * mm(X, self.Gc.transpose(-1, -2))
         intra = mm(mm(X, self.K.transpose(-1, -2)) * self.M, self.V)
+        return inter + intra
+
+    def output_adjoint(self, E: torch.Tensor) -> torch.Tensor:
+        """G_t^T e_t for all tokens: diag(exp(Gam)) E G_c + ((E V^T) * M) K (the adjoint's right-hand side)."""
+        mm = self.policy.mm
+        inter = torch.exp(self.Gam)[..., None] * mm(E, self.Gc)
+        intra = mm(mm(E, self.V.transpose(-1, -2)) * self.M, self.K)
         return inter + intra
 
     def diag_H(self) -> torch.Tensor:

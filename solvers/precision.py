@@ -79,8 +79,12 @@ def round_to(x: torch.Tensor, precision: str) -> torch.Tensor:
     """Round ``x`` to the named precision; the result keeps ``x``'s dtype.
 
     bf16 and fp16 values are exactly representable in tf32 (at most 11 significand bits, exponent
-    range inside fp32's), so tf32 rounding leaves them unchanged.
+    range inside fp32's), so tf32 rounding leaves them unchanged. Under autograd the rounding is
+    transparent (straight-through: its gradient is the identity), as a kernel's backward treats it.
     """
+    if x.requires_grad:
+        xd = x.detach()
+        return x + (round_to(xd, precision) - xd)
     if precision == "tf32":
         if x.dtype in (torch.float16, torch.bfloat16):
             return x

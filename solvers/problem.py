@@ -112,7 +112,7 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, 
     if bool((beta < 0).any()) or bool((beta > 1).any()):
         raise ValueError(f"beta must lie in [0, 1]; range is [{float(beta.min()):.3g}, {float(beta.max()):.3g}]")
     if initial_state is not None:
-        H0 = initial_state[0].double()
+        H0 = initial_state[0].detach().double()
         asym = float((H0 - H0.transpose(-1, -2)).abs().max())
         scale = float(H0.abs().max()) or 1.0
         if asym > 1e-3 * scale:

@@ -27,15 +27,6 @@ from solvers import MesaProblem
 MAX_WORK = 2_000_000
 
 
-def _mp_matrix(t: torch.Tensor) -> mpmath.matrix:
-    rows = t.detach().to("cpu", torch.float64).tolist()
-    return mpmath.matrix([[mpmath.mpf(x) for x in row] for row in rows])
-
-
-def _mp_vector(t: torch.Tensor) -> mpmath.matrix:
-    return mpmath.matrix([mpmath.mpf(x) for x in t.detach().to("cpu", torch.float64).tolist()])
-
-
 def mp_solve(problem: MesaProblem, dps: int = 50, *, regularizer: str = "static",
              max_work: int = MAX_WORK) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x [B,T,H,D], o [B,T,H,Dv])`` as float64, computed in mpmath with ``dps`` digits."""
@@ -59,30 +50,74 @@ def mp_solve(problem: MesaProblem, dps: int = 50, *, regularizer: str = "static"
     x_out = torch.empty(B, T, H, D, dtype=torch.float64)
     o_out = torch.empty(B, T, H, Dv, dtype=torch.float64)
     with mpmath.workdps(dps):
-        for b in range(B):
-            for h in range(H):
-                lam = _mp_vector(problem.lam[h])
-                if problem.initial_state is None:
-                    Hs, Gs = mpmath.zeros(D, D), mpmath.zeros(Dv, D)
-                else:
-                    Hs = _mp_matrix(problem.initial_state[0][b, h])
-                    Gs = _mp_matrix(problem.initial_state[1][b, h])
-                zeta0 = mpmath.mpf(1)
-                for t in range(T):
-                    gamma = mpmath.exp(mpmath.mpf(float(problem.g[b, t, h])))
-                    beta = mpmath.mpf(float(problem.beta[b, t, h]))
-                    k = _mp_vector(problem.k[b, t, h])
-                    v = _mp_vector(problem.v[b, t, h])
-                    q = _mp_vector(problem.q[b, t, h])
-                    zeta0 *= gamma
-                    Hs = gamma * Hs + beta * (k * k.T)
-                    Gs = gamma * Gs + beta * (v * k.T)
-                    A = Hs.copy()
-                    scale = zeta0 if regularizer == "decayed" else 1
-                    for i in range(D):
-                        A[i, i] += scale * lam[i]
-                    x = mpmath.cholesky_solve(A, q)
-                    o = Gs * x
-                    x_out[b, t, h] = torch.tensor([float(x[i]) for i in range(D)], dtype=torch.float64)
-                    o_out[b, t, h] = torch.tensor([float(o[i]) for i in range(Dv)], dtype=torch.float64)
+        for b, h, t, x, o in _mp_tokens(problem, regularizer):
+            x_out[b, t, h] = torch.tensor([float(x[i]) for i in range(D)], dtype=torch.float64)
+            o_out[b, t, h] = torch.tensor([float(o[i]) for i in range(Dv)], dtype=torch.float64)
     return x_out.to(problem.device), o_out.to(problem.device)
+
+
+def _mp_tokens(problem: MesaProblem, regularizer: str = "static", delta: dict | None = None, step=0):
+    """Yield ``(b, h, t, x_t, o_t)`` (mpmath vectors) of the recurrence at the current precision.
+
+    ``delta`` (input name -> tensor of the input's shape) and the mpf ``step`` perturb every input
+    exactly: ``input + step * delta`` is formed in mpmath, so steps far below float64 resolution work."""
+    B, T, H, D = problem.B, problem.T, problem.H, problem.D
+    delta = delta or {}
+    step = mpmath.mpf(step)
+
+    def val(name, tensor, idx):
+        x = mpmath.mpf(float(tensor[idx]))
+        return x + step * mpmath.mpf(float(delta[name][idx])) if name in delta else x
+
+    def vec(name, tensor, idx):
+        n = tensor.shape[-1]
+        return mpmath.matrix([val(name, tensor, idx + (i,)) for i in range(n)])
+
+    def mat(name, tensor, idx):
+        r, c = tensor.shape[-2:]
+        return mpmath.matrix([[val(name, tensor, idx + (i, j)) for j in range(c)] for i in range(r)])
+
+    for b in range(B):
+        for h in range(H):
+            lam = vec("lam", problem.lam, (h,))
+            if problem.initial_state is None:
+                Hs, Gs = mpmath.zeros(D, D), mpmath.zeros(problem.Dv, D)
+            else:
+                Hs = mat("H0", problem.initial_state[0], (b, h))
+                Gs = mat("G0", problem.initial_state[1], (b, h))
+            zeta0 = mpmath.mpf(1)
+            for t in range(T):
+                gamma = mpmath.exp(val("g", problem.g, (b, t, h)))
+                beta = val("beta", problem.beta, (b, t, h))
+                k, v, q = (vec(n, getattr(problem, n), (b, t, h)) for n in ("k", "v", "q"))
+                zeta0 *= gamma
+                Hs = gamma * Hs + beta * (k * k.T)
+                Gs = gamma * Gs + beta * (v * k.T)
+                A = Hs.copy()
+                scale = zeta0 if regularizer == "decayed" else 1
+                for i in range(D):
+                    A[i, i] += scale * lam[i]
+                # LU, not Cholesky: a perturbed H0 need not be symmetric
+                x = mpmath.lu_solve(A, q) if "H0" in delta else mpmath.cholesky_solve(A, q)
+                yield b, h, t, x, Gs * x
+
+
+def mp_directional_derivative(problem: MesaProblem, e: torch.Tensor, direction: dict, dps: int = 50,
+                              step: float = 1e-20, max_work: int = 200_000) -> float:
+    """d/dh of ``L = sum_t e_t . o_t`` along ``direction`` (input name -> tensor), by a central
+    difference in mpmath: error O(step^2) plus 10^-dps / step, about 1e-30 at the defaults."""
+    work = problem.B * problem.H * problem.T * problem.D**3
+    if work > max_work:
+        raise ValueError(f"{problem!r} is too large for the mpmath derivative (B*H*T*D^3 = {work} > {max_work})")
+    unknown = set(direction) - {"q", "k", "v", "g", "beta", "lam", "H0", "G0"}
+    if unknown:
+        raise ValueError(f"direction names unknown inputs {sorted(unknown)}")
+    with mpmath.workdps(dps):
+        def loss(sign):
+            total = mpmath.mpf(0)
+            for b, h, t, _, o in _mp_tokens(problem, "static", direction, sign * mpmath.mpf(step)):
+                for i in range(problem.Dv):
+                    total += mpmath.mpf(float(e[b, t, h, i])) * o[i]
+            return total
+
+        return float((loss(1) - loss(-1)) / (2 * mpmath.mpf(step)))
