@@ -6,10 +6,16 @@ Importing works without triton installed; calling a kernel then raises ``ImportE
 
 * :func:`mesa_chunk`: the Mesa layer forward (chunkwise prefill) with early-exit CG per chunk;
 * :func:`mesa_step`: one decode step (state update, CG, output);
-* :func:`chunk_states`: chunk-boundary states ``(H_c, G_c)`` of the chunkwise Mesa recurrence.
+* :func:`chunk_states`: chunk-boundary states ``(H_c, G_c)`` of the chunkwise Mesa recurrence;
+* :class:`MesaLayer`: the Mesa sequence mixer module (projections, conv, gates, norm, prefill and
+  one-token decode with a :class:`MesaCache`).
+
+``mesa_chunk`` is differentiable on both backends (``"triton"``, ``"torch"``) through the implicit
+backward of :mod:`solvers.implicit`.
 """
 
 from .chunk_state import chunk_states
+from .layer import MesaCache, MesaLayer
 from .mesa import DEFAULT_POLICY, MesaStats, mesa_chunk, mesa_step
 
-__all__ = ["DEFAULT_POLICY", "MesaStats", "chunk_states", "mesa_chunk", "mesa_step"]
+__all__ = ["DEFAULT_POLICY", "MesaCache", "MesaLayer", "MesaStats", "chunk_states", "mesa_chunk", "mesa_step"]

@@ -1,0 +1,133 @@
+"""The Mesa layer as a ``torch.nn.Module`` (DESIGN.md section 2, layer parametrisation).
+
+For input ``u [B,T,d_model]``, per head h:
+
+    q = l2norm(silu(conv4(W_q u))),  k = l2norm(silu(conv4(W_k u))),  v = W_v u
+    beta  = sigmoid(W_b u)                                   (one scalar per head)
+    gamma = sigmoid(W_a u) * (1 - (1 - 0.9975) beta^2)       (capped forget gate)
+    g     = log gamma = logsigmoid(W_a u) + log(1 - 0.0025 beta^2)   (float32, <= 0)
+    lam   = 0.25 + softplus(theta),  theta initialised so that lam = 1
+    o     = mesa_chunk(q, k, v, g, beta, lam)                # o_t = G_t (H_t + Lambda)^{-1} q_t
+    y     = W_o [ RMSNorm_h(o) * silu(W_z u) ]               (the gate is optional)
+
+``conv4`` is a causal depthwise convolution of window 4 (the token and its three predecessors).
+The cap keeps ``tr H_t`` bounded when gamma would approach 1. The residual connection and the
+pre-norm belong to the block around the layer (``ablations``). Decoding one token reuses the
+state ``(H_T, G_T)`` and the last three conv inputs kept in a :class:`MesaCache`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .mesa import mesa_chunk
+
+# gamma cap of DESIGN.md: gamma = sigmoid(a) * (1 - (1 - 0.9975) beta^2)
+GATE_CAP = 0.9975
+# lam = LAM_FLOOR + softplus(theta), initialised to LAM_INIT
+LAM_FLOOR = 0.25
+LAM_INIT = 1.0
+CONV_SIZE = 4
+
+
+@dataclass
+class MesaCache:
+    """Decoding state of one layer: the Mesa states and the conv inputs of the last tokens."""
+
+    state: tuple[torch.Tensor, torch.Tensor]  # (H [B,H,D,D], G [B,H,Dv,D])
+    conv_q: torch.Tensor  # [B, H*D, CONV_SIZE - 1] pre-conv q projections of the last tokens
+    conv_k: torch.Tensor  # [B, H*D, CONV_SIZE - 1]
+
+
+class MesaLayer(nn.Module):
+    """Mesa sequence mixer; ``solver`` options (steps, tol, policy, backend, ...) go to ``mesa_chunk``."""
+
+    def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, value_dim: int | None = None, *,
+                 output_gate: bool = True, norm_eps: float = 1e-5, **solver):
+        super().__init__()
+        if d_model < 1 or n_heads < 1:
+            raise ValueError(f"d_model and n_heads must be positive, got {d_model}, {n_heads}")
+        if head_dim is None and d_model % n_heads:
+            raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pass head_dim")
+        self.d_model, self.n_heads = d_model, n_heads
+        self.head_dim = head_dim or d_model // n_heads
+        self.value_dim = value_dim or self.head_dim
+        self.solver = {"steps": 30, "policy": "fp32", **solver}
+        H, D, Dv = n_heads, self.head_dim, self.value_dim
+        self.q_proj = nn.Linear(d_model, H * D, bias=False)
+        self.k_proj = nn.Linear(d_model, H * D, bias=False)
+        self.v_proj = nn.Linear(d_model, H * Dv, bias=False)
+        self.b_proj = nn.Linear(d_model, H, bias=True)
+        self.a_proj = nn.Linear(d_model, H, bias=True)
+        self.q_conv = nn.Conv1d(H * D, H * D, CONV_SIZE, groups=H * D, bias=False)
+        self.k_conv = nn.Conv1d(H * D, H * D, CONV_SIZE, groups=H * D, bias=False)
+        # softplus(theta) = LAM_INIT - LAM_FLOOR  <=>  theta = log(exp(LAM_INIT - LAM_FLOOR) - 1)
+        self.lam_theta = nn.Parameter(torch.full((H, D), math.log(math.expm1(LAM_INIT - LAM_FLOOR))))
+        self.norm_weight = nn.Parameter(torch.ones(Dv))
+        self.norm_eps = norm_eps
+        self.z_proj = nn.Linear(d_model, H * Dv, bias=False) if output_gate else None
+        self.o_proj = nn.Linear(H * Dv, d_model, bias=False)
+
+    # ---------------------------------------------------------------------------------------------
+    @property
+    def lam(self) -> torch.Tensor:
+        """lam = 0.25 + softplus(theta), ``[H, D]``, in theta's dtype (at least float32)."""
+        theta = self.lam_theta
+        return LAM_FLOOR + F.softplus(theta.to(torch.promote_types(theta.dtype, torch.float32)))
+
+    def _conv(self, conv: nn.Conv1d, x: torch.Tensor, past: torch.Tensor | None):
+        """Causal depthwise conv over time: x ``[B,T,C]``; returns (y ``[B,T,C]``, last inputs ``[B,C,3]``)."""
+        xt = x.transpose(1, 2)
+        if past is None:
+            past = xt.new_zeros(xt.shape[0], xt.shape[1], CONV_SIZE - 1)
+        full = torch.cat([past.to(xt.dtype), xt], dim=2)
+        return conv(full).transpose(1, 2), full[:, :, -(CONV_SIZE - 1):]
+
+    def _inputs(self, u: torch.Tensor, cache: MesaCache | None):
+        B, T, _ = u.shape
+        H, D, Dv = self.n_heads, self.head_dim, self.value_dim
+        q, cq = self._conv(self.q_conv, self.q_proj(u), None if cache is None else cache.conv_q)
+        k, ck = self._conv(self.k_conv, self.k_proj(u), None if cache is None else cache.conv_k)
+        dt = torch.promote_types(u.dtype, torch.float32)  # gates at least fp32 (bf16 activations)
+        q = F.normalize(F.silu(q).view(B, T, H, D).to(dt), dim=-1)
+        k = F.normalize(F.silu(k).view(B, T, H, D).to(dt), dim=-1)
+        v = self.v_proj(u).view(B, T, H, Dv).to(dt)
+        beta = torch.sigmoid(self.b_proj(u).to(dt))
+        g = F.logsigmoid(self.a_proj(u).to(dt)) + torch.log1p(-(1 - GATE_CAP) * beta * beta)
+        return q, k, v, g.clamp_max(0.0), beta, cq, ck
+
+    def forward(self, u: torch.Tensor, cache: MesaCache | None = None, use_cache: bool = False):
+        """``y [B,T,d_model]``; with ``use_cache`` (or a cache given) also the updated :class:`MesaCache`."""
+        if not isinstance(u, torch.Tensor) or u.dim() != 3:
+            raise ValueError(f"u must be a [B,T,d_model] tensor, got {getattr(u, 'shape', type(u).__name__)}")
+        if u.shape[2] != self.d_model:
+            raise ValueError(f"u has d_model = {u.shape[2]}, the layer expects {self.d_model}")
+        if cache is not None and cache.state[0].shape[0] != u.shape[0]:
+            raise ValueError(f"cache is for batch size {cache.state[0].shape[0]}, u has {u.shape[0]}")
+        q, k, v, g, beta, cq, ck = self._inputs(u, cache)
+        o, state = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype),
+                              initial_state=None if cache is None else cache.state,
+                              output_final_state=True, **self.solver)
+        B, T = u.shape[:2]
+        o = o.to(q.dtype)
+        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
+        o = o.reshape(B, T, self.n_heads * self.value_dim)
+        if self.z_proj is not None:
+            o = o * F.silu(self.z_proj(u).to(o.dtype))
+        y = self.o_proj(o.to(u.dtype))
+        if use_cache or cache is not None:
+            return y, MesaCache(state, cq, ck)
+        return y
+
+    def step(self, u: torch.Tensor, cache: MesaCache):
+        """Decode one token: ``u [B,1,d_model]`` (or ``[B,d_model]``) -> (y, new cache)."""
+        if u.dim() == 2:
+            u = u[:, None]
+        if u.shape[1] != 1:
+            raise ValueError(f"step decodes one token; u has T = {u.shape[1]} (use forward for prefill)")
+        return self.forward(u, cache=cache)
