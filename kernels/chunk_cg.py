@@ -172,6 +172,7 @@ if triton is not None:
         OP: tl.constexpr,  # operand precision code (OP_CODES)
         K_EXACT: tl.constexpr,  # k and v are bf16 tensors: exact bf16 operands (bf16x3 skips their lo part)
         X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr, STORE_X: tl.constexpr,
+        ADJOINT: tl.constexpr,  # backward: solve A y = G^T e (q_ptr holds e [B*T, H, Dv]); no output
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
     ):
         i_c = tl.program_id(0)
@@ -200,10 +201,24 @@ if triton is not None:
         lam = tl.load(lam_ptr + i_h * D + o_d, mask=m_d, other=1.0).to(tl.float32)
 
         K = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         K_hi, K_lo = _split(K, OP, SOFT)
         Kt_hi = tl.trans(K_hi)
         Kt_lo = tl.trans(K_lo)
+        m_tv = m_t[:, None] & m_v[None, :]
+        g_base = (i_bh.to(tl.int64) * N + i_c) * Dv * D
+        if ADJOINT:
+            # right-hand side of the adjoint: G_t^T e_t = diag(exp(Gam)) E G_c + ((E V^T) * M) K
+            E = tl.load(q_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            Vt = tl.load(v_ptr + row[None, :] * Dv + o_v[:, None], mask=m_v[:, None] & m_t[None, :],
+                         other=0.0).to(tl.float32)  # [BLOCK_DV, BLOCK_C] = V^T
+            Gc = tl.load(Gc_ptr + g_base + o_v[:, None] * D + o_d[None, :], mask=m_v[:, None] & m_d[None, :],
+                         other=0.0).to(tl.float32)  # [BLOCK_DV, BLOCK_D]
+            G_hi, G_lo = _split(Gc, OP, SOFT)
+            Vt_hi, Vt_lo = _split(Vt, OP, SOFT)
+            Q = eG[:, None] * _mm(E, G_hi, G_lo, OP, SOFT, False)
+            Q += _mm(_mm(E, Vt_hi, Vt_lo, OP, SOFT, K_EXACT) * M, K_hi, K_lo, OP, SOFT, K_EXACT)
+        else:
+            Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
         m_dd = m_d[:, None] & m_d[None, :]
         Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
@@ -238,10 +253,15 @@ if triton is not None:
         if STORE_X:
             tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)
 
-        # O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V
-        m_tv = m_t[:, None] & m_v[None, :]
+        if not ADJOINT:
+            _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo, D, Dv,
+                    OP, SOFT, K_EXACT)
+
+    @triton.jit
+    def _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo,
+                D: tl.constexpr, Dv: tl.constexpr, OP: tl.constexpr, SOFT: tl.constexpr, K_EXACT: tl.constexpr):
+        """O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V, stored as float32."""
         V = tl.load(v_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
-        g_base = (i_bh.to(tl.int64) * N + i_c) * Dv * D
         GcT = tl.load(Gc_ptr + g_base + o_v[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_DV] = G_c^T
         G_hi, G_lo = _split(GcT, OP, SOFT)

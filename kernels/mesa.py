@@ -155,14 +155,14 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
 
 
 class TritonMesa(torch.autograd.Function):
-    """The Triton forward with the implicit backward of :func:`solvers.implicit.implicit_backward`
-    (the adjoint CG solve and the gradient contractions run as PyTorch operations on the same device)."""
+    """The Triton forward with the implicit backward: the adjoint CG solve in the Triton kernel, the
+    gradient contractions by :func:`solvers.implicit.implicit_backward` (PyTorch, same device)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps):
         init = None if H0 is None else (H0, G0)
         o, (H_T, G_T), n_steps, res, x = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.num_warps = cfg, num_warps
         ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, x)
         ctx.mark_non_differentiable(x, n_steps, res)
         return o, H_T, G_T, x, n_steps, res
@@ -170,11 +170,20 @@ class TritonMesa(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res):
         *inputs, x = ctx.saved_tensors
-        return (*implicit_backward(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, do, dH_T, dG_T), None, None)
+        q, k, v, g, beta, lam, H0, G0 = inputs
+        init = None if H0 is None else (H0, G0)
+        # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode)
+        *_, y = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do)
+        grads = implicit_backward(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, do, dH_T, dG_T, y=y)
+        return (*grads, None, None)
 
 
-def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps):
-    """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x)."""
+def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None):
+    """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x).
+
+    With ``adjoint = e`` (``[B,T,H,Dv]``, the upstream gradient) the same kernel solves the adjoint
+    systems ``A_t y_t = G_t^T e_t`` instead (its right-hand side formed in the kernel), with the
+    backward's step cap and tolerance, and returns y in place of x (no output)."""
     interpreted = _is_interpreted(chunk_cg._chunk_cg_kernel)
     pol = cfg.policy
     D, Dv = q.shape[3], v.shape[3]
@@ -204,14 +213,18 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
     BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
-    tol = cfg.tol
+    tol, steps, rhs = cfg.tol, cfg.steps, q
+    if adjoint is not None:
+        tol = cfg.bwd_tol if cfg.bwd_tol is not None else cfg.tol
+        steps = cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps
+        rhs = adjoint.to(torch.float32).contiguous()
     LAST_LAUNCH["chunk_cg"] = chunk_cg._chunk_cg_kernel[(N, B * H)](
-        q, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res,
-        T, N, float(tol) if tol is not None else -1.0, cfg.steps,
+        rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res,
+        T, N, float(tol) if tol is not None else -1.0, steps,
         H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         OP=chunk_cg.OP_CODES[pol.operand], K_EXACT=k.dtype == torch.bfloat16,
         X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi",
-        HAS_TOL=tol is not None, STORE_X=True, SOFT=interpreted,
+        HAS_TOL=tol is not None, STORE_X=True, SOFT=interpreted, ADJOINT=adjoint is not None,
         num_warps=num_warps or (8 if BLOCK_D >= 128 and pol.operand in ("fp32", "tf32", "bf16x3") else 4),
     )
     return o, final, n_steps, res, x

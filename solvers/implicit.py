@@ -53,12 +53,14 @@ class SolveConfig:
         check_precond(self.precond)
 
 
-def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T=None, dG_T=None):
+def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T=None, dG_T=None,
+                      y: torch.Tensor | None = None):
     """Input gradients ``(dq, dk, dv, dg, dbeta, dlam, dH0, dG0)`` (None where not needed) for the
     upstream gradients ``do`` (and ``dH_T``, ``dG_T``) at the forward solution ``x`` (``[B,T,H,D]``).
 
     ``inputs``: ``(q, k, v, g, beta, lam, H0, G0)`` (H0, G0 may be None); ``needs``: which of them
-    need a gradient. The adjoint solve and the surrogate are those of the module docstring."""
+    need a gradient. The adjoint solve and the surrogate are those of the module docstring; a caller
+    that solved the adjoint already (the Triton kernel) passes ``y`` (``[B,T,H,D]``)."""
     leaves = [t.detach().requires_grad_(need) if t is not None else None
               for t, need in zip(inputs, needs, strict=True)]
     with torch.enable_grad():
@@ -67,10 +69,13 @@ def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T
         xc = S.from_tokens(x.detach())
         with torch.no_grad():
             E = S.from_tokens(do)
-            y, *_ = cg_iterate(S, S.output_adjoint(E), cfg.policy,
-                               steps=cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps,
-                               tol=cfg.bwd_tol if cfg.bwd_tol is not None else cfg.tol, x0=cfg.x0,
-                               precond=cfg.precond)
+            if y is None:
+                y, *_ = cg_iterate(S, S.output_adjoint(E), cfg.policy,
+                                   steps=cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps,
+                                   tol=cfg.bwd_tol if cfg.bwd_tol is not None else cfg.tol, x0=cfg.x0,
+                                   precond=cfg.precond)
+            else:
+                y = S.from_tokens(y)
         surrogate = (E * S.output(xc)).sum() + (y * (S.Q - S.matvec(xc))).sum()
         if dH_T is not None:
             surrogate = surrogate + (dH_T * S.H_final).sum()

@@ -203,3 +203,22 @@ def test_triton_forward_with_implicit_backward_matches_the_torch_backend(prob):
     for name, a, b in zip("q k v g beta lam".split(), grads["triton"], grads["torch"], strict=True):
         # both solve to relative residual 1e-6 in fp32 (kappa < 5): 1e-5 relative, with margin
         assert rel_error(a, b) <= 1e-4, name
+
+
+@pytest.mark.parametrize("policy", ["fp32", "bf16x3"])
+def test_adjoint_solve_in_the_kernel_matches_the_torch_adjoint(prob, policy):
+    from kernels.mesa import _triton_forward
+    from solvers.cg import cg_iterate
+    from solvers.chunk_state import ChunkedSystem
+    from solvers.implicit import SolveConfig
+
+    p = _dev(prob)
+    pol = solvers.get_policy(policy)
+    e = cases.upstream_gradient(prob, scale=1e-3, seed=4).to(device=DEVICE, dtype=torch.float32)
+    cfg = SolveConfig(pol, steps=5, tol=None, chunk_size=16, bwd_steps=40, bwd_tol=1e-6)
+    *_, n_steps, _, y = _triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e)
+    S = ChunkedSystem.build(p, pol, 16)
+    y_ref, count, *_ = cg_iterate(S, S.output_adjoint(S.from_tokens(e)), pol, steps=40, tol=1e-6, x0="zero",
+                                  precond=None)
+    assert rel_error(y.cpu(), S.to_tokens(y_ref).cpu()) <= (1e-5 if policy == "fp32" else 1e-4)
+    assert int(n_steps.max()) <= 40 and float(n_steps.double().mean()) < 40  # the backward's own cap and tolerance
