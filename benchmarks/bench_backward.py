@@ -37,7 +37,7 @@ def fwd_bwd(fn, inp, e):
     leaves = [t.detach().requires_grad_() for t in inp]
     o = fn(*leaves)
     o = o[0] if isinstance(o, tuple) else o
-    o.backward(e)
+    o.backward(e.to(o.dtype))
     return [t.grad for t in leaves]
 
 
