@@ -42,15 +42,15 @@ def closed_form_gradients(problem: MesaProblem, e: torch.Tensor) -> dict[str, to
     y = torch.linalg.solve(Hs + lam, rhs[..., None])[..., 0]
     # states before each token: H_{s-1}, G_{s-1}
     if p.initial_state is None:
-        H0 = torch.zeros(B, H, D, D, dtype=f)
-        G0 = torch.zeros(B, H, Dv, D, dtype=f)
+        H0 = torch.zeros(B, H, D, D, dtype=f, device=p.device)
+        G0 = torch.zeros(B, H, Dv, D, dtype=f, device=p.device)
     else:
         H0, G0 = (s.to(f) for s in p.initial_state)
     Hprev = torch.cat([H0[:, None], Hs[:, :-1]], 1)
     Gprev = torch.cat([G0[:, None], Gs[:, :-1]], 1)
     # zeta_{t,s} for t >= s (zero above): exp of differences of the cumulative log-gate
     cg = torch.cumsum(p.g, dim=1).transpose(1, 2)  # [B,H,T]
-    tri = torch.ones(T, T, dtype=torch.bool).tril()
+    tri = torch.ones(T, T, dtype=torch.bool, device=p.device).tril()
     Z = torch.where(tri, torch.exp(torch.where(tri, cg[..., :, None] - cg[..., None, :], 0.0)), 0.0)  # [B,H,t,s]
     zeta0 = torch.exp(cg)  # zeta_{t,0}: [B,H,T]
     xk = torch.einsum("bthd,bshd->bhts", x, p.k)  # x_t . k_s
