@@ -5,7 +5,7 @@ Backward, with ``e_t = dL/do_t``: one more SPD solve per token, the adjoint
 
     y_t = A_t^{-1} G_t^T e_t        (CG with its own step cap and tolerance),
 
-and then every input gradient is the gradient of the scalar surrogate
+and then every input gradient equals the gradient of the scalar surrogate
 
     s(theta) = sum_t e_t . G_t(theta) x_t + sum_t y_t . (q_t - A_t(theta) x_t)
                + <dL/dH_T, H_T(theta)> + <dL/dG_T, G_T(theta)>
@@ -15,8 +15,11 @@ at fixed (detached) x and y, taken by autograd through the chunkwise operators o
 DESIGN.md (``dq_t = y_t``, ``dlam = -sum_t x_t * y_t``, ``dv_s``, ``dk_s``, ``dbeta_s``,
 ``dg_s = gamma_s dgamma_s``) and the initial-state gradients, without writing each by hand.
 
-Both solves are scale invariant (relative tolerances, ratio step lengths), so upstream gradients
-of any magnitude give gradients of proportional magnitude. With a truncated forward solver, x is
+The contractions are written out chunkwise in :func:`chunked_gradients` (batched products and one
+reverse scan over chunks, no autograd graph), checked against that surrogate's autograd, the
+closed forms of :mod:`stability.gradients`, gradcheck and mpmath. Both solves are scale invariant
+(relative tolerances, ratio step lengths), so upstream gradients of any magnitude give gradients of
+proportional magnitude. With a truncated forward solver, x is
 not the exact solution and the result is the implicit gradient *at the computed x*: the gap to
 the true gradient of the truncated computation is measured by the tests, not hidden.
 """
@@ -53,37 +56,118 @@ class SolveConfig:
         check_precond(self.precond)
 
 
+def chunked_gradients(S: ChunkedSystem, x: torch.Tensor, y: torch.Tensor, E: torch.Tensor,
+                      dH_T: torch.Tensor | None = None, dG_T: torch.Tensor | None = None) -> dict:
+    """The closed-form gradients of DESIGN.md, chunkwise (layout ``[B,H,N,C,.]``, accumulation dtype).
+
+    With ``Mz_ts = exp(Gam_t - Gam_s)`` (t >= s in a chunk), ``M = Mz beta_s``, the adjoint states at
+    chunk ends ``DG_c = sum_{t after chunk c} zeta_{t,end_c} e_t x_t^T`` and
+    ``DH_c = -sum_{t after chunk c} zeta_{t,end_c} y_t x_t^T`` (a reverse scan over chunks, started
+    from the final-state gradients), and ``w_s = beta_s exp(Gam_C - Gam_s)``:
+
+        dv   = (M * X K^T)^T E + w (K DG^T)
+        dk   = (M * E V^T)^T X - (M * X K^T)^T Y - (M * Y K^T)^T X + w (V DG + K (DH + DH^T))
+        dbeta_s = sum_t Mz (x_t.k_s)(e_t.v_s - y_t.k_s) + exp(Gam_C - Gam_s)(v_s^T DG k_s + k_s^T DH k_s)
+        dq = y,   dlam = -sum x * y,   dH_0 = DH_{-1},  dG_0 = DG_{-1}
+        dg_s = sum_{t >= s} a_t,  a_t = e_t.o_t - y_t.(H_t x_t) - beta_t dbeta_t  (+ <dH_T, H_T> + <dG_T, G_T>
+               at the last token)
+
+    The last line is the derivative through the cumulative log-decay c_t = sum_{i<=t} g_i:
+    dL/dc_t = <D_t, S_t> - <Dbar_t, u_t> with D_t the direct adjoint of the states and u_t = beta_t (k k^T,
+    v k^T) the update, whose second term is beta_t dbeta_t. These are the Triton backward's formulas.
+    """
+    B, Hh, N, C, D = x.shape
+    causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
+    diff = S.Gam[..., :, None] - S.Gam[..., None, :]
+    Mz = torch.where(causal, torch.exp(torch.where(causal, diff, 0.0)), 0.0)  # [.., t, s]
+    M = S.M
+    K, V = S.K, S.V
+    XK = x @ K.transpose(-1, -2)
+    EV = E @ V.transpose(-1, -2)
+    YK = y @ K.transpose(-1, -2)
+    # reverse scan: adjoint states at the end of every chunk
+    eG = torch.exp(S.Gam)  # exp(Gam_t): zeta from the chunk start
+    decay_end = torch.exp(S.Gam[..., -1])  # [B,H,N]
+    acc_G = torch.zeros(B, Hh, V.shape[-1], D, dtype=x.dtype, device=x.device) if dG_T is None else dG_T.to(x.dtype)
+    acc_H = torch.zeros(B, Hh, D, D, dtype=x.dtype, device=x.device) if dH_T is None else dH_T.to(x.dtype)
+    DG, DH = [None] * N, [None] * N
+    for c in range(N - 1, -1, -1):
+        DG[c], DH[c] = acc_G, acc_H
+        we = eG[:, :, c, :, None]
+        acc_G = decay_end[:, :, c, None, None] * acc_G + (we * E[:, :, c]).transpose(-1, -2) @ x[:, :, c]
+        acc_H = decay_end[:, :, c, None, None] * acc_H - (we * y[:, :, c]).transpose(-1, -2) @ x[:, :, c]
+    DG, DH = torch.stack(DG, 2), torch.stack(DH, 2)  # [B,H,N,Dv,D], [B,H,N,D,D]
+    ez = torch.exp(S.Gam[..., -1:] - S.Gam)  # exp(Gam_C - Gam_s)
+    beta = S.M.diagonal(dim1=-2, dim2=-1)  # M_ss = exp(0) beta_s
+    w = (beta * ez)[..., None]
+    DGk = K @ DG.transpose(-1, -2)  # rows (DG k_s)^T, [.., C, Dv]
+    DHs = DH + DH.transpose(-1, -2)
+    dv = (M * XK).transpose(-1, -2) @ E + w * DGk
+    dk = ((M * EV).transpose(-1, -2) @ x - (M * XK).transpose(-1, -2) @ y - (M * YK).transpose(-1, -2) @ x
+          + w * (V @ DG + K @ DHs))
+    dbeta = ((Mz * XK * (EV - YK)).sum(-2)
+             + ez * ((V * DGk).sum(-1) + (K * (K @ DH.transpose(-1, -2))).sum(-1)))
+    o = S.output(x)
+    Hx = S.matvec(x) - S.lam * x
+    a = (E * o).sum(-1) - (y * Hx).sum(-1) - beta * dbeta
+    out = {"q": y, "k": dk, "v": dv, "beta": dbeta, "a": a, "lam": -(x * y).sum(dim=(0, 2, 3)),
+           "H0": acc_H, "G0": acc_G}
+    final = 0.0
+    if dH_T is not None:
+        final = final + (dH_T * S.H_final).sum((-1, -2))
+    if dG_T is not None:
+        final = final + (dG_T * S.G_final).sum((-1, -2))
+    out["final"] = final
+    return out
+
+
+def surrogate_gradients(inputs, x: torch.Tensor, y: torch.Tensor, do, policy: PrecisionPolicy, chunk_size: int,
+                        dH_T=None, dG_T=None) -> tuple:
+    """The same gradients by autograd of the surrogate s(theta) of the module docstring, at fixed x and
+    y (``[B,T,H,D]``): an independent route to :func:`chunked_gradients`, for tests."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    with torch.enable_grad():
+        init = None if leaves[6] is None else (leaves[6], leaves[7])
+        S = ChunkedSystem.build(MesaProblem(*leaves[:6], init), policy, chunk_size)
+        xc, yc, E = S.from_tokens(x.detach()), S.from_tokens(y.detach()), S.from_tokens(do)
+        surrogate = (E * S.output(xc)).sum() + (yc * (S.Q - S.matvec(xc))).sum()
+        if dH_T is not None:
+            surrogate = surrogate + (dH_T * S.H_final).sum()
+        if dG_T is not None:
+            surrogate = surrogate + (dG_T * S.G_final).sum()
+        wanted = [t for t in leaves if t is not None]
+        grads = iter(torch.autograd.grad(surrogate, wanted, allow_unused=True))
+    return tuple(next(grads) if t is not None else None for t in leaves)
+
+
 def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T=None, dG_T=None,
                       y: torch.Tensor | None = None):
     """Input gradients ``(dq, dk, dv, dg, dbeta, dlam, dH0, dG0)`` (None where not needed) for the
     upstream gradients ``do`` (and ``dH_T``, ``dG_T``) at the forward solution ``x`` (``[B,T,H,D]``).
 
     ``inputs``: ``(q, k, v, g, beta, lam, H0, G0)`` (H0, G0 may be None); ``needs``: which of them
-    need a gradient. The adjoint solve and the surrogate are those of the module docstring; a caller
-    that solved the adjoint already (the Triton kernel) passes ``y`` (``[B,T,H,D]``)."""
-    leaves = [t.detach().requires_grad_(need) if t is not None else None
-              for t, need in zip(inputs, needs, strict=True)]
-    with torch.enable_grad():
-        init = None if leaves[6] is None else (leaves[6], leaves[7])
-        S = ChunkedSystem.build(MesaProblem(*leaves[:6], init), cfg.policy, cfg.chunk_size)
-        xc = S.from_tokens(x.detach())
-        with torch.no_grad():
-            E = S.from_tokens(do)
-            if y is None:
-                y, *_ = cg_iterate(S, S.output_adjoint(E), cfg.policy,
-                                   steps=cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps,
-                                   tol=cfg.bwd_tol if cfg.bwd_tol is not None else cfg.tol, x0=cfg.x0,
-                                   precond=cfg.precond)
-            else:
-                y = S.from_tokens(y)
-        surrogate = (E * S.output(xc)).sum() + (y * (S.Q - S.matvec(xc))).sum()
-        if dH_T is not None:
-            surrogate = surrogate + (dH_T * S.H_final).sum()
-        if dG_T is not None:
-            surrogate = surrogate + (dG_T * S.G_final).sum()
-        wanted = [t for t in leaves if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(surrogate, wanted, allow_unused=True) if wanted else ())
-    return tuple(next(grads) if t is not None and t.requires_grad else None for t in leaves)
+    need a gradient. The adjoint solve is the module docstring's; a caller that solved it already
+    (the Triton kernel) passes ``y`` (``[B,T,H,D]``). The contractions are :func:`chunked_gradients`."""
+    q, k, v, g, beta, lam, H0, G0 = (t.detach() if t is not None else None for t in inputs)
+    init = None if H0 is None else (H0, G0)
+    with torch.no_grad():
+        S = ChunkedSystem.build(MesaProblem(q, k, v, g, beta, lam, init), cfg.policy, cfg.chunk_size)
+        xc = S.from_tokens(x)
+        E = S.from_tokens(do)
+        if y is None:
+            y, *_ = cg_iterate(S, S.output_adjoint(E), cfg.policy,
+                               steps=cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps,
+                               tol=cfg.bwd_tol if cfg.bwd_tol is not None else cfg.tol, x0=cfg.x0,
+                               precond=cfg.precond)
+        else:
+            y = S.from_tokens(y)
+        gr = chunked_gradients(S, xc, y, E, dH_T, dG_T)
+        a = S.to_tokens(gr["a"][..., None])[..., 0]  # [B,T,H]
+        a[:, -1] = a[:, -1] + gr["final"]
+        dg = torch.flip(torch.cumsum(torch.flip(a, [1]), 1), [1])  # sum over t >= s
+        out = [S.to_tokens(gr["q"]), S.to_tokens(gr["k"]), S.to_tokens(gr["v"]), dg,
+               S.to_tokens(gr["beta"][..., None])[..., 0], gr["lam"], gr["H0"], gr["G0"]]
+    return tuple(o if need and t is not None else None for o, need, t in zip(out, needs, inputs, strict=True))
 
 
 class MesaImplicit(torch.autograd.Function):

@@ -114,3 +114,24 @@ def test_mesa_chunk_torch_backend_is_differentiable_and_auto_picks_it_on_cpu():
         mesa_chunk(*leaves, backend="cuda")
     o64 = mesa_chunk(*(t.detach().double() for t in leaves), policy="fp64", steps=60, tol=1e-12, backend="torch")
     assert rel_error(o64, solvers.solve(p.to(torch.float64), "exact").o) <= 1e-10
+
+
+def test_chunked_contractions_equal_the_surrogate_autograd():
+    """The written-out chunkwise gradients against autograd of the surrogate (same x and y), with an
+    initial state and upstream gradients on the final state too."""
+    from solvers.implicit import SolveConfig, implicit_backward, surrogate_gradients
+
+    p = cases.random_problem(B=2, T=29, H=2, D=5, Dv=3, seed=8, initial_state=True)
+    inputs = (p.q, p.k, p.v, p.g, p.beta, p.lam, *p.initial_state)
+    cfg = SolveConfig(solvers.get_policy("fp64"), steps=7, chunk_size=8)  # truncated on purpose
+    x = solvers.solve(p, "cg", steps=7, chunk_size=8).x
+    e = cases.upstream_gradient(p, seed=1)
+    gen = torch.Generator().manual_seed(2)
+    dH_T = torch.randn(2, 2, 5, 5, generator=gen, dtype=torch.float64)
+    dG_T = torch.randn(2, 2, 3, 5, generator=gen, dtype=torch.float64)
+    # the identity holds for any fixed (x, y): a random y exercises every y term
+    y = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+    got = implicit_backward(inputs, [True] * 8, x, cfg, e, dH_T, dG_T, y=y)
+    ref = surrogate_gradients(inputs, x, y, e, cfg.policy, 8, dH_T, dG_T)
+    for name, a, b in zip(NAMES, got, ref, strict=True):
+        assert rel_error(a, b) <= 1e-12, name
