@@ -92,9 +92,10 @@ if triton is not None:
         g_ptr, beta_ptr,  # [B*T, H]
         DG_ptr, DH_ptr,  # [B, H, N, Dv, D], [B, H, N, D, D] adjoint states at chunk ends
         dk_ptr, dv_ptr, dbeta_ptr,  # outputs [B*T, H, D], [B*T, H, Dv], [B*T, H]
+        Hc_ptr, Gc_ptr, a_ptr,  # forward states before each chunk; output a [B*T, H]
         T, N,
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_A: tl.constexpr,
     ):
         i_c = tl.program_id(0)
         i_bh = tl.program_id(1)
@@ -142,6 +143,19 @@ if triton is not None:
               + w[:, None] * (tl.dot(V, DG, input_precision="ieee") + DHk + DHtk))
         dbeta = tl.sum(Mz * XK * (EV - YK), axis=0) + ez * (tl.sum(V * DGk, axis=1) + tl.sum(K * DHk, axis=1))
 
+        if WITH_A:
+            # a_t = e_t.o_t - y_t.(H_t x_t) - beta_t dbeta_t (the log-decay term), with the forward
+            # operators: H_t x_t = exp(Gam_t) H_c x_t + ((X K^T) * M) K, o_t = exp(Gam_t) G_c x_t + ((X K^T) * M) V
+            eG = tl.exp(gam)
+            Hc = tl.load(Hc_ptr + base * D * D + o_d[:, None] * D + o_d[None, :], mask=m_d[:, None] & m_d[None, :],
+                         other=0.0).to(tl.float32)
+            GcT = tl.load(Gc_ptr + base * Dv * D + o_v[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_v[None, :],
+                          other=0.0).to(tl.float32)
+            XKM = XK * M
+            Hx = eG[:, None] * tl.dot(X, tl.trans(Hc), input_precision="ieee") + tl.dot(XKM, K, input_precision="ieee")
+            O = eG[:, None] * tl.dot(X, GcT, input_precision="ieee") + tl.dot(XKM, V, input_precision="ieee")
+            a = tl.sum(E * O, axis=1) - tl.sum(Y * Hx, axis=1) - beta * dbeta
+            tl.store(a_ptr + row, a, mask=m_t)
         tl.store(dk_ptr + row[:, None] * D + o_d[None, :], dk, mask=m_td)
         tl.store(dv_ptr + row[:, None] * Dv + o_v[None, :], dv, mask=m_tv)
         tl.store(dbeta_ptr + row, dbeta, mask=m_t)
@@ -176,8 +190,11 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None):
     return DG, DH, dG0, dH0
 
 
-def chunk_contractions(k, v, x, y, e, g, beta, DG, DH, *, chunk_size: int):
-    """``(dk [B,T,H,D], dv [B,T,H,Dv], dbeta [B,T,H])`` in float32 (see the module docstring)."""
+def chunk_contractions(k, v, x, y, e, g, beta, DG, DH, *, chunk_size: int, states=None):
+    """``(dk [B,T,H,D], dv [B,T,H,Dv], dbeta [B,T,H], a [B,T,H] or None)`` in float32.
+
+    With the forward's chunk states ``states = (Hc, Gc)`` it also returns the per-token log-decay
+    term ``a_t = e_t.o_t - y_t.(H_t x_t) - beta_t dbeta_t`` (``dg`` is its reverse cumulative sum)."""
     if triton is None:
         raise ImportError("kernels.chunk_bwd needs triton (pip install triton); it is not installed")
     B, T, H, D = x.shape
@@ -189,10 +206,13 @@ def chunk_contractions(k, v, x, y, e, g, beta, DG, DH, *, chunk_size: int):
     dk = torch.empty(B, T, H, D, dtype=torch.float32, device=x.device)
     dv = torch.empty(B, T, H, Dv, dtype=torch.float32, device=x.device)
     dbeta = torch.empty(B, T, H, dtype=torch.float32, device=x.device)
-    _contract_kernel[(N, B * H)](*f32, DG.contiguous(), DH.contiguous(), dk, dv, dbeta, T, N,
+    with_a = states is not None
+    a = torch.empty(B, T, H, dtype=torch.float32, device=x.device) if with_a else dbeta
+    Hc, Gc = (s.contiguous() for s in states) if with_a else (DH, DG)
+    _contract_kernel[(N, B * H)](*f32, DG.contiguous(), DH.contiguous(), dk, dv, dbeta, Hc, Gc, a, T, N,
                                  H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-                                 num_warps=4 if D <= 64 else 8)
-    return dk, dv, dbeta
+                                 WITH_A=with_a, num_warps=4 if D <= 64 else 8)
+    return dk, dv, dbeta, (a if with_a else None)
 
 
 def interpreted() -> bool:

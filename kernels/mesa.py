@@ -79,7 +79,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
                precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 32,
                initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
                return_x: bool = False, validate: bool = True, num_warps: int | None = None, backend: str = "auto",
-               bwd_steps: int | None = None, bwd_tol: float | None = None):
+               bwd_steps: int | None = None, bwd_tol: float | None = None, bwd_contractions: str = "torch"):
     """Mesa layer: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG; differentiable.
 
     Args:
@@ -108,6 +108,9 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
             ``"auto"``: Triton on CUDA tensors, torch otherwise. Both are differentiable with the
             implicit backward of :mod:`solvers.implicit` (an adjoint CG solve per token).
         bwd_steps, bwd_tol: step cap and tolerance of the adjoint solve (default: ``steps``, ``tol``).
+        bwd_contractions: Triton backend only: the gradient contractions after the adjoint solve in
+            PyTorch (``"torch"``, the default, measured on an H100) or in the kernels of
+            :mod:`kernels.chunk_bwd` (``"triton"``: interpreter-tested, GPU measurement pending).
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
@@ -117,6 +120,8 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
         backend = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
+    if bwd_contractions not in ("torch", "triton"):
+        raise ValueError(f"bwd_contractions must be 'torch' or 'triton', got {bwd_contractions!r}")
     check_iteration_options(steps, tol, x0)
     if precond not in PRECOND_CHOICES:
         raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
@@ -139,13 +144,14 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats,
                        dict(steps=steps, tol=tol, x0=x0, precond=precond, policy=pol, chunk_size=chunk_size,
                             return_x=return_x, validate=False, num_warps=num_warps, backend=backend,
-                            bwd_steps=bwd_steps, bwd_tol=bwd_tol))
+                            bwd_steps=bwd_steps, bwd_tol=bwd_tol, bwd_contractions=bwd_contractions))
     cfg = SolveConfig(pol, steps, tol, x0, precond, chunk_size, bwd_steps, bwd_tol)
     H0, G0 = (None, None) if initial_state is None else initial_state
     if backend == "torch":
         o, H_T, G_T, x, n_steps, res = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg)
     else:
-        o, H_T, G_T, x, n_steps, res = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg, num_warps)
+        o, H_T, G_T, x, n_steps, res = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg, num_warps,
+                                                         bwd_contractions)
     out = [o]
     if output_final_state:
         out.append((H_T, G_T))
@@ -159,10 +165,10 @@ class TritonMesa(torch.autograd.Function):
     gradient contractions by :func:`solvers.implicit.implicit_backward` (PyTorch, same device)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps):
+    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps, bwd_contractions):
         init = None if H0 is None else (H0, G0)
         o, (H_T, G_T), n_steps, res, x = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps)
-        ctx.cfg, ctx.num_warps = cfg, num_warps
+        ctx.cfg, ctx.num_warps, ctx.bwd_contractions = cfg, num_warps, bwd_contractions
         ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, x)
         ctx.mark_non_differentiable(x, n_steps, res)
         return o, H_T, G_T, x, n_steps, res
@@ -172,18 +178,23 @@ class TritonMesa(torch.autograd.Function):
         *inputs, x = ctx.saved_tensors
         q, k, v, g, beta, lam, H0, G0 = inputs
         init = None if H0 is None else (H0, G0)
+        needs = ctx.needs_input_grad[:8]
+        if ctx.bwd_contractions == "triton":
+            return (*_triton_backward(inputs, needs, x, ctx.cfg, ctx.num_warps, do, dH_T, dG_T), None, None, None)
         # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode)
         *_, y = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do)
-        grads = implicit_backward(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, do, dH_T, dG_T, y=y)
-        return (*grads, None, None)
+        grads = implicit_backward(inputs, needs, x, ctx.cfg, do, dH_T, dG_T, y=y)
+        return (*grads, None, None, None)
 
 
-def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None):
+def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None,
+                    return_states: bool = False):
     """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x).
 
     With ``adjoint = e`` (``[B,T,H,Dv]``, the upstream gradient) the same kernel solves the adjoint
     systems ``A_t y_t = G_t^T e_t`` instead (its right-hand side formed in the kernel), with the
-    backward's step cap and tolerance, and returns y in place of x (no output)."""
+    backward's step cap and tolerance, and returns y in place of x (no output). ``return_states``
+    appends the chunk states ``(Hc, Gc)``."""
     interpreted = _is_interpreted(chunk_cg._chunk_cg_kernel)
     pol = cfg.policy
     D, Dv = q.shape[3], v.shape[3]
@@ -227,7 +238,34 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         HAS_TOL=tol is not None, STORE_X=True, SOFT=interpreted, ADJOINT=adjoint is not None,
         num_warps=num_warps or (8 if BLOCK_D >= 128 and pol.operand in ("fp32", "tf32", "bf16x3") else 4),
     )
+    if return_states:
+        return o, final, n_steps, res, x, (Hc, Gc)
     return o, final, n_steps, res, x
+
+
+def _triton_backward(inputs, needs, x, cfg: SolveConfig, num_warps, do, dH_T, dG_T):
+    """The whole backward in kernels: the adjoint solve (CG kernel, ADJOINT mode), the reverse scan of
+    the adjoint states and the per-chunk contractions (:mod:`kernels.chunk_bwd`); dq = y,
+    dlam = -sum x * y and dg = the reverse cumulative sum of the per-token log-decay term are
+    elementwise PyTorch operations."""
+    from .chunk_bwd import chunk_contractions, reverse_states
+
+    q, k, v, g, beta, lam, H0, G0 = inputs
+    init = None if H0 is None else (H0, G0)
+    _, final, _, _, y, states = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps, adjoint=do,
+                                                return_states=True)
+    C = min(cfg.chunk_size, q.shape[1])
+    in_dt = cfg.policy.input_dtype
+    DG, DH, dG0, dH0 = reverse_states(do, y, x, g, chunk_size=C, dH_T=dH_T, dG_T=dG_T)
+    dk, dv, dbeta, a = chunk_contractions(k.to(in_dt), v.to(in_dt), x, y, do, g, beta, DG, DH, chunk_size=C,
+                                          states=states)
+    if dH_T is not None:
+        a[:, -1] += (dH_T * final[0]).sum((-1, -2))
+    if dG_T is not None:
+        a[:, -1] += (dG_T * final[1]).sum((-1, -2))
+    dg = torch.flip(torch.cumsum(torch.flip(a, [1]), 1), [1])
+    out = (y, dk, dv, dg, dbeta, -(x * y).sum(dim=(0, 1)), dH0, dG0)
+    return tuple(o if need and t is not None else None for o, need, t in zip(out, needs, inputs, strict=True))
 
 
 def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats, opts):

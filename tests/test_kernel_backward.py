@@ -37,7 +37,28 @@ def test_contractions_match_the_torch_formulas(T, C, D, Dv, final):
     DG, DH, dG0, dH0 = reverse_states(e, y, x, p.g, chunk_size=C, dH_T=dH_T, dG_T=dG_T)
     # fp32 with IEEE products: ~ C * N * u relative, 1e-5 leaves a wide margin
     assert rel_error(dG0.cpu(), ref["G0"].cpu()) <= 1e-5 and rel_error(dH0.cpu(), ref["H0"].cpu()) <= 1e-5
-    dk, dv, dbeta = chunk_contractions(p.k, p.v, x, y, e, p.g, p.beta, DG, DH, chunk_size=C)
+    dk, dv, dbeta, a = chunk_contractions(p.k, p.v, x, y, e, p.g, p.beta, DG, DH, chunk_size=C,
+                                          states=(S.Hc, S.Gc))
+    assert rel_error(a.cpu(), S.to_tokens(ref["a"][..., None])[..., 0].cpu()) <= 1e-5
     assert rel_error(dk.cpu(), S.to_tokens(ref["k"]).cpu()) <= 1e-5
     assert rel_error(dv.cpu(), S.to_tokens(ref["v"]).cpu()) <= 1e-5
     assert rel_error(dbeta.cpu(), S.to_tokens(ref["beta"][..., None])[..., 0].cpu()) <= 1e-5
+
+
+def test_whole_triton_backward_matches_the_torch_backward():
+    """bwd_contractions='triton' (adjoint solve, reverse scan, contractions all in kernels) against the
+    PyTorch contractions, for every input including the initial state, with final-state gradients."""
+    import kernels
+
+    p = cases.random_problem(B=2, T=41, H=2, D=16, Dv=12, seed=6, initial_state=True).to(torch.float32, DEVICE)
+    w = torch.linspace(-1, 1, 2 * 41 * 2 * 12, device=DEVICE).reshape(2, 41, 2, 12)
+    grads = {}
+    for mode in ("torch", "triton"):
+        leaves = [t.clone().requires_grad_() for t in (p.q, p.k, p.v, p.g, p.beta, p.lam, *p.initial_state)]
+        o, (H_T, G_T) = kernels.mesa_chunk(*leaves[:6], initial_state=tuple(leaves[6:]), output_final_state=True,
+                                           steps=60, tol=1e-6, policy="fp32", backend="triton", chunk_size=16,
+                                           bwd_contractions=mode)
+        ((o * w).sum() + H_T.sum() + 0.5 * G_T.sum()).backward()
+        grads[mode] = [t.grad.cpu() for t in leaves]
+    for name, a, b in zip("q k v g beta lam H0 G0".split(), grads["triton"], grads["torch"], strict=True):
+        assert rel_error(a, b) <= 1e-5, name
