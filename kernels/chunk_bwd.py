@@ -35,6 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 from .chunk_state import MIN_DOT_BLOCK, _is_interpreted
 
 if triton is not None:
+    from .chunk_cg import _chunk_tile
 
     @triton.jit
     def _gates(g_ptr, beta_ptr, row, m_t):
@@ -97,18 +98,7 @@ if triton is not None:
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, WITH_A: tl.constexpr,
     ):
-        i_c = tl.program_id(0)
-        i_bh = tl.program_id(1)
-        i_b = i_bh // H
-        i_h = i_bh % H
-        o_c = tl.arange(0, BLOCK_C)
-        o_d = tl.arange(0, BLOCK_D)
-        o_v = tl.arange(0, BLOCK_DV)
-        m_d = o_d < D
-        m_v = o_v < Dv
-        t = i_c * C + o_c
-        m_t = (o_c < C) & (t < T)
-        row = (i_b.to(tl.int64) * T + t) * H + i_h
+        i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         m_td = m_t[:, None] & m_d[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
         gam, beta = _gates(g_ptr, beta_ptr, row, m_t)

@@ -118,6 +118,24 @@ if triton is not None:
         return inter + intra + p * lam[None, :]
 
     @triton.jit
+    def _chunk_tile(T, H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
+                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+        """Indices of a program on grid (chunk, batch * head): its chunk and head, the offsets and masks
+        of the chunk's tokens and of the D and Dv columns, and each token's row in ``[B*T, H]``
+        (int64: B*T*H*D can exceed 2^31 elements)."""
+        i_c = tl.program_id(0)
+        i_bh = tl.program_id(1)
+        i_b = i_bh // H
+        i_h = i_bh % H
+        o_c = tl.arange(0, BLOCK_C)
+        o_d = tl.arange(0, BLOCK_D)
+        o_v = tl.arange(0, BLOCK_DV)
+        t = i_c * C + o_c
+        m_t = (o_c < C) & (t < T)
+        row = (i_b.to(tl.int64) * T + t) * H + i_h
+        return i_c, i_bh, i_h, o_c, o_d, o_v, o_d < D, o_v < Dv, m_t, row
+
+    @triton.jit
     def _cg_init(r, diag, valid, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):
         """CG start for the rows of a tile: ``z = M_J^{-1} r``, ``p = z``; returns (p, r.z, ||r_0||, active)."""
         if PRECOND:
@@ -175,18 +193,7 @@ if triton is not None:
         ADJOINT: tl.constexpr,  # backward: solve A y = G^T e (q_ptr holds e [B*T, H, Dv]); no output
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
     ):
-        i_c = tl.program_id(0)
-        i_bh = tl.program_id(1)
-        i_b = i_bh // H
-        i_h = i_bh % H
-        o_c = tl.arange(0, BLOCK_C)
-        o_d = tl.arange(0, BLOCK_D)
-        o_v = tl.arange(0, BLOCK_DV)
-        m_d = o_d < D
-        m_v = o_v < Dv
-        t = i_c * C + o_c
-        m_t = (o_c < C) & (t < T)
-        row = (i_b.to(tl.int64) * T + t) * H + i_h  # [B*T, H] row of each token (int64: large B*T*H*D)
+        i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         m_td = m_t[:, None] & m_d[None, :]
 
         # gates: masked tokens read g = 0, beta = 0 (they change nothing and get q = 0)
