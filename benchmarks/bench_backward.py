@@ -1,5 +1,5 @@
-"""GPU benchmark of the Mesa forward + backward: ours (Triton forward, Triton adjoint solve, PyTorch
-gradient contractions) against the peer fla-core and causal SDPA, in one run.
+"""GPU benchmark of the Mesa forward + backward: ours (Triton forward, Triton adjoint solve, gradient
+contractions in PyTorch or in Triton) against the peer fla-core and causal SDPA, in one run.
 
 For shape (B, T, H, D) and configurations (policy x fixed 10 / 30 steps / tolerance 1e-4): median
 ms of forward + backward (``triton.testing.do_bench``), and the relative error of every input
@@ -47,6 +47,8 @@ def main():
     ap.add_argument("--shape", nargs=4, type=int, default=[4, 2048, 16, 128])
     ap.add_argument("--policies", nargs="+", default=["bf16x3", "fp16-fp16state", "bf16-bf16state"])
     ap.add_argument("--slice-T", type=int, default=256)
+    ap.add_argument("--contractions", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
+                    help="where the backward's gradient contractions run (mesa_chunk's bwd_contractions)")
     args = ap.parse_args()
     B, T, H, D = args.shape
     inp = make_inputs(B, T, H, D)
@@ -60,15 +62,29 @@ def main():
                               lam[:2].double())
     ref = closed_form_gradients(p64, e[sl].double())
     ref_slices = {"q": sl, "k": sl, "v": sl, "g": sl, "beta": sl, "lam": (slice(0, 2),)}
+    import pandas as pd
+
+    os.makedirs(args.out, exist_ok=True)
+    csv = os.path.join(args.out, "bench_backward.csv")
     rows = []
-    impls = [(pol, name, functools.partial(mesa_chunk, policy=pol, validate=False, **cfg))
-             for pol in args.policies for name, cfg in CONFIGS]
+
+    def save():  # after every row: a run stopped by a time limit keeps what it measured
+        df = pd.DataFrame(rows)
+        df.insert(0, "shape", f"({B},{T},{H},{D})")
+        df.insert(0, "device", torch.cuda.get_device_name())
+        df.to_csv(csv, index=False)
+
+    impls = [(f"{pol}/{mode}", name, functools.partial(mesa_chunk, policy=pol, validate=False,
+                                                        bwd_contractions=mode, **cfg))
+             for pol in args.policies for mode in args.contractions for name, cfg in CONFIGS]
     try:
         import fla
         from fla.ops.mesa_net import chunk_mesa_net
 
         peer = fla.__version__
-        impls += [("fla-core", f"steps={s}", functools.partial(chunk_mesa_net, max_CG_iteration=s)) for s in (10, 30)]
+        # the peer first: a run stopped by a time limit still has the comparison
+        impls = [("fla-core", f"steps={s}", functools.partial(chunk_mesa_net, max_CG_iteration=s))
+                 for s in (10, 30)] + impls
     except Exception as err:  # optional dependency
         peer = f"unavailable: {err}"
     for pol, name, fn in impls:
@@ -79,10 +95,11 @@ def main():
                 got = gr[ref_slices[n]] if n != "lam" else gr[:2]
                 errs[n] = rel_error(got.double(), ref[n]) if gr is not None else float("nan")
             ms = bench(functools.partial(fwd_bwd, fn, inp, e))
-            rows.append(dict(impl="ours" if pol != "fla-core" else "fla-core", policy=pol, config=name, ms=ms,
+            rows.append(dict(impl="fla-core" if pol == "fla-core" else "ours", policy=pol, config=name, ms=ms,
                              **{f"err_d{n}": errs[n] for n in NAMES}))
-            print(f"{pol:15s} {name:9s} fwd+bwd {ms:8.3f} ms  grad errors " +
+            print(f"{pol:22s} {name:9s} fwd+bwd {ms:8.3f} ms  grad errors " +
                   " ".join(f"{n}={errs[n]:.1e}" for n in NAMES), flush=True)
+            save()
         except Exception as exc:  # recorded, not hidden
             rows.append(dict(impl=pol, config=name, error=repr(exc)[:300]))
             print(f"{pol} {name} failed: {exc!r}"[:300], flush=True)
@@ -94,14 +111,9 @@ def main():
 
     rows.append(dict(impl="sdpa", policy="bf16", config="causal", ms=bench(sdpa)))
     print(f"sdpa fwd+bwd {rows[-1]['ms']:.3f} ms")
-    import pandas as pd
+    save()
     import triton
 
-    os.makedirs(args.out, exist_ok=True)
-    df = pd.DataFrame(rows)
-    df.insert(0, "shape", f"({B},{T},{H},{D})")
-    df.insert(0, "device", torch.cuda.get_device_name())
-    df.to_csv(os.path.join(args.out, "bench_backward.csv"), index=False)
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
            "fla_core": peer, "python": platform.python_version(), "date": time.strftime("%Y-%m-%d %H:%M UTC")}
     with open(os.path.join(args.out, "env_backward.json"), "w") as fh:

@@ -140,9 +140,15 @@ def run(args):
         peer_version = getattr(fla, "__version__", "?")
     except Exception as err:  # optional dependency
         chunk_mesa_net, peer_version = None, f"unavailable: {err}"
+    import pandas as pd
+
     rows = []
+    os.makedirs(args.out, exist_ok=True)
     for B, T, H, D in (SHAPES[:1] if args.quick else SHAPES):
         rows += bench_shape(B, T, H, D, args, chunk_mesa_net)
+        # after every shape: a run stopped by a time limit keeps what it measured
+        pd.DataFrame(rows).assign(device=dev_name).to_csv(os.path.join(args.out, "bench_forward.partial.csv"),
+                                                          index=False)
         torch.cuda.empty_cache()
     return rows, dev_name, peer_version
 
