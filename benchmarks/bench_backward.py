@@ -50,6 +50,8 @@ def main():
     ap.add_argument("--contractions", nargs="+", default=["torch", "triton"], choices=["torch", "triton"],
                     help="where the backward's gradient contractions run (mesa_chunk's bwd_contractions)")
     args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_backward needs a CUDA GPU")
     B, T, H, D = args.shape
     inp = make_inputs(B, T, H, D)
     gen = torch.Generator(device="cuda").manual_seed(1)
