@@ -62,3 +62,25 @@ def test_whole_triton_backward_matches_the_torch_backward():
         grads[mode] = [t.grad.cpu() for t in leaves]
     for name, a, b in zip("q k v g beta lam H0 G0".split(), grads["triton"], grads["torch"], strict=True):
         assert rel_error(a, b) <= 1e-5, name
+
+
+@pytest.mark.parametrize("mode", ["torch", "triton"])
+def test_triton_backend_gradients_scale_with_the_upstream_gradient(mode):
+    """Upstream gradients scaled by s from 1e-8 to 1e2: every input gradient scales by s (the adjoint
+    solve's tolerance is relative, with no absolute epsilon) within fp32 rounding."""
+    import kernels
+
+    p = cases.make("small_upstream_grad", B=1, T=24, H=2, D=16, seed=2, q_scale=1.0).to(torch.float32, DEVICE)
+    e = cases.upstream_gradient(p, seed=3).to(device=DEVICE, dtype=torch.float32)
+    base = None
+    for s in (1.0, 1e-8, 1e-4, 1e2):
+        leaves = [t.clone().requires_grad_() for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
+        o = kernels.mesa_chunk(*leaves, steps=60, tol=1e-6, policy="fp32", backend="triton", chunk_size=16,
+                               bwd_contractions=mode)
+        o.backward(s * e)
+        grads = [t.grad.double().cpu() / s for t in leaves]
+        if base is None:
+            base = grads
+            continue
+        for name, a, b in zip("q k v g beta lam".split(), grads, base, strict=True):
+            assert rel_error(a, b) <= 1e-5, (s, name)
