@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-from .chunk_state import MIN_DOT_BLOCK, _is_interpreted
+from .chunk_state import MIN_DOT_BLOCK
 
 if triton is not None:
     from .chunk_cg import _chunk_tile
@@ -204,6 +204,3 @@ def chunk_contractions(k, v, x, y, e, g, beta, DG, DH, *, chunk_size: int, state
                                  WITH_A=with_a, num_warps=4 if D <= 64 else 8)
     return dk, dv, dbeta, (a if with_a else None)
 
-
-def interpreted() -> bool:
-    return triton is not None and _is_interpreted(_contract_kernel)

@@ -182,14 +182,14 @@ if triton is not None:
         lam_ptr,  # [H, D] float32
         Hc_ptr, Gc_ptr,  # [B, H, N, D, D], [B, H, N, Dv, D] state before each chunk (state dtype)
         o_ptr,  # [B*T, H, Dv] output (float32)
-        x_ptr,  # [B*T, H, D] q-star (float32), written when STORE_X
+        x_ptr,  # [B*T, H, D] q-star, or y with ADJOINT (float32): kept for the backward
         steps_ptr, res_ptr,  # [B*T, H] int32 step counts, float32 final relative residuals
         T, N, tol, steps,  # tokens per sequence, chunks, relative tolerance (<= 0: none), step cap
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         OP: tl.constexpr,  # operand precision code (OP_CODES)
         K_EXACT: tl.constexpr,  # k and v are bf16 tensors: exact bf16 operands (bf16x3 skips their lo part)
-        X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr, STORE_X: tl.constexpr,
+        X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr,
         ADJOINT: tl.constexpr,  # backward: solve A y = G^T e (q_ptr holds e [B*T, H, Dv]); no output
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
     ):
@@ -257,8 +257,7 @@ if triton is not None:
 
         tl.store(steps_ptr + row, count, mask=m_t)
         tl.store(res_ptr + row, tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0), mask=m_t)
-        if STORE_X:
-            tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)
+        tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)
 
         if not ADJOINT:
             _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo, D, Dv,

@@ -235,7 +235,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         OP=chunk_cg.OP_CODES[pol.operand], K_EXACT=k.dtype == torch.bfloat16,
         X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi",
-        HAS_TOL=tol is not None, STORE_X=True, SOFT=interpreted, ADJOINT=adjoint is not None,
+        HAS_TOL=tol is not None, SOFT=interpreted, ADJOINT=adjoint is not None,
         num_warps=num_warps or (8 if BLOCK_D >= 128 and pol.operand in ("fp32", "tf32", "bf16x3") else 4),
     )
     if return_states:
