@@ -35,14 +35,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 from .chunk_state import MIN_DOT_BLOCK
 
 if triton is not None:
-    from .chunk_cg import _chunk_tile
-
-    @triton.jit
-    def _gates(g_ptr, beta_ptr, row, m_t):
-        """Local inclusive cumulative log-decay Gam and beta of a chunk (masked tokens: g = 0, beta = 0)."""
-        g = tl.load(g_ptr + row, mask=m_t, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
-        return tl.cumsum(g, axis=0), beta
+    from .chunk_cg import _chunk_tile, _cum_log_decay, _gates
 
     @triton.jit
     def _reverse_state_kernel(
@@ -77,7 +70,7 @@ if triton is not None:
             t = i_c * C + o_c
             m_t = (o_c < C) & (t < T)
             row = (i_b.to(tl.int64) * T + t) * H + i_h
-            gam, _ = _gates(g_ptr, g_ptr, row, m_t)
+            gam = _cum_log_decay(g_ptr, row, m_t)
             # Gam_C: the cumsum is non-increasing and masked tokens add exact zeros (as in chunk_state)
             gam_C = tl.min(gam, axis=0)
             L = tl.load(l_ptr + row[:, None] * DL + o_l[None, :], mask=m_t[:, None] & m_l[None, :], other=0.0)
@@ -151,20 +144,21 @@ if triton is not None:
         tl.store(dbeta_ptr + row, dbeta, mask=m_t)
 
 
-def _blocks(C, D, Dv):
+def _geometry(x: torch.Tensor, Dv: int, chunk_size: int):
+    """``(B, T, H, D, C, N, BLOCK_C, BLOCK_D, BLOCK_DV)`` of a backward call (x: ``[B,T,H,D]``)."""
+    if triton is None:
+        raise ImportError("kernels.chunk_bwd needs triton (pip install triton); it is not installed")
+    B, T, H, D = x.shape
+    C = min(chunk_size, T)
     p2 = triton.next_power_of_2
-    return max(MIN_DOT_BLOCK, p2(C)), max(MIN_DOT_BLOCK, p2(D)), max(MIN_DOT_BLOCK, p2(Dv))
+    return (B, T, H, D, C, triton.cdiv(T, C), max(MIN_DOT_BLOCK, p2(C)), max(MIN_DOT_BLOCK, p2(D)),
+            max(MIN_DOT_BLOCK, p2(Dv)))
 
 
 def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None):
     """``(DG [B,H,N,Dv,D], DH [B,H,N,D,D], dG_0, dH_0)`` (float32): adjoint states at chunk ends."""
-    if triton is None:
-        raise ImportError("kernels.chunk_bwd needs triton (pip install triton); it is not installed")
-    B, T, H, D = x.shape
     Dv = e.shape[3]
-    C = min(chunk_size, T)
-    N = triton.cdiv(T, C)
-    BLOCK_C, BLOCK_D, BLOCK_DV = _blocks(C, D, Dv)
+    B, T, H, D, C, N, BLOCK_C, BLOCK_D, BLOCK_DV = _geometry(x, Dv, chunk_size)
     dev = x.device
     out = []
     for L, DL, BL, final, sign in ((e, Dv, BLOCK_DV, dG_T, 1.0), (y, D, BLOCK_D, dH_T, -1.0)):
@@ -185,13 +179,8 @@ def chunk_contractions(k, v, x, y, e, g, beta, DG, DH, *, chunk_size: int, state
 
     With the forward's chunk states ``states = (Hc, Gc)`` it also returns the per-token log-decay
     term ``a_t = e_t.o_t - y_t.(H_t x_t) - beta_t dbeta_t`` (``dg`` is its reverse cumulative sum)."""
-    if triton is None:
-        raise ImportError("kernels.chunk_bwd needs triton (pip install triton); it is not installed")
-    B, T, H, D = x.shape
     Dv = v.shape[3]
-    C = min(chunk_size, T)
-    N = triton.cdiv(T, C)
-    BLOCK_C, BLOCK_D, BLOCK_DV = _blocks(C, D, Dv)
+    B, T, H, D, C, N, BLOCK_C, BLOCK_D, BLOCK_DV = _geometry(x, Dv, chunk_size)
     f32 = [t.to(torch.float32).contiguous() for t in (k, v, x, y, e, g, beta)]
     dk = torch.empty(B, T, H, D, dtype=torch.float32, device=x.device)
     dv = torch.empty(B, T, H, Dv, dtype=torch.float32, device=x.device)

@@ -136,6 +136,16 @@ if triton is not None:
         return i_c, i_bh, i_h, o_c, o_d, o_v, o_d < D, o_v < Dv, m_t, row
 
     @triton.jit
+    def _cum_log_decay(g_ptr, row, m_t):
+        """Gam_i = sum_{j<=i} g_j over a chunk, float32 (masked tokens read g = 0: no decay)."""
+        return tl.cumsum(tl.load(g_ptr + row, mask=m_t, other=0.0).to(tl.float32), axis=0)
+
+    @triton.jit
+    def _gates(g_ptr, beta_ptr, row, m_t):
+        """(Gam, beta) of a chunk; masked tokens read g = 0, beta = 0 and change nothing."""
+        return _cum_log_decay(g_ptr, row, m_t), tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
+
+    @triton.jit
     def _cg_init(r, diag, valid, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):
         """CG start for the rows of a tile: ``z = M_J^{-1} r``, ``p = z``; returns (p, r.z, ||r_0||, active)."""
         if PRECOND:
@@ -197,9 +207,7 @@ if triton is not None:
         m_td = m_t[:, None] & m_d[None, :]
 
         # gates: masked tokens read g = 0, beta = 0 (they change nothing and get q = 0)
-        g = tl.load(g_ptr + row, mask=m_t, other=0.0).to(tl.float32)
-        beta = tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
-        gam = tl.cumsum(g, axis=0)
+        gam, beta = _gates(g_ptr, beta_ptr, row, m_t)
         eG = tl.exp(gam)
         causal = o_c[:, None] >= o_c[None, :]
         # M_ij = exp(Gam_i - Gam_j) beta_j below the diagonal; the exponent is selected to 0 above it

@@ -44,6 +44,8 @@ from __future__ import annotations
 
 import torch
 
+from solvers.problem import _check_shape
+
 try:  # importing the package must work without triton; calling the kernel needs it
     import triton
     import triton.language as tl
@@ -224,11 +226,6 @@ def _check_tensor(name: str, x, ndim: int, what: str) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
     return x
-
-
-def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} {what}")
 
 
 def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted: bool, check_values: bool) -> None:
