@@ -194,6 +194,8 @@ if triton is not None:
         o_ptr,  # [B*T, H, Dv] output (float32)
         x_ptr,  # [B*T, H, D] q-star, or y with ADJOINT (float32): kept for the backward
         steps_ptr, res_ptr,  # [B*T, H] int32 step counts, float32 final relative residuals
+        xf_ptr, a_ptr,  # ADJOINT only: forward q-star [B*T, H, D] (read), a0 [B*T, H] (written, float32)
+        scale_ptr,  # ADJOINT only: [1/s, s] float32, e is read as e / s (see kernels.mesa._upstream_scale)
         T, N, tol, steps,  # tokens per sequence, chunks, relative tolerance (<= 0: none), step cap
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -224,6 +226,7 @@ if triton is not None:
         if ADJOINT:
             # right-hand side of the adjoint: G_t^T e_t = diag(exp(Gam)) E G_c + ((E V^T) * M) K
             E = tl.load(q_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            E = E * tl.load(scale_ptr)  # e / s, a power of two: exact
             Vt = tl.load(v_ptr + row[None, :] * Dv + o_v[:, None], mask=m_v[:, None] & m_t[None, :],
                          other=0.0).to(tl.float32)  # [BLOCK_DV, BLOCK_C] = V^T
             Gc = tl.load(Gc_ptr + g_base + o_v[:, None] * D + o_d[None, :], mask=m_v[:, None] & m_d[None, :],
@@ -232,6 +235,8 @@ if triton is not None:
             Vt_hi, Vt_lo = _split(Vt, OP, SOFT)
             Q = eG[:, None] * _mm(E, G_hi, G_lo, OP, SOFT, False)
             Q += _mm(_mm(E, Vt_hi, Vt_lo, OP, SOFT, K_EXACT) * M, K_hi, K_lo, OP, SOFT, K_EXACT)
+            # e_t . o_t = x_t . (G_t^T e_t): the first part of the log-decay term a0 (see below)
+            xq = tl.sum(tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0) * Q, axis=1)
         else:
             Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
@@ -267,7 +272,14 @@ if triton is not None:
         tl.store(res_ptr + row, tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0), mask=m_t)
         tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)
 
-        if not ADJOINT:
+        if ADJOINT:
+            # a0_t = e_t . o_t - y_t . (H_t x_t) with the forward's x (the backward's log-decay term is
+            # a_t = a0_t - beta_t dbeta_t, kernels.chunk_bwd): H_t x_t = A(x) - x diag(lam), formed here
+            # where H_c and the chunk's keys are already on chip
+            Xf = tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0)
+            HX = _matvec(Xf, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam * 0.0, OP, SOFT, K_EXACT)
+            tl.store(a_ptr + row, xq - tl.sum(x * HX, axis=1), mask=m_t)
+        else:
             _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo, D, Dv,
                     OP, SOFT, K_EXACT)
 

@@ -79,7 +79,7 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
                precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 32,
                initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
                return_x: bool = False, validate: bool = True, num_warps: int | None = None, backend: str = "auto",
-               bwd_steps: int | None = None, bwd_tol: float | None = None, bwd_contractions: str = "torch"):
+               bwd_steps: int | None = None, bwd_tol: float | None = None, bwd_contractions: str = "triton"):
     """Mesa layer: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG; differentiable.
 
     Args:
@@ -109,8 +109,9 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
             implicit backward of :mod:`solvers.implicit` (an adjoint CG solve per token).
         bwd_steps, bwd_tol: step cap and tolerance of the adjoint solve (default: ``steps``, ``tol``).
         bwd_contractions: Triton backend only: the gradient contractions after the adjoint solve in
-            PyTorch (``"torch"``, the default, measured on an H100) or in the kernels of
-            :mod:`kernels.chunk_bwd` (``"triton"``: interpreter-tested, GPU measurement pending).
+            the kernels of :mod:`kernels.chunk_bwd` (``"triton"``, the default: 25-50x faster than
+            ``"torch"`` on an H100, benchmarks/README.md) or in PyTorch (``"torch"``: the chunkwise
+            formulas of :func:`solvers.implicit.chunked_gradients`, fp32, a cross-check).
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
@@ -162,7 +163,9 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
 
 class TritonMesa(torch.autograd.Function):
     """The Triton forward with the implicit backward: the adjoint CG solve in the Triton kernel, the
-    gradient contractions by :func:`solvers.implicit.implicit_backward` (PyTorch, same device)."""
+    gradient contractions in the kernels of :mod:`kernels.chunk_bwd` (or by
+    :func:`solvers.implicit.implicit_backward` in PyTorch, ``bwd_contractions="torch"``). The upstream
+    gradients are scaled by a power of two first (:func:`_upstream_scale`)."""
 
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps, bwd_contractions):
@@ -179,22 +182,27 @@ class TritonMesa(torch.autograd.Function):
         q, k, v, g, beta, lam, H0, G0 = inputs
         init = None if H0 is None else (H0, G0)
         needs = ctx.needs_input_grad[:8]
+        do = do.contiguous()
         if ctx.bwd_contractions == "triton":
             return (*_triton_backward(inputs, needs, x, ctx.cfg, ctx.num_warps, do, dH_T, dG_T), None, None, None)
-        # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode)
-        *_, y = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do)
-        grads = implicit_backward(inputs, needs, x, ctx.cfg, do, dH_T, dG_T, y=y)
-        return (*grads, None, None, None)
+        # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode), on e / s
+        sc = _upstream_scale(do, dH_T, dG_T)
+        *_, y = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do, x_fwd=x, scale=sc)
+        dH_T, dG_T = (None if t is None else t.to(torch.float32) * sc[0] for t in (dH_T, dG_T))
+        grads = implicit_backward(inputs, needs, x, ctx.cfg, do.to(torch.float32) * sc[0], dH_T, dG_T, y=y)
+        return (*(None if t is None else t * sc[1] for t in grads), None, None, None)
 
 
 def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None,
-                    return_states: bool = False):
+                    x_fwd=None, scale=None):
     """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x).
 
-    With ``adjoint = e`` (``[B,T,H,Dv]``, the upstream gradient) the same kernel solves the adjoint
-    systems ``A_t y_t = G_t^T e_t`` instead (its right-hand side formed in the kernel), with the
-    backward's step cap and tolerance, and returns y in place of x (no output). ``return_states``
-    appends the chunk states ``(Hc, Gc)``."""
+    With ``adjoint = e`` (``[B,T,H,Dv]``, the upstream gradient) and the forward's ``x_fwd`` the same
+    kernel solves the adjoint systems ``A_t y_t = G_t^T e_t`` instead (its right-hand side formed in
+    the kernel), with the backward's step cap and tolerance, and returns y in place of x and, in place
+    of the output, the per-token ``a0_t = e_t.o_t - y_t.(H_t x_t)`` ``[B,T,H]`` of the log-decay
+    gradient. With ``scale = [1/s, s]`` (:func:`_upstream_scale`) it reads e / s: y and a0 are then
+    those of e / s."""
     interpreted = _is_interpreted(chunk_cg._chunk_cg_kernel)
     pol = cfg.policy
     D, Dv = q.shape[3], v.shape[3]
@@ -217,20 +225,24 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
                                  state_dtype=pol.state_dtype, check_values=False, split=split)
     N = Hc.shape[2]
     dev = q.device
-    o = torch.empty(B, T, H, Dv, dtype=torch.float32, device=dev)
     x = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
     n_steps = torch.empty(B, T, H, dtype=torch.int32, device=dev)
     res = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    # the output o [B,T,H,Dv], or with the adjoint a0 [B,T,H]
+    o = torch.empty(B, T, H, *(() if adjoint is not None else (Dv,)), dtype=torch.float32, device=dev)
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
     BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
-    tol, steps, rhs = cfg.tol, cfg.steps, q
+    tol, steps, rhs, xf, sc = cfg.tol, cfg.steps, q, x, res
     if adjoint is not None:
+        sc = (torch.ones(2, dtype=torch.float32, device=dev) if scale is None
+              else scale.to(device=dev, dtype=torch.float32).contiguous())
         tol = cfg.bwd_tol if cfg.bwd_tol is not None else cfg.tol
         steps = cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps
         rhs = adjoint.to(torch.float32).contiguous()
-    LAST_LAUNCH["chunk_cg"] = chunk_cg._chunk_cg_kernel[(N, B * H)](
-        rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res,
+        xf = x_fwd.to(torch.float32).contiguous()
+    LAST_LAUNCH["chunk_cg" if adjoint is None else "chunk_cg_adjoint"] = chunk_cg._chunk_cg_kernel[(N, B * H)](
+        rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, o, sc,
         T, N, float(tol) if tol is not None else -1.0, steps,
         H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
         OP=chunk_cg.OP_CODES[pol.operand], K_EXACT=k.dtype == torch.bfloat16,
@@ -238,34 +250,57 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         HAS_TOL=tol is not None, SOFT=interpreted, ADJOINT=adjoint is not None,
         num_warps=num_warps or (8 if BLOCK_D >= 128 and pol.operand in ("fp32", "tf32", "bf16x3") else 4),
     )
-    if return_states:
-        return o, final, n_steps, res, x, (Hc, Gc)
     return o, final, n_steps, res, x
 
 
 def _triton_backward(inputs, needs, x, cfg: SolveConfig, num_warps, do, dH_T, dG_T):
-    """The whole backward in kernels: the adjoint solve (CG kernel, ADJOINT mode), the reverse scan of
-    the adjoint states and the per-chunk contractions (:mod:`kernels.chunk_bwd`); dq = y,
-    dlam = -sum x * y and dg = the reverse cumulative sum of the per-token log-decay term are
-    elementwise PyTorch operations."""
+    """The whole backward in kernels: the adjoint solve (CG kernel, ADJOINT mode, which also forms
+    a0 = e.o - y.(H x)), the reverse scan of the adjoint states and the per-chunk contractions
+    (:mod:`kernels.chunk_bwd`); dq = s y, dlam = -s sum x * y and dg = the reverse cumulative sum of
+    the per-token log-decay term are elementwise PyTorch operations. The kernels read the upstream
+    gradients divided by the power of two s of :func:`_upstream_scale` and return true gradients."""
     from .chunk_bwd import chunk_contractions, reverse_states
 
     q, k, v, g, beta, lam, H0, G0 = inputs
     init = None if H0 is None else (H0, G0)
-    _, final, _, _, y, states = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps, adjoint=do,
-                                                return_states=True)
+    sc = _upstream_scale(do, dH_T, dG_T)
+    a0, final, _, _, y = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps, adjoint=do, x_fwd=x, scale=sc)
     C = min(cfg.chunk_size, q.shape[1])
-    in_dt = cfg.policy.input_dtype
-    DG, DH, dG0, dH0 = reverse_states(do, y, x, g, chunk_size=C, dH_T=dH_T, dG_T=dG_T)
-    dk, dv, dbeta, a = chunk_contractions(k.to(in_dt), v.to(in_dt), x, y, do, g, beta, DG, DH, chunk_size=C,
-                                          states=states)
+    pol = cfg.policy
+    DG, DH, dG0, dH0 = reverse_states(do, y, x, g, chunk_size=C, dH_T=dH_T, dG_T=dG_T, policy=pol, scale=sc)
+    # k and v as the CG kernel read them: bf16 / fp16 inputs as they are (exact operands), else the
+    # policy's input dtype
+    kk, vv = (k, v) if k.dtype == v.dtype and k.dtype in (torch.bfloat16, torch.float16) else (
+        k.to(pol.input_dtype), v.to(pol.input_dtype))
+    dk, dv, dbeta, a = chunk_contractions(kk, vv, x, y, do, g, beta, DG, DH, a0, chunk_size=C, policy=pol,
+                                          scale=sc, grad_dtypes=(k.dtype, v.dtype))
     if dH_T is not None:
         a[:, -1] += (dH_T * final[0]).sum((-1, -2))
     if dG_T is not None:
         a[:, -1] += (dG_T * final[1]).sum((-1, -2))
-    dg = torch.flip(torch.cumsum(torch.flip(a, [1]), 1), [1])
-    out = (y, dk, dv, dg, dbeta, -(x * y).sum(dim=(0, 1)), dH0, dG0)
+    # dg_s = sum_{t >= s} a_t, scanned along a contiguous time axis ([B,H,T]: a scan over an outer
+    # dimension is ~30x slower on the GPU)
+    at = a.transpose(1, 2).contiguous()
+    dg = torch.flip(torch.cumsum(torch.flip(at, [-1]), -1), [-1]).transpose(1, 2)
+    s = sc[1]
+    dq = torch.mul(y, s, out=torch.empty(y.shape, dtype=q.dtype, device=y.device))  # in q's dtype: one pass
+    out = (dq, dk, dv, dg, dbeta, -(x * y).sum(dim=(0, 1)) * s, dH0, dG0)
     return tuple(o if need and t is not None else None for o, need, t in zip(out, needs, inputs, strict=True))
+
+
+def _upstream_scale(*grads) -> torch.Tensor:
+    """``[1/s, s]`` (float32 tensor, no host sync): s is the power of two with max |upstream gradient| / s
+    in [1, 2).
+
+    The backward reads the upstream gradients divided by s and returns the input gradients times s:
+    both exact in binary floating point, so low-precision operands see values of order 1 whatever
+    the gradient's scale (no fp16 underflow at 1e-8, no overflow at 1e4) and the gradients scale
+    exactly with the upstream gradient. s = 1 when the gradients are all zero or not finite."""
+    ext = [torch.stack(torch.aminmax(t.detach())).to(torch.float32) for t in grads if t is not None]
+    amax = torch.cat(ext).abs().amax()  # one pass over each gradient (aminmax), no |e| temporary
+    ok = (amax > 0) & torch.isfinite(amax)
+    s = torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, amax, 1.0)))), 1.0)
+    return torch.stack([1.0 / s, s])
 
 
 def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats, opts):

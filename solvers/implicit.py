@@ -109,8 +109,9 @@ def chunked_gradients(S: ChunkedSystem, x: torch.Tensor, y: torch.Tensor, E: tor
              + ez * ((V * DGk).sum(-1) + (K * (K @ DH.transpose(-1, -2))).sum(-1)))
     o = S.output(x)
     Hx = S.matvec(x) - S.lam * x
-    a = (E * o).sum(-1) - (y * Hx).sum(-1) - beta * dbeta
-    out = {"q": y, "k": dk, "v": dv, "beta": dbeta, "a": a, "lam": -(x * y).sum(dim=(0, 2, 3)),
+    a0 = (E * o).sum(-1) - (y * Hx).sum(-1)
+    a = a0 - beta * dbeta
+    out = {"q": y, "k": dk, "v": dv, "beta": dbeta, "a": a, "a0": a0, "lam": -(x * y).sum(dim=(0, 2, 3)),
            "H0": acc_H, "G0": acc_G}
     final = 0.0
     if dH_T is not None:

@@ -16,6 +16,7 @@ import solvers  # noqa: E402
 from kernels.chunk_bwd import chunk_contractions, reverse_states  # noqa: E402
 from solvers.chunk_state import ChunkedSystem  # noqa: E402
 from solvers.implicit import chunked_gradients  # noqa: E402
+from solvers.precision import UNIT_ROUNDOFF  # noqa: E402
 from stability import cases  # noqa: E402
 from stability.metrics import rel_error  # noqa: E402
 
@@ -23,8 +24,10 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 pytestmark = pytest.mark.triton
 
 
-@pytest.mark.parametrize("T,C,D,Dv,final", [(37, 16, 16, 12, False), (64, 32, 20, 16, True), (5, 16, 16, 16, True)])
+@pytest.mark.parametrize("T,C,D,Dv,final", [(37, 16, 16, 12, False), (64, 32, 20, 16, True), (5, 16, 16, 16, True),
+                                             (40, 16, 48, 40, False)])
 def test_contractions_match_the_torch_formulas(T, C, D, Dv, final):
+    """D = 48, Dv = 40: more than one BLOCK_J slice of the states, the last one masked."""
     p = cases.make("well_conditioned", B=2, T=T, H=2, D=D, Dv=Dv, seed=3).to(torch.float32, DEVICE)
     pol = solvers.get_policy("fp32")
     S = ChunkedSystem.build(p, pol, C)
@@ -37,12 +40,67 @@ def test_contractions_match_the_torch_formulas(T, C, D, Dv, final):
     DG, DH, dG0, dH0 = reverse_states(e, y, x, p.g, chunk_size=C, dH_T=dH_T, dG_T=dG_T)
     # fp32 with IEEE products: ~ C * N * u relative, 1e-5 leaves a wide margin
     assert rel_error(dG0.cpu(), ref["G0"].cpu()) <= 1e-5 and rel_error(dH0.cpu(), ref["H0"].cpu()) <= 1e-5
-    dk, dv, dbeta, a = chunk_contractions(p.k, p.v, x, y, e, p.g, p.beta, DG, DH, chunk_size=C,
-                                          states=(S.Hc, S.Gc))
+    a0 = S.to_tokens(ref["a0"][..., None])[..., 0]
+    dk, dv, dbeta, a = chunk_contractions(p.k, p.v, x, y, e, p.g, p.beta, DG, DH, a0, chunk_size=C)
     assert rel_error(a.cpu(), S.to_tokens(ref["a"][..., None])[..., 0].cpu()) <= 1e-5
     assert rel_error(dk.cpu(), S.to_tokens(ref["k"]).cpu()) <= 1e-5
     assert rel_error(dv.cpu(), S.to_tokens(ref["v"]).cpu()) <= 1e-5
     assert rel_error(dbeta.cpu(), S.to_tokens(ref["beta"][..., None])[..., 0].cpu()) <= 1e-5
+
+
+@pytest.mark.parametrize("policy", ["bf16x3", "tf32", "fp16-fp32state", "bf16-fp32state", "fp16-fp16state"])
+def test_low_precision_contractions_stay_within_the_operand_precision(policy):
+    """The contractions with the policy's operands against the fp32 (IEEE) ones: each product's
+    relative error is of the order of the operand unit roundoff u (bf16x3 2^-16, tf32 and fp16 2^-11,
+    bf16 2^-8; measured 0.4-0.9 u in the interpreter), times the mild cancellation of the few terms
+    of dk and dbeta for these well-conditioned inputs: the bound is 10 u."""
+    bound = 10 * UNIT_ROUNDOFF[solvers.get_policy(policy).operand]
+    T, C, D, Dv = 48, 16, 32, 32
+    p = cases.make("well_conditioned", B=1, T=T, H=2, D=D, Dv=Dv, seed=4).to(torch.float32, DEVICE)
+    gen = torch.Generator().manual_seed(2)
+    x, y = (torch.randn(1, T, 2, D, generator=gen).to(DEVICE) for _ in range(2))
+    e = torch.randn(1, T, 2, Dv, generator=gen).to(DEVICE)
+    a0 = torch.randn(1, T, 2, generator=gen).to(DEVICE)
+    got = {}
+    for pol in ("fp32", policy):
+        DG, DH, dG0, dH0 = reverse_states(e, y, x, p.g, chunk_size=C, policy=pol)
+        got[pol] = (dG0, dH0, *chunk_contractions(p.k, p.v, x, y, e, p.g, p.beta, DG, DH, a0, chunk_size=C,
+                                                  policy=pol))
+    for name, a, b in zip(("dG0", "dH0", "dk", "dv", "dbeta", "a"), got[policy], got["fp32"], strict=True):
+        assert rel_error(a.cpu(), b.cpu()) <= bound, (name, rel_error(a.cpu(), b.cpu()))
+
+
+def test_bf16_keys_take_the_exact_operand_path():
+    """bf16 k and v (K_EXACT: bf16x3 skips their zero lo parts) give the contractions of the same
+    values held in float32, up to the order of the fp32 accumulation."""
+    T, C, D = 40, 16, 32
+    p = cases.make("well_conditioned", B=1, T=T, H=2, D=D, seed=6).to(torch.float32, DEVICE)
+    kb, vb = p.k.bfloat16(), p.v.bfloat16()
+    gen = torch.Generator().manual_seed(3)
+    x, y, e = (torch.randn(1, T, 2, D, generator=gen).to(DEVICE) for _ in range(3))
+    a0 = torch.randn(1, T, 2, generator=gen).to(DEVICE)
+    DG, DH, _, _ = reverse_states(e, y, x, p.g, chunk_size=C, policy="bf16x3")
+    got = [chunk_contractions(k, v, x, y, e, p.g, p.beta, DG, DH, a0, chunk_size=C, policy="bf16x3")
+           for k, v in ((kb, vb), (kb.float(), vb.float()))]
+    for name, a, b in zip(("dk", "dv", "dbeta", "a"), *got, strict=True):
+        assert rel_error(a.cpu(), b.cpu()) <= 1e-6, name
+
+
+def test_adjoint_kernel_forms_the_log_decay_term():
+    """The adjoint CG kernel's a0 = e.o - y.(H x) at the forward's x against the PyTorch formula."""
+    import kernels.mesa as km
+    from solvers.implicit import SolveConfig
+
+    T, C, D, Dv = 37, 16, 16, 12
+    p = cases.make("well_conditioned", B=2, T=T, H=2, D=D, Dv=Dv, seed=5).to(torch.float32, DEVICE)
+    pol = solvers.get_policy("fp32")
+    cfg = SolveConfig(pol, steps=40, tol=1e-7, chunk_size=C)
+    _, _, _, _, x = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None)
+    e = torch.randn(2, T, 2, Dv, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    a0, _, _, _, y = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e, x_fwd=x)
+    S = ChunkedSystem.build(p, pol, C)
+    ref = chunked_gradients(S, S.from_tokens(x), S.from_tokens(y), S.from_tokens(e))
+    assert rel_error(a0.cpu(), S.to_tokens(ref["a0"][..., None])[..., 0].cpu()) <= 1e-5
 
 
 def test_whole_triton_backward_matches_the_torch_backward():
