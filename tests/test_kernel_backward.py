@@ -142,3 +142,27 @@ def test_triton_backend_gradients_scale_with_the_upstream_gradient(mode):
             continue
         for name, a, b in zip("q k v g beta lam".split(), grads, base, strict=True):
             assert rel_error(a, b) <= 1e-5, (s, name)
+
+
+def test_fp16_backward_neither_underflows_nor_overflows():
+    """fp16 operands and states: upstream gradients of 1e-8 (below fp16's smallest subnormal, 6e-8)
+    and 1e6 (above its largest value, 65504) give the gradients of the unit upstream gradient times
+    the scale: the kernels read e divided by a power of two. Powers of two scale exactly; other
+    scales change e / s by one fp32 rounding, which can move an fp16 operand by one ulp (u = 2^-11)."""
+    import kernels
+
+    p = cases.make("small_upstream_grad", B=1, T=24, H=2, D=16, seed=2, q_scale=1.0).to(torch.float32, DEVICE)
+    e = cases.upstream_gradient(p, seed=3).to(device=DEVICE, dtype=torch.float32)
+    base = None
+    for s in (1.0, 2.0**-30, 1e-8, 1e6):
+        leaves = [t.clone().requires_grad_() for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
+        o = kernels.mesa_chunk(*leaves, steps=30, policy="fp16-fp16state", backend="triton", chunk_size=16)
+        o.backward(s * e)
+        grads = [t.grad.double().cpu() / s for t in leaves]
+        assert all(torch.isfinite(g).all() for g in grads), s
+        if base is None:
+            base = grads
+            continue
+        bound = 0.0 if s == 2.0**-30 else 10 * 2.0**-11
+        for name, a, b in zip("q k v g beta lam".split(), grads, base, strict=True):
+            assert rel_error(a, b) <= bound, (s, name, rel_error(a, b))
