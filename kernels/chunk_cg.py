@@ -10,11 +10,13 @@ while it runs preconditioned CG (DESIGN.md section 3) for the C systems of the c
     r_0 = q - A x_0,  z = M_J^{-1} r,  p_0 = z_0;   alpha = (r.z) / (p.Ap),  x += alpha p,
     r -= alpha Ap;   p = z + ((r.z)_new / (r.z)) p
 
-with the Jacobi preconditioner ``M_J = diag(H_t + Lambda) = exp(Gam_i) diag(H_c) + M (K*K) + lam``
-when ``PRECOND``. Each token leaves the iteration (is frozen with ``where``) when its relative
-residual ``||r_k|| <= tol ||r_0||`` (if a tolerance is set), when its residual is exactly zero, or on
-breakdown (``p.Ap <= 0`` or NaN, flagged, never divided through); the loop ends **early** as soon as
-no token of the chunk is active, and at ``STEPS`` at the latest. Then
+on each token's right-hand side divided by a power of two (its largest entry in [1, 2), undone on
+x: exact), with the Jacobi preconditioner ``M_J = diag(H_t + Lambda) = exp(Gam_i) diag(H_c) +
+M (K*K) + lam`` when ``PRECOND``. Each token leaves the iteration (is frozen with ``where``) when
+its relative residual ``||r_k|| <= tol ||r_0||`` (if a tolerance is set), when its residual
+reaches the floor ``2^-48 ||r_0||`` (exactly zero included: see :data:`RESIDUAL_FLOOR`), or on
+breakdown (``p.Ap <= 0`` or NaN, flagged, never divided through); the loop ends **early** as soon
+as no token of the chunk is active, and at ``STEPS`` at the latest. Then
 
     O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V
 
@@ -40,9 +42,18 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Operand precisions of the products (solvers.precision names -> kernel codes).
 OP_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "bf16x3": 4}
+# A row also leaves CG once ||r_k|| <= 2^-48 ||r_0||: the square of fp32's unit roundoff (the
+# vectors' accumulation precision), far below any attainable accuracy, so x cannot improve any
+# more; iterating on would only work on r.z ~ 2^-96 ||r_0||^2, which reaches fp32's subnormal range
+# and whose garbage ratios can blow a converged row up (seen at 100 steps in fp32). The same floor
+# as solvers.cg.residual_floor(fp32).
+RESIDUAL_FLOOR = 2.0**-48
 
 if triton is not None:
     from .chunk_state import _round
+
+    # jit functions may only read globals that are constexpr
+    _FLOOR = tl.constexpr(RESIDUAL_FLOOR)
 
     @triton.jit
     def _operand(x, OP: tl.constexpr, SOFT: tl.constexpr):
@@ -146,6 +157,13 @@ if triton is not None:
         return _cum_log_decay(g_ptr, row, m_t), tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
 
     @triton.jit
+    def _pow2_row_scale(Q):
+        """Per row, the power of two s with max |Q_row| / s in [1, 2) (1 for an all-zero row): CG on
+        Q / s then x s is exact in binary floating point and keeps r.z of order 1 at any scale of q."""
+        amax = tl.max(tl.abs(Q), axis=1)
+        return tl.where(amax > 0, tl.exp2(tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0)))), 1.0)
+
+    @triton.jit
     def _cg_init(r, diag, valid, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):
         """CG start for the rows of a tile: ``z = M_J^{-1} r``, ``p = z``; returns (p, r.z, ||r_0||, active)."""
         if PRECOND:
@@ -163,8 +181,9 @@ if triton is not None:
     def _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):
         """One CG update of every active row given ``A p``; frozen rows keep their values.
 
-        Breakdown (``p.Ap <= 0`` or NaN) and an exactly zero residual take a row out, and with a
-        tolerance so does ``||r|| <= tol ||r_0||``. Returns (x, r, p, r.z, ||r||, active, count)."""
+        Breakdown (``p.Ap <= 0`` or NaN) and a residual at the floor (``||r|| <= 2^-48 ||r_0||``,
+        :data:`RESIDUAL_FLOOR`; exactly zero included) take a row out, and with a tolerance so does
+        ``||r|| <= tol ||r_0||``. Returns (x, r, p, r.z, ||r||, active, count)."""
         pAp = tl.sum(p * Ap, axis=1)
         active = active & (pAp > 0)
         alpha = tl.where(active, rz / tl.where(active, pAp, 1.0), 0.0)
@@ -172,7 +191,7 @@ if triton is not None:
         r = tl.where(active[:, None], r - alpha[:, None] * Ap, r)
         count += active.to(tl.int32)
         rn = tl.where(active, tl.sqrt(tl.sum(r * r, axis=1)), rn)
-        still = active & (rn > 0)
+        still = active & (rn > 0) & (rn > _FLOOR * r0)
         if HAS_TOL:
             still = still & (rn > tol * r0)
         if PRECOND:
@@ -239,6 +258,9 @@ if triton is not None:
             xq = tl.sum(tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0) * Q, axis=1)
         else:
             Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+        # per-token power-of-two scaling of the right-hand side (exact; undone on x below)
+        q_scale = _pow2_row_scale(Q)
+        Q = Q / q_scale[:, None]
         s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
         m_dd = m_d[:, None] & m_d[None, :]
         Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
@@ -268,6 +290,7 @@ if triton is not None:
             n_active = tl.sum(active.to(tl.int32), axis=0)
             it += 1
 
+        x = x * q_scale[:, None]
         tl.store(steps_ptr + row, count, mask=m_t)
         tl.store(res_ptr + row, tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0), mask=m_t)
         tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)

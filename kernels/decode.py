@@ -22,7 +22,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 if triton is not None:
-    from .chunk_cg import _cg_init, _cg_step
+    from .chunk_cg import _cg_init, _cg_step, _pow2_row_scale
 
     @triton.jit
     def _decode_kernel(
@@ -65,6 +65,8 @@ if triton is not None:
         eye = o_d[:, None] == o_d[None, :]
         diag = (tl.sum(tl.where(eye, Hs, 0.0), axis=1) + lam)[None, :]
         q = q[None, :]
+        q_scale = _pow2_row_scale(q)  # exact power-of-two scaling of the right-hand side, undone on x
+        q = q / q_scale[:, None]
         if X0_JACOBI:
             x = q / diag
             r = q - (tl.sum(Hs * x, axis=1)[None, :] + lam[None, :] * x)
@@ -81,7 +83,7 @@ if triton is not None:
             x, r, p, rz, rn, active, count = _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol,
                                                       PRECOND, HAS_TOL)
             it += 1
-        x = tl.sum(x, axis=0)  # back to a [BLOCK_D] vector
+        x = tl.sum(x * q_scale[:, None], axis=0)  # unscaled, back to a [BLOCK_D] vector
         o = tl.sum(Gs * x[None, :], axis=1)
         tl.store(o_ptr + i_bh * Dv + o_v, o, mask=m_v)
         tl.store(x_ptr + i_bh * D + o_d, x, mask=m_d)

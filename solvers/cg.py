@@ -12,8 +12,10 @@ Initial guess ``x0="zero"`` (x_0 = 0) or ``"jacobi"`` (x_0 = q / diag(H_t + Lamb
 is a cumulative sum). Stopping: ``steps`` iterations, or with ``tol`` the relative residual test
 ``||r_k|| <= tol ||r_0||`` with ``steps`` as the cap. The test is relative and the step lengths
 are ratios, so solving with ``s q`` gives ``s x`` for any s > 0: there is no additive epsilon
-anywhere. A token leaves the iteration (is frozen with ``where``) when it converges, when its
-residual is exactly zero, or on breakdown: ``p.Ap <= 0`` (or NaN), which rounding can cause; it
+anywhere (each token's right-hand side is also divided by a power of two, exactly, and x scaled
+back). A token leaves the iteration (is frozen with ``where``) when it converges, when its
+residual reaches the floor ``u_acc^2 ||r_0||`` (:func:`residual_floor`; exactly zero included), or
+on breakdown: ``p.Ap <= 0`` (or NaN), which rounding can cause; it
 is flagged in ``result.breakdown``, never divided through.
 
 ``steps=0`` returns x_0 (zero, or the Jacobi guess) and its output. Vectors x, r, p live in the
@@ -64,6 +66,10 @@ def cg_iterate(S: ChunkedSystem, rhs: torch.Tensor, policy: PrecisionPolicy, *, 
     iteration (the true gradient of a truncated solve, which the tests compare with the implicit one)."""
     jacobi = precond == "jacobi"
     diag = S.diag_H() + S.lam
+    # each token's right-hand side divided by a power of two (largest entry in [1, 2)): exact, and
+    # undone on x at the end; keeps r.z of order 1 whatever the scale of q
+    scale = pow2_row_scale(rhs)
+    rhs = rhs / scale
     x = initial_guess(S, x0, diag, rhs)
     r = rhs - S.matvec(x) if x0 != "zero" else rhs.clone()
     z = r / diag if jacobi else r
@@ -78,6 +84,7 @@ def cg_iterate(S: ChunkedSystem, rhs: torch.Tensor, policy: PrecisionPolicy, *, 
     breakdown = torch.zeros_like(active)
     count = torch.zeros(rz.shape, dtype=torch.int64, device=rz.device)
     acc = policy.accum_dtype
+    floor = residual_floor(policy)
     for _ in range(steps):
         if not bool(active.any()):
             break
@@ -92,7 +99,7 @@ def cg_iterate(S: ChunkedSystem, rhs: torch.Tensor, policy: PrecisionPolicy, *, 
         r = torch.where(sel, r - alpha * Ap, r)
         count = count + active
         rn = torch.where(active, torch.sqrt(dot(r, r, policy)), rn)
-        still = active & (rn > 0)
+        still = active & (rn > 0) & ~(rn <= floor * r0)
         if tol is not None:
             still = still & ~(rn <= tol * r0)
         z = r / diag if jacobi else r
@@ -102,7 +109,23 @@ def cg_iterate(S: ChunkedSystem, rhs: torch.Tensor, policy: PrecisionPolicy, *, 
         rz = torch.where(still, rz_new, rz)
         active = still
     rel = torch.where(r0 > 0, rn / torch.where(r0 > 0, r0, 1), 0)
-    return x, count, rel, breakdown
+    return x * scale, count, rel, breakdown
+
+
+def pow2_row_scale(v: torch.Tensor) -> torch.Tensor:
+    """Per vector (last dim), the power of two s with max |v| / s in [1, 2); 1 for a zero vector
+    (shape ``v.shape[:-1] + (1,)``, detached: dividing by it is exact)."""
+    amax = v.detach().abs().amax(dim=-1, keepdim=True)
+    ok = amax > 0
+    return torch.where(ok, torch.exp2(torch.floor(torch.log2(torch.where(ok, amax, 1)))), 1).to(v.dtype)
+
+
+def residual_floor(policy: PrecisionPolicy) -> float:
+    """Relative residual at which a row leaves CG whatever ``steps`` and ``tol`` say: the square of
+    the accumulation dtype's unit roundoff (2^-48 in fp32, 2^-106 in fp64). Below it x cannot
+    improve, and further steps would only work on r.z values near the subnormal range, whose
+    garbage ratios can blow a converged row up (the kernels use the same floor)."""
+    return float(torch.finfo(policy.accum_dtype).eps / 2) ** 2
 
 
 def check_precond(precond) -> None:

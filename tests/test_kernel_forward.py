@@ -55,7 +55,10 @@ def test_matches_the_torch_cg_of_the_same_policy(prob, policy):
     bound = 1e-6 if policy == "fp32" else 8 * pol.u
     assert rel_error(st.x.cpu(), emu.x.cpu()) <= bound
     assert rel_error(o.cpu(), emu.o.cpu()) <= bound
-    assert torch.equal(st.steps.cpu().long(), emu.steps.cpu())
+    # the same step counts, except where a row reaches the residual floor 2^-48 ||r_0|| (D = 16
+    # converges in ~18 steps here): there rounding decides the step, within 2
+    diff = (st.steps.cpu().long() - emu.steps.cpu()).abs()
+    assert int(diff.max()) <= 2 and float(diff.double().mean()) < 0.5
 
 
 @pytest.mark.parametrize("case", ["well_conditioned", "low_rank_keys", "strong_forgetting", "tiny_lambda"])
@@ -223,3 +226,20 @@ def test_adjoint_solve_in_the_kernel_matches_the_torch_adjoint(prob, policy):
                                   precond=None)
     assert rel_error(y.cpu(), S.to_tokens(y_ref).cpu()) <= (1e-5 if policy == "fp32" else 1e-4)
     assert int(n_steps.max()) <= 40 and float(n_steps.double().mean()) < 40  # the backward's own cap and tolerance
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_cg_far_past_convergence_stays_converged(backend):
+    """100 fixed steps in fp32 on a D = 16 problem that converges in ~20: rows leave CG at the residual
+    floor 2^-48 ||r_0|| instead of iterating on r.z values near fp32's subnormal range (which blew
+    one token of this problem up to an 18% error at 100 steps before the floor existed)."""
+    from stability import golden
+
+    ref = golden.reference(golden.BY_NAME["well_conditioned"])
+    p = ref.problem
+    args = [t.float().to(DEVICE) for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
+    for steps in (30, 100):
+        o, stats = kernels.mesa_chunk(*args, steps=steps, policy="fp32", backend=backend, return_stats=True)
+        # fp32, kappa < 4: the 30-step error is ~2e-7; allow 1e-6
+        assert rel_error(o.cpu(), ref.o) <= 1e-6, (steps, rel_error(o.cpu(), ref.o))
+        assert int(stats.steps.max()) < 30

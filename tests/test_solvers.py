@@ -157,10 +157,10 @@ def test_unknown_method_and_options_are_rejected(well):
 
 
 def test_cg_breakdown_is_flagged_not_divided_through():
-    # fp16 state storage overflows (|H| > 65504) for keys of norm 400: A p becomes inf/NaN and
+    # fp16 state storage overflows (|H| > 65504) for keys of norm 1000: A p becomes inf/NaN and
     # p.Ap is not > 0 for some tokens. CG must flag them and keep their last finite iterate.
     p = random_problem(B=1, T=8, H=1, D=4, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0))
-    p = p.replace(k=p.k * 400.0)
+    p = p.replace(k=p.k * 1000.0)
     res = solve(p, "cg", "fp16-fp16state", steps=10)
     assert bool(res.breakdown.any())
     assert res.info["breakdowns"] == int(res.breakdown.sum())
