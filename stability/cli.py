@@ -5,6 +5,8 @@ Subcommands:
 * ``mesa stability``: the stability report: a grid of solver x policy x stress case x size x
   setting against the float64 exact reference, written as a tidy CSV, a Markdown report and
   PNG plots (``--preset quick`` on a CPU in about a minute, ``--preset full`` for more).
+* ``mesa guard``: the regression guard (:mod:`stability.guard`): an implementation on the golden
+  cases and the metamorphic properties against the error budgets, optionally against a baseline.
 * ``mesa verify``: the suite's self-check on a small seeded problem: the float64 exact solver
   against the mpmath reference, then every solver and policy against the float64 exact solver,
   printed as a table (error, backward error, stability ratio, steps).
@@ -95,6 +97,77 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parse_option(text: str):
+    """``key=value`` with value parsed as int, float, bool, None or kept as a string."""
+    key, sep, val = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    for conv in (int, float):
+        try:
+            return key, conv(val)
+        except ValueError:
+            pass
+    return key, {"true": True, "false": False, "none": None}.get(val.lower(), val)
+
+
+def _cmd_guard(args: argparse.Namespace) -> int:
+    """Check an implementation on the golden cases and the metamorphic properties against the error
+    budgets of stability/budgets.toml (and a stored baseline); exit 0 when everything holds, 1 on any
+    violation, 2 on a usage error."""
+    import torch
+
+    from . import guard
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise guard.UsageError("--device cuda but no CUDA device is available")
+    try:
+        target = guard.resolve(args.impl, args.policy, device, args.steps, args.tol, dict(args.option or []))
+        df = guard.run(target, cases=args.cases, props=args.properties, backward=not args.no_backward,
+                       progress=not args.no_progress)
+        times = None
+        if device.startswith("cuda") and (args.baseline or args.write_baseline) and not args.no_speed:
+            times = guard.time_target(target, tuple(args.speed_shape))
+        if args.baseline:
+            import pandas as pd
+
+            df = pd.concat([df, pd.DataFrame(guard.compare_baseline(args.baseline, df, target, times))],
+                           ignore_index=True)
+    except guard.UsageError as err:
+        print(f"mesa guard: error: {err}", file=sys.stderr)
+        return 2
+    print(f"implementation {target.name}, options {_show(target.options)}, budgets from policy {target.policy.name} "
+          f"(u = {target.policy.u:.3g}), device {device}")
+    print(guard.render(df))
+    if times:
+        print(f"speed at {tuple(times['shape'])}: forward {times['fwd_ms']:.3f} ms, forward + backward "
+              f"{times['fwd_bwd_ms']:.3f} ms")
+    if args.out:
+        import os
+
+        os.makedirs(args.out, exist_ok=True)
+        df.to_csv(os.path.join(args.out, "guard.csv"), index=False)
+        with open(os.path.join(args.out, "guard.md"), "w") as fh:
+            fh.write(guard.render(df) + "\n")
+    if args.write_baseline:
+        guard.write_baseline(args.write_baseline, df, target, times)
+        print(f"baseline written to {args.write_baseline}")
+    fails = df[df.verdict == "FAIL"]
+    na = int((df.verdict == "n/a").sum())
+    if len(fails):
+        print(f"\nFAIL: {len(fails)} of {len(df)} checks violate their budget:", file=sys.stderr)
+        for r in fails.itertuples():
+            print(f"  {r.kind} {r.case} {r.quantity}: measured {r.measured:.3g} > budget {r.budget:.3g} "
+                  f"({r.derivation}) {r.note}".rstrip(), file=sys.stderr)
+        return 1
+    print(f"\nall {len(df) - na} checks hold" + (f" ({na} not applicable)" if na else ""))
+    return 0
+
+
+def _show(options: dict) -> str:
+    return ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in options.items()) or "-"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesa", description="Numerical-stability verification and ablation suite for the Mesa layer.")
@@ -124,6 +197,38 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=sorted(solvers.POLICIES) + sorted(solvers.POLICY_ALIASES), metavar="POLICY",
                    help="precision policies (default: fp64 fp32 tf32 bf16-fp32state fp16-fp32state)")
     p.set_defaults(func=_cmd_verify)
+    from .golden import GOLDEN
+    from .guard import PROPERTY_CASES
+
+    gd = sub.add_parser("guard", help="regression guard: golden cases and properties against error budgets",
+                        description=_cmd_guard.__doc__)
+    gd.add_argument("--impl", metavar="MODULE:FUNCTION",
+                    help="the implementation to check, any callable shaped like kernels.mesa_chunk (default: ours, "
+                         "kernels:mesa_chunk; the peer: stability.peer:chunk_mesa_net with fla-core installed)")
+    gd.add_argument("--policy", default="bf16x3",
+                    help="precision policy: passed to implementations that take one, and its unit roundoff sets "
+                         "the budgets (default bf16x3, our kernels' default)")
+    gd.add_argument("--steps", type=int, default=100,
+                    help="CG step cap (default 100: the budgets bound rounding, so the solves must converge; in "
+                         "fp32 and bf16x3 the golden cases, D = 16, reach the residual floor in 19 to 41 steps, "
+                         "tiny_lambda in up to 90)")
+    gd.add_argument("--tol", type=float, default=None, help="CG relative tolerance (default: none, fixed steps)")
+    gd.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
+                    help="extra keyword option for the implementation (repeatable), e.g. --option chunk_size=16")
+    gd.add_argument("--cases", nargs="+", metavar="CASE", choices=[g.name for g in GOLDEN],
+                    help="only these golden cases (default all)")
+    gd.add_argument("--properties", nargs="*", metavar="PROPERTY", choices=list(PROPERTY_CASES),
+                    help=f"only these properties (default all: {' '.join(PROPERTY_CASES)}; none with no names)")
+    gd.add_argument("--no-backward", action="store_true", help="forward checks only")
+    gd.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    gd.add_argument("--baseline", metavar="FILE", help="also fail on regressions against this stored baseline")
+    gd.add_argument("--write-baseline", metavar="FILE", help="record this run's measurements (and GPU times)")
+    gd.add_argument("--no-speed", action="store_true", help="no GPU timing with --baseline / --write-baseline")
+    gd.add_argument("--speed-shape", nargs=4, type=int, default=[4, 2048, 16, 128], metavar=("B", "T", "H", "D"),
+                    help="shape of the GPU timing (default 4 2048 16 128)")
+    gd.add_argument("--out", metavar="DIR", help="also write guard.csv and guard.md here")
+    gd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gd.set_defaults(func=_cmd_guard)
     return parser
 
 

@@ -18,6 +18,7 @@ implementation alone:
 * ``independence``: permuting batch entries and heads permutes outputs, and changing one batch
                     entry / head leaves the others unchanged
 * ``varlen``:       packed sequences (cu_seqlens) = each sequence run on its own
+* ``scale_grad``:   the backward is linear in the upstream gradient: grad(s e) = s grad(e)
 
 :func:`solver_op` wraps a :func:`solvers.solve` configuration into such a callable.
 """
@@ -144,5 +145,27 @@ def varlen(f: Impl, p: MesaProblem, **options) -> PropertyResult:
     return PropertyResult("varlen", rel_error(packed, separate), {"sequences": p.cu_seqlens.numel() - 1})
 
 
+def input_gradients(f: Impl, p: MesaProblem, e: torch.Tensor, **options) -> list:
+    """The gradients of ``L = sum o . e`` with respect to (q, k, v, g, beta, lam), by autograd through f
+    (inputs in their own dtype; a gradient f does not produce is None)."""
+    leaves = [t.detach().clone().requires_grad_() for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
+    o = _o(f(*leaves, initial_state=p.initial_state, cu_seqlens=p.cu_seqlens, **options))
+    o.backward(e.to(device=o.device, dtype=o.dtype))
+    return [t.grad for t in leaves]
+
+
+def scale_grad(f: Impl, p: MesaProblem, e: torch.Tensor, scales=POW2_SCALES, **options) -> PropertyResult:
+    """The backward is linear in the upstream gradient e: max over s and inputs of
+    ||grad(s e) / s - grad(e)|| / ||grad(e)|| (DESIGN.md section 6: scale equivariance in the upstream
+    gradient)."""
+    base = input_gradients(f, p, e, **options)
+    errs = {}
+    for s in scales:
+        got = input_gradients(f, p, e * s, **options)
+        errs[s] = max(rel_error(a.double() / s, b.double()) for a, b in zip(got, base, strict=True)
+                      if a is not None and b is not None)
+    return PropertyResult("scale_grad", max(errs.values()), {"per_scale": errs})
+
+
 ALL = {"scale_q": scale_q, "scale_v": scale_v, "chunk_size": chunk_size, "continuation": continuation,
-       "independence": independence, "varlen": varlen}
+       "independence": independence, "varlen": varlen, "scale_grad": scale_grad}
