@@ -45,7 +45,11 @@ class MesaCache:
 
 
 class MesaLayer(nn.Module):
-    """Mesa sequence mixer; ``solver`` options (steps, tol, policy, backend, ...) go to ``mesa_chunk``."""
+    """Mesa sequence mixer; ``solver`` options (steps, tol, policy, backend, ...) go to ``mesa_chunk``.
+
+    ``method`` in the solver options picks another solver of :func:`solvers.solve` (``"exact"``,
+    ``"sherman_morrison"``, ``"chebyshev"``; default ``"cg"``, the kernels), differentiated by
+    autograd: for ablations at small sizes."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, value_dim: int | None = None, *,
                  output_gate: bool = True, norm_eps: float = 1e-5, **solver):
@@ -58,6 +62,7 @@ class MesaLayer(nn.Module):
         self.head_dim = head_dim or d_model // n_heads
         self.value_dim = value_dim or self.head_dim
         self.solver = {"steps": 30, "policy": "fp32", **solver}
+        self.last_steps: torch.Tensor | None = None
         H, D, Dv = n_heads, self.head_dim, self.value_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=False)
         self.k_proj = nn.Linear(d_model, H * D, bias=False)
@@ -110,9 +115,24 @@ class MesaLayer(nn.Module):
         if cache is not None and cache.state[0].shape[0] != u.shape[0]:
             raise ValueError(f"cache is for batch size {cache.state[0].shape[0]}, u has {u.shape[0]}")
         q, k, v, g, beta, cq, ck = self._inputs(u, cache)
-        o, state = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype),
-                              initial_state=None if cache is None else cache.state,
-                              output_final_state=True, **self.solver)
+        init = None if cache is None else cache.state
+        opts = dict(self.solver)
+        method = opts.pop("method", "cg")
+        if method == "cg":
+            o, state, stats = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype), initial_state=init,
+                                         output_final_state=True, return_stats=True, **opts)
+            self.last_steps = stats.steps.detach()  # [B,T,H] CG steps of the latest call (diagnostics)
+        else:
+            # the reference solvers (exact, sherman_morrison, chebyshev): differentiable by autograd
+            import solvers
+
+            opts.pop("backend", None)
+            opts.pop("chunk_size", None)
+            policy = opts.pop("policy", "fp32")
+            res = solvers.solve(solvers.MesaProblem(q, k, v, g, beta, self.lam.to(q.dtype), init), method, policy,
+                                **opts)
+            o, state = res.o, res.final_state
+            self.last_steps = None if res.steps is None else res.steps.detach()
         B, T = u.shape[:2]
         o = o.to(q.dtype)
         o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight

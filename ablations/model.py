@@ -1,0 +1,168 @@
+"""The ablation language model: pre-norm blocks of :class:`kernels.MesaLayer` and a SwiGLU MLP over
+bytes, with tied input / output embeddings (DESIGN.md section 8).
+
+    h_0 = E[x]                                     (E: [256, d_model] byte embedding)
+    h   = h + MesaLayer(RMSNorm(h))                (per block)
+    h   = h + W_2 (silu(W_1 RMSNorm(h)) * W_3 RMSNorm(h))
+    logits = RMSNorm(h) E^T                        (tied embeddings)
+
+The solver of every Mesa layer is one :class:`SolverConfig`; :meth:`MesaLM.set_solver` switches
+it, so that a model trained with one configuration can be evaluated with another.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import solvers
+from kernels.layer import MesaLayer
+
+from .data import VOCAB
+
+METHODS = ("cg", "exact", "sherman_morrison", "chebyshev")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How every Mesa layer solves ``(H_t + Lambda) x_t = q_t``: method, step cap, tolerance, precision
+    policy, initial guess and preconditioner (the last four for CG; exact and Sherman-Morrison
+    only use the policy)."""
+
+    method: str = "cg"
+    steps: int = 30
+    tol: float | None = None
+    policy: str = "fp32"
+    x0: str = "zero"
+    precond: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"solver method must be one of {METHODS}, got {self.method!r}")
+        solvers.get_policy(self.policy)  # raises on an unknown policy
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
+            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
+        if self.tol is not None and not (self.tol > 0):
+            raise ValueError(f"tol must be > 0 or None, got {self.tol!r}")
+        if self.x0 not in ("zero", "jacobi"):
+            raise ValueError(f"x0 must be 'zero' or 'jacobi', got {self.x0!r}")
+        if self.precond not in (None, "jacobi"):
+            raise ValueError(f"precond must be None or 'jacobi', got {self.precond!r}")
+
+    def layer_options(self, backend: str = "auto") -> dict:
+        """The options of :class:`kernels.MesaLayer` (its ``solver`` dict) for this configuration."""
+        if self.method == "cg":
+            return dict(method="cg", steps=self.steps, tol=self.tol, policy=self.policy, x0=self.x0,
+                        precond=self.precond, backend=backend)
+        if self.method == "chebyshev":
+            return dict(method="chebyshev", steps=self.steps, tol=self.tol, policy=self.policy)
+        return dict(method=self.method, policy=self.policy)
+
+    @property
+    def label(self) -> str:
+        if self.method != "cg":
+            return f"{self.method}/{self.policy}"
+        stop = f"tol={self.tol:g},cap={self.steps}" if self.tol is not None else f"steps={self.steps}"
+        return f"cg/{stop}/{self.policy}" + ("" if self.x0 == "zero" else f"/x0={self.x0}") + (
+            "" if self.precond is None else f"/precond={self.precond}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    d_model: int
+    n_layers: int
+    n_heads: int
+    seq_len: int
+    mlp_mult: float = 8 / 3
+
+
+# named sizes: `tiny` trains on 2 CPU cores in minutes, `small` on one GPU in minutes
+SIZES = {
+    "tiny": ModelSize(d_model=64, n_layers=2, n_heads=2, seq_len=128),
+    "small": ModelSize(d_model=256, n_layers=4, n_heads=4, seq_len=512),
+}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+        self.eps = eps
+
+    def forward(self, x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype) * self.weight
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, d: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d, hidden, bias=False)
+        self.w3 = nn.Linear(d, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, d, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, size: ModelSize, solver: dict):
+        super().__init__()
+        self.norm1 = RMSNorm(size.d_model)
+        self.mixer = MesaLayer(size.d_model, size.n_heads, **solver)
+        self.norm2 = RMSNorm(size.d_model)
+        hidden = int(round(size.mlp_mult * size.d_model / 8)) * 8
+        self.mlp = SwiGLU(size.d_model, hidden)
+
+    def forward(self, h):
+        h = h + self.mixer(self.norm1(h))
+        return h + self.mlp(self.norm2(h))
+
+
+class MesaLM(nn.Module):
+    """Byte-level LM of Mesa blocks; ``forward(x)`` returns logits ``[B, T, 256]`` (float32)."""
+
+    def __init__(self, size: ModelSize | str = "tiny", solver: SolverConfig | None = None, backend: str = "auto"):
+        super().__init__()
+        if isinstance(size, str):
+            if size not in SIZES:
+                raise ValueError(f"unknown model size {size!r}; sizes: {sorted(SIZES)}")
+            size = SIZES[size]
+        self.size, self.backend = size, backend
+        self.solver = solver or SolverConfig()
+        self.embed = nn.Embedding(VOCAB, size.d_model)
+        nn.init.normal_(self.embed.weight, std=size.d_model ** -0.5)
+        self.blocks = nn.ModuleList(Block(size, self.solver.layer_options(backend)) for _ in range(size.n_layers))
+        self.norm = RMSNorm(size.d_model)
+
+    def set_solver(self, solver: SolverConfig) -> None:
+        """Use ``solver`` in every Mesa layer from now on (training or evaluation)."""
+        self.solver = solver
+        for b in self.blocks:
+            b.mixer.solver = solver.layer_options(self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise ValueError(f"x must be a [B, T] tensor of byte ids, got {tuple(x.shape)} {x.dtype}")
+        h = self.embed(x.long())
+        for b in self.blocks:
+            h = b(h)
+        return (self.norm(h) @ self.embed.weight.t().to(h.dtype)).float()
+
+
+def loss_per_token(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy in nats per byte, ``[B, T]``."""
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["SolverConfig", "ModelSize", "SIZES", "MesaLM", "loss_per_token", "count_parameters"]

@@ -1,0 +1,196 @@
+"""Training and evaluation of one ablation model (DESIGN.md section 8).
+
+Training: AdamW (decoupled weight decay on matrices only), linear warm-up then cosine decay of the
+learning rate to ``min_lr_ratio`` of its peak, gradient clipping by global norm, bf16 autocast on
+CUDA, seeded data stream (:class:`ablations.data.WindowSampler`: batch i depends only on the seed
+and i). A checkpoint (model, optimiser, step, RNG-free data position, loss history) is written
+atomically every ``ckpt_every`` steps and at the end, so :func:`train` with the same
+``ckpt_path`` continues an interrupted run exactly where the last checkpoint left it.
+
+A non-finite loss stops the run and is reported (``diverged``), never silently skipped: a solver
+that blows up (Sherman-Morrison's decayed regulariser under forgetting) is a result.
+
+Evaluation: bits per byte ``mean cross-entropy / ln 2`` over a fixed tiling of a split
+(:func:`ablations.data.eval_windows`), the loss by position bucket (early vs late tokens of the
+windows), and the mean / max CG steps of every Mesa layer, under any :class:`SolverConfig`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .data import WindowSampler, eval_windows
+from .model import MesaLM, SolverConfig, loss_per_token
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 30
+    weight_decay: float = 0.1
+    clip: float = 1.0
+    seed: int = 0
+    ckpt_every: int = 50
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "ckpt_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.warmup <= self.steps:
+            raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
+        if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.clip > 0):
+            raise ValueError("lr and clip must be > 0 and min_lr_ratio in [0, 1]")
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
+
+
+def _optimizer(model: MesaLM, cfg: TrainConfig) -> torch.optim.Optimizer:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
+    rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    losses: list = field(default_factory=list)  # training loss (nats / byte) per step
+    diverged: bool = False
+    wall_s: float = 0.0
+    tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
+
+
+def _save(path: str, payload: dict) -> None:
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+
+
+def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str | None = None,
+          progress: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Train ``model`` on the byte tensor ``data`` with the model's current solver configuration.
+
+    With ``ckpt_path`` an existing checkpoint is resumed (model, optimiser, step, history) and new
+    ones are written every ``cfg.ckpt_every`` steps and at the end. ``stop_after`` ends the call
+    after that many steps of this call without a final checkpoint, as a killed run would (for tests
+    of resuming)."""
+    device = next(model.parameters()).device
+    torch.manual_seed(cfg.seed)
+    opt = _optimizer(model, cfg)
+    res = TrainResult(0)
+    if ckpt_path and os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        res = TrainResult(ck["step"], ck["losses"], ck["diverged"], ck["wall_s"], ck["tokens"])
+    sampler = WindowSampler(data, model.size.seq_len, cfg.batch_size, cfg.seed)
+    autocast = device.type == "cuda"
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=res.steps_done, desc=f"train {model.solver.label}", leave=False)
+    t0, done_here = time.perf_counter(), 0
+    wall0 = res.wall_s
+
+    def checkpoint():
+        if ckpt_path:
+            _save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": res.steps_done,
+                              "losses": res.losses, "diverged": res.diverged, "wall_s": res.wall_s,
+                              "tokens": res.tokens, "train_config": asdict(cfg),
+                              "solver": model.solver.to_dict()})
+
+    model.train()
+    killed = False
+    while res.steps_done < cfg.steps and not res.diverged:
+        if stop_after is not None and done_here >= stop_after:
+            killed = True
+            break
+        step = res.steps_done
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, cfg)
+        x, y = (t.to(device) for t in sampler.batch(step))
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_per_token(model(x), y).mean()
+        if not torch.isfinite(loss):
+            res.diverged = True
+            res.losses.append(float("nan"))
+            break
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        res.losses.append(float(loss.detach()))
+        res.steps_done += 1
+        res.tokens += x.numel()
+        done_here += 1
+        res.wall_s = wall0 + time.perf_counter() - t0
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{res.losses[-1]:.3f}")
+        if res.steps_done % cfg.ckpt_every == 0:
+            checkpoint()
+    res.wall_s = wall0 + time.perf_counter() - t0
+    if bar is not None:
+        bar.close()
+    if not killed:
+        checkpoint()
+    return res
+
+
+@torch.no_grad()
+def evaluate(model: MesaLM, data: torch.Tensor, solver: SolverConfig, *, max_windows: int = 64,
+             batch_size: int = 16, buckets: int = 4) -> dict:
+    """Bits per byte of ``data`` under ``solver``, loss by position bucket, mean / max CG steps,
+    tokens per second. The model's training solver is restored afterwards."""
+    device = next(model.parameters()).device
+    trained_with = model.solver
+    model.set_solver(solver)
+    model.eval()
+    x_all, y_all = eval_windows(data, model.size.seq_len, max_windows)
+    T = x_all.shape[1]
+    sums = torch.zeros(T, dtype=torch.float64)
+    steps_sum, steps_max, steps_n = 0.0, 0, 0
+    t0 = time.perf_counter()
+    try:
+        for i in range(0, x_all.shape[0], batch_size):
+            x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                lt = loss_per_token(model(x), y)
+            sums += lt.double().sum(0).cpu()
+            for b in model.blocks:
+                st = getattr(b.mixer, "last_steps", None)
+                if st is not None:
+                    steps_sum += float(st.double().sum())
+                    steps_max = max(steps_max, int(st.max()))
+                    steps_n += st.numel()
+    finally:
+        model.set_solver(trained_with)
+    wall = time.perf_counter() - t0
+    per_pos = sums / x_all.shape[0]
+    edges = torch.linspace(0, T, buckets + 1).long().tolist()
+    out = {"bits_per_byte": float(per_pos.mean()) / math.log(2), "tokens_per_s": x_all.numel() / wall,
+           "eval_wall_s": wall, "windows": int(x_all.shape[0]),
+           "mean_steps": steps_sum / steps_n if steps_n else float("nan"),
+           "max_steps": steps_max if steps_n else float("nan")}
+    for j in range(buckets):
+        out[f"bpb_pos{edges[j]}_{edges[j + 1]}"] = float(per_pos[edges[j]:edges[j + 1]].mean()) / math.log(2)
+    return out
