@@ -1,1 +1,3 @@
-"""Ablation language-model runs: how solver quality moves perplexity (DESIGN.md section 8)."""
+"""Ablation language-model runs (DESIGN.md section 8): data (:mod:`.data`), model (:mod:`.model`),
+training and evaluation (:mod:`.train`), the grid runner behind ``mesa ablate`` (:mod:`.grid`) and
+its report (:mod:`.report`)."""

@@ -7,6 +7,8 @@ Subcommands:
   PNG plots (``--preset quick`` on a CPU in about a minute, ``--preset full`` for more).
 * ``mesa guard``: the regression guard (:mod:`stability.guard`): an implementation on the golden
   cases and the metamorphic properties against the error budgets, optionally against a baseline.
+* ``mesa ablate``: the ablation LM runs (:mod:`ablations.grid`): models trained under solver
+  configs, each evaluated under others, results.csv + report.md + plots.
 * ``mesa verify``: the suite's self-check on a small seeded problem: the float64 exact solver
   against the mpmath reference, then every solver and policy against the float64 exact solver,
   printed as a table (error, backward error, stability ratio, steps).
@@ -15,6 +17,7 @@ Subcommands:
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -164,6 +167,28 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    """Train models under training-time solver configs and evaluate each under evaluation-time
+    configs (a preset or a TOML grid file): results.csv (a row per pair, appended as measured),
+    report.md and plots/ in --out; --resume continues an interrupted run."""
+    from ablations.grid import GridError, load_grid, run_grid
+    from ablations.report import write_report
+
+    try:
+        grid = load_grid(None if args.grid else args.preset, args.grid)
+        if args.train_steps is not None:
+            grid.run["train_steps"] = args.train_steps
+            grid.train_config  # noqa: B018 - validates
+        out = args.out or os.path.join("results", "ablate", grid.name)
+        print(f"grid {grid.name}: {len(grid.train)} training x {len(grid.eval)} evaluation configs -> {out}")
+        run_grid(grid, out, resume=args.resume, progress=not args.no_progress)
+    except (GridError, ValueError) as err:
+        print(f"mesa ablate: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {write_report(out, plots=not args.no_plots)}")
+    return 0
+
+
 def _show(options: dict) -> str:
     return ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in options.items()) or "-"
 
@@ -229,6 +254,19 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--out", metavar="DIR", help="also write guard.csv and guard.md here")
     gd.add_argument("--no-progress", action="store_true", help="no progress bar")
     gd.set_defaults(func=_cmd_guard)
+    from ablations.grid import PRESETS as ABLATE_PRESETS
+
+    ab = sub.add_parser("ablate", help="ablation LM runs: training-time x evaluation-time solver configs",
+                        description=_cmd_ablate.__doc__)
+    ab.add_argument("--preset", default="tiny-cpu", choices=sorted(ABLATE_PRESETS),
+                    help="built-in grid (default tiny-cpu: one tiny model on 2 CPU cores)")
+    ab.add_argument("--grid", metavar="FILE", help="a TOML grid file ([run], [[train]], [[eval]]) instead of a preset")
+    ab.add_argument("--out", metavar="DIR", help="output folder (default results/ablate/<grid name>)")
+    ab.add_argument("--resume", action="store_true", help="keep finished rows and checkpoints in --out, run the rest")
+    ab.add_argument("--train-steps", type=int, help="override the grid's training steps")
+    ab.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    ab.add_argument("--no-progress", action="store_true", help="no progress bars")
+    ab.set_defaults(func=_cmd_ablate)
     return parser
 
 

@@ -1,0 +1,129 @@
+"""The ablation report: Markdown tables and PNG plots from ``results.csv`` and the training curves.
+
+Tables: bits per byte on validation / test / out-of-distribution per (training config, evaluation
+config), with mean and max CG steps. Plots: bits per byte against evaluation CG steps, against the
+tolerance, per precision policy; bits per byte by position bucket (early vs late tokens); training
+curves.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import pandas as pd
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "-" if x != x else "0" if x == 0 else f"{x:.4f}" if abs(x) >= 1e-3 else f"{x:.2e}"
+    return str(x)
+
+
+def _table(df: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def _plots(df: pd.DataFrame, out: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pdir = os.path.join(out, "plots")
+    os.makedirs(pdir, exist_ok=True)
+    made = []
+    cg = df[df.eval_method == "cg"]
+
+    def save(fig, name):
+        fig.tight_layout()
+        fig.savefig(os.path.join(pdir, name), dpi=110)
+        plt.close(fig)
+        made.append(name)
+
+    fixed = cg[cg.eval_tol.isna() & (cg.eval_policy == "fp32")]
+    if fixed.eval_steps.nunique() > 1:
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+        for t, g in fixed.groupby("train"):
+            g = g.sort_values("eval_steps")
+            ax.plot(g.eval_steps, g.bpb_validation, "o-", label=f"trained {t}")
+            # excess over the best evaluation of the same model (log scale: the small differences)
+            best = df[df.train == t].bpb_validation.min()
+            pos = g[g.bpb_validation > best]
+            ax2.semilogy(pos.eval_steps, pos.bpb_validation - best, "o-", label=f"trained {t}")
+        ax.set_xlabel("CG steps at evaluation")
+        ax.set_ylabel("validation bits / byte")
+        ax.legend(fontsize=7)
+        ax.set_title("Solver quality at evaluation")
+        ax2.set_xlabel("CG steps at evaluation")
+        ax2.set_ylabel("excess over the model's best evaluation (bits / byte)")
+        ax2.set_title("Excess (log scale)")
+        save(fig, "bpb_vs_eval_steps.png")
+    tol = cg[cg.eval_tol.notna()]
+    if tol.eval_tol.nunique() > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for t, g in tol.groupby("train"):
+            g = g.sort_values("eval_tol")
+            ax.semilogx(g.eval_tol, g.bpb_validation, "o-", label=f"trained {t}")
+            for _, r in g.iterrows():
+                ax.annotate(f"{r.mean_steps:.1f}", (r.eval_tol, r.bpb_validation), fontsize=6)
+        ax.set_xlabel("CG tolerance at evaluation (labels: mean steps)")
+        ax.set_ylabel("validation bits / byte")
+        ax.legend(fontsize=7)
+        save(fig, "bpb_vs_tolerance.png")
+    if cg.eval_policy.nunique() > 1:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        piv = cg[cg.eval_tol.isna()].groupby(["eval_policy", "train"]).bpb_validation.min().unstack()
+        piv.plot.bar(ax=ax)
+        ax.set_ylabel("validation bits / byte")
+        ax.set_title("Precision policy at evaluation")
+        save(fig, "bpb_vs_policy.png")
+    pos_cols = [c for c in df.columns if c.startswith("bpb_pos")]
+    if pos_cols:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for _, r in df.drop_duplicates("eval").head(8).iterrows():
+            ax.plot(range(len(pos_cols)), [r[c] for c in pos_cols], "o-", label=r["eval"])
+        ax.set_xticks(range(len(pos_cols)), [c.removeprefix("bpb_pos") for c in pos_cols], fontsize=7)
+        ax.set_xlabel("token positions in the window")
+        ax.set_ylabel("validation bits / byte")
+        ax.legend(fontsize=6)
+        save(fig, "bpb_by_position.png")
+    curves = sorted(glob.glob(os.path.join(out, "curves", "*.csv")))
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for c in curves:
+            cur = pd.read_csv(c)
+            ax.plot(cur.step, cur.loss.rolling(10, min_periods=1).mean(), label=os.path.basename(c)[:-4])
+        ax.set_xlabel("training step")
+        ax.set_ylabel("training loss (nats / byte, smoothed)")
+        ax.legend(fontsize=7)
+        save(fig, "training_curves.png")
+    return made
+
+
+def write_report(out: str, plots: bool = True) -> str:
+    """Write ``out/report.md`` (and ``out/plots/``) from ``out/results.csv``; returns the path."""
+    df = pd.read_csv(os.path.join(out, "results.csv"))
+    cols = ["train", "eval", "bpb_validation", "bpb_test", "bpb_ood", "mean_steps", "max_steps", "tokens_per_s"]
+    parts = [f"# Ablation report: {df.grid.iloc[0]}", "",
+             f"{df.train.nunique()} training configuration(s) x {df['eval'].nunique()} evaluation configuration(s); "
+             "bits per byte on the validation, test and out-of-distribution (sympy sources) splits; mean / max CG "
+             "steps per token and evaluation throughput on validation.", "",
+             _table(df[[c for c in cols if c in df.columns]])]
+    div = df[df.diverged.astype(bool)]
+    if len(div):
+        parts += ["", "Diverged (non-finite training loss): " + ", ".join(sorted(set(div.train)))]
+    train_cols = ["train", "train_steps_done", "final_train_loss", "train_tokens_per_s", "train_wall_s"]
+    parts += ["", "## Training", "", _table(df.drop_duplicates("train")[train_cols])]
+    pos_cols = [c for c in df.columns if c.startswith("bpb_pos")]
+    if pos_cols:
+        parts += ["", "## Bits per byte by position (validation)", "", _table(df[["train", "eval", *pos_cols]])]
+    if plots:
+        made = _plots(df, out)
+        parts += ["", "## Plots", ""] + [f"![{m}](plots/{m})" for m in made]
+    path = os.path.join(out, "report.md")
+    with open(path, "w") as fh:
+        fh.write("\n".join(parts) + "\n")
+    return path

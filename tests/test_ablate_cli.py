@@ -1,0 +1,89 @@
+"""`mesa ablate`: grid specs, clear errors, and resuming a killed run gives the uninterrupted table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+
+from ablations.grid import GridError, load_grid, parse_grid
+from stability.cli import main
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METRICS = ["bpb_validation", "bpb_test", "bpb_ood", "mean_steps", "final_train_loss", "train_steps_done"]
+
+
+def test_grid_expands_lists_and_validates():
+    g = parse_grid({"run": {"size": "tiny", "train_steps": 10, "warmup": 1},
+                    "train": [{"steps": [5, 10]}], "eval": [{"steps": 30, "tol": [1e-2, 1e-3]}, {"method": "exact"}]})
+    assert [t.label for t in g.train] == ["cg/steps=5/fp32", "cg/steps=10/fp32"]
+    assert len(g.eval) == 3 and g.train_config.steps == 10
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ({"train": [{"method": "newton"}], "eval": [{}]}, "method must be one of"),
+    ({"train": [{"stepz": 3}], "eval": [{}]}, "unknown field"),
+    ({"train": [{}], "eval": []}, "non-empty array"),
+    ({"run": {"size": "huge"}, "train": [{}], "eval": [{}]}, "size"),
+    ({"run": {"epochs": 3}, "train": [{}], "eval": [{}]}, "unknown key"),
+    ({"run": {"train_steps": 10, "warmup": 20}, "train": [{}], "eval": [{}]}, "warmup"),
+    ({"train": [{"policy": "fp8"}], "eval": [{}]}, "fp8"),
+    ({"train": [{}], "eval": [{}], "extra": {}}, "unknown section"),
+])
+def test_bad_grid_specs_say_what_is_wrong(spec, msg):
+    with pytest.raises(GridError, match=msg):
+        parse_grid(spec)
+
+
+def test_bad_files_and_presets(tmp_path, capsys):
+    with pytest.raises(GridError, match="does not exist"):
+        load_grid(path=str(tmp_path / "nope.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[run\nsize = ")
+    with pytest.raises(GridError, match="not valid TOML"):
+        load_grid(path=str(bad))
+    assert main(["ablate", "--grid", str(bad), "--out", str(tmp_path / "o")]) == 2
+    assert "not valid TOML" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ablate", "--preset", "no-such-preset"])
+
+
+def _ablate(out, *extra):
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    return [sys.executable, "-m", "stability.cli", "ablate", "--preset", "smoke", "--out", str(out), "--no-plots",
+            "--no-progress", *extra], env
+
+
+def test_resume_after_a_killed_run_gives_the_same_table(tmp_path):
+    cmd, env = _ablate(tmp_path / "whole")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    whole = pd.read_csv(tmp_path / "whole" / "results.csv")
+
+    out = tmp_path / "killed"
+    cmd, env = _ablate(out)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = out / "ckpt" / "cg_steps=5_fp32.pt"  # the second training run's checkpoint: the first is finished
+    deadline = time.time() + 240
+    while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    partial = pd.read_csv(out / "results.csv")
+    assert 0 < len(partial) < len(whole)  # killed mid-grid, with finished rows written
+    cmd, env = _ablate(out, "--resume")
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
+    resumed = pd.read_csv(out / "results.csv")
+    key = ["train", "eval"]
+    a = whole.sort_values(key).reset_index(drop=True)
+    b = resumed.sort_values(key).reset_index(drop=True)
+    assert list(a[key].itertuples(index=False)) == list(b[key].itertuples(index=False))
+    pd.testing.assert_frame_equal(a[METRICS], b[METRICS], rtol=1e-5)
+    assert (out / "report.md").exists()
+    # without --resume an existing run is not overwritten
+    cmd, env = _ablate(out)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "--resume" in r.stderr
