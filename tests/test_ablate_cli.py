@@ -87,3 +87,14 @@ def test_resume_after_a_killed_run_gives_the_same_table(tmp_path):
     cmd, env = _ablate(out)
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--resume" in r.stderr
+
+
+def test_every_preset_parses():
+    from ablations.grid import PRESETS
+
+    for name in PRESETS:
+        g = load_grid(preset=name)
+        assert g.train and g.eval and g.name == name
+    paper = load_grid(preset="paper-gpu")
+    assert {t.label for t in paper.train} >= {"cg/steps=5/bf16x3", "sherman_morrison/fp32"}
+    assert {e.policy for e in paper.eval} == {"fp32", "tf32", "bf16-fp32state"}
