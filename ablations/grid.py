@@ -7,7 +7,8 @@ with a list in one field, e.g. ``steps = [1, 2, 5]``, which expands to one confi
 
 :func:`run_grid` trains one model per training config (checkpointed under ``out/ckpt``, resumed
 if interrupted), then evaluates it under every evaluation config on the validation, test and
-out-of-distribution splits, appending one row per (training config, evaluation config) to
+out-of-distribution splits (rank 0 only under ``torchrun``: training is data-parallel, see
+:func:`ablations.train.train`), appending one row per (training config, evaluation config) to
 ``out/results.csv`` as soon as it is measured; with ``resume`` the rows already there are kept and
 skipped. Training curves go to ``out/curves/<train label>.csv``.
 """
@@ -153,7 +154,10 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
     import pandas as pd
 
     from .data import load_corpus
+    from .train import dist_info, init_distributed
 
+    device = init_distributed() if not grid.run.get("device") else torch.device(grid.run["device"])
+    rank, world = dist_info()
     os.makedirs(os.path.join(out, "ckpt"), exist_ok=True)
     os.makedirs(os.path.join(out, "curves"), exist_ok=True)
     csv = os.path.join(out, "results.csv")
@@ -162,7 +166,6 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
     done = pd.read_csv(csv) if os.path.exists(csv) else pd.DataFrame()
     have = set(zip(done.get("train", []), done.get("eval", []), strict=False))
     r = grid.run
-    device = torch.device(r.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
     corpus = load_corpus(r.get("max_bytes"))
     tcfg = grid.train_config
     rows = done.to_dict("records")
@@ -173,8 +176,12 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
         torch.manual_seed(tcfg.seed)
         model = MesaLM(r.get("size", "tiny"), tsolver, backend=r.get("backend", "auto")).to(device)
         ck = os.path.join(out, "ckpt", _slug(tsolver.label) + ".pt")
-        log(f"train {tsolver.label}: {tcfg.steps} steps" + (" (resuming)" if os.path.exists(ck) else ""))
+        if rank == 0:
+            log(f"train {tsolver.label}: {tcfg.steps} steps" + (" (resuming)" if os.path.exists(ck) else "")
+                + (f" on {world} processes" if world > 1 else ""))
         res = train(model, corpus["train"], tcfg, ckpt_path=ck, progress=progress)
+        if rank != 0:
+            continue  # evaluation and the table are rank 0's
         pd.DataFrame({"step": range(1, len(res.losses) + 1), "loss": res.losses}).to_csv(
             os.path.join(out, "curves", _slug(tsolver.label) + ".csv"), index=False)
         for esolver in pending:

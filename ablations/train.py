@@ -7,6 +7,10 @@ and i). A checkpoint (model, optimiser, step, RNG-free data position, loss histo
 atomically every ``ckpt_every`` steps and at the end, so :func:`train` with the same
 ``ckpt_path`` continues an interrupted run exactly where the last checkpoint left it.
 
+Under ``torchrun`` (:func:`init_distributed`) the model is wrapped in DistributedDataParallel: each
+process draws ``batch_size / world`` windows from its own seeded stream, gradients are averaged,
+the logged loss is the global batch's, and rank 0 writes the checkpoints.
+
 A non-finite loss stops the run and is reported (``diverged``), never silently skipped: a solver
 that blows up (Sherman-Morrison's decayed regulariser under forgetting) is a result.
 
@@ -58,6 +62,27 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
 
 
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of the torch.distributed job (``torchrun``), or (0, 1) without one."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> torch.device:
+    """Under ``torchrun`` (WORLD_SIZE > 1): join the process group (NCCL on CUDA, gloo on CPU) and
+    return this process's device (cuda:LOCAL_RANK, or the CPU); else the default device."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    cuda = torch.cuda.is_available()
+    if world > 1 and not torch.distributed.is_initialized():
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def _optimizer(model: MesaLM, cfg: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
@@ -93,6 +118,7 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
     after that many steps of this call without a final checkpoint, as a killed run would (for tests
     of resuming)."""
     device = next(model.parameters()).device
+    rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
     res = TrainResult(0)
@@ -101,10 +127,17 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         res = TrainResult(ck["step"], ck["losses"], ck["diverged"], ck["wall_s"], ck["tokens"])
-    sampler = WindowSampler(data, model.size.seq_len, cfg.batch_size, cfg.seed)
+    if cfg.batch_size % world:
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
+    # each process draws its own share of the global batch (its own seeded stream)
+    sampler = WindowSampler(data, model.size.seq_len, cfg.batch_size // world, cfg.seed + 7919 * rank)
+    core, net = model, model
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                        else None)
     autocast = device.type == "cuda"
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.steps, initial=res.steps_done, desc=f"train {model.solver.label}", leave=False)
@@ -112,11 +145,13 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
     wall0 = res.wall_s
 
     def checkpoint():
-        if ckpt_path:
+        if ckpt_path and rank == 0:
             _save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": res.steps_done,
                               "losses": res.losses, "diverged": res.diverged, "wall_s": res.wall_s,
                               "tokens": res.tokens, "train_config": asdict(cfg),
-                              "solver": model.solver.to_dict()})
+                              "solver": core.solver.to_dict()})
+        if world > 1:
+            torch.distributed.barrier()
 
     model.train()
     killed = False
@@ -129,8 +164,13 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
             group["lr"] = lr_at(step, cfg)
         x, y = (t.to(device) for t in sampler.batch(step))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_per_token(model(x), y).mean()
-        if not torch.isfinite(loss):
+            loss = loss_per_token(net(x), y).mean()
+        # the global batch's loss (every process sees the same history and stops together)
+        shown = loss.detach().clone()
+        if world > 1:
+            torch.distributed.all_reduce(shown)
+            shown /= world
+        if not torch.isfinite(shown):
             res.diverged = True
             res.losses.append(float("nan"))
             break
@@ -138,9 +178,9 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
-        res.losses.append(float(loss.detach()))
+        res.losses.append(float(shown))
         res.steps_done += 1
-        res.tokens += x.numel()
+        res.tokens += x.numel() * world
         done_here += 1
         res.wall_s = wall0 + time.perf_counter() - t0
         if bar is not None:

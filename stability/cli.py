@@ -180,12 +180,16 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             grid.run["train_steps"] = args.train_steps
             grid.train_config  # noqa: B018 - validates
         out = args.out or os.path.join("results", "ablate", grid.name)
-        print(f"grid {grid.name}: {len(grid.train)} training x {len(grid.eval)} evaluation configs -> {out}")
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"grid {grid.name}: {len(grid.train)} training x {len(grid.eval)} evaluation configs -> {out}")
         run_grid(grid, out, resume=args.resume, progress=not args.no_progress)
     except (GridError, ValueError) as err:
         print(f"mesa ablate: error: {err}", file=sys.stderr)
         return 2
-    print(f"report: {write_report(out, plots=not args.no_plots)}")
+    from ablations.train import dist_info
+
+    if dist_info()[0] == 0:  # under torchrun, rank 0 writes the report
+        print(f"report: {write_report(out, plots=not args.no_plots)}")
     return 0
 
 

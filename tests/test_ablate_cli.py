@@ -98,3 +98,17 @@ def test_every_preset_parses():
     paper = load_grid(preset="paper-gpu")
     assert {t.label for t in paper.train} >= {"cg/steps=5/bf16x3", "sherman_morrison/fp32"}
     assert {e.policy for e in paper.eval} == {"fp32", "tf32", "bf16-fp32state"}
+
+
+def test_torchrun_two_processes(tmp_path):
+    """Data-parallel training under torchrun (2 CPU processes, gloo): the grid completes, rank 0 writes
+    the table and the report."""
+    out = tmp_path / "ddp"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stability.cli",
+           "ablate", "--preset", "smoke", "--out", str(out), "--no-plots", "--no-progress"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    df = pd.read_csv(out / "results.csv")
+    assert len(df) == 4 and df.bpb_validation.notna().all() and (df.train_steps_done == 16).all()
+    assert (out / "report.md").exists()
