@@ -23,18 +23,21 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from stability.render import fmt  # noqa: E402
 
 
+def _peer_ms(df: pd.DataFrame) -> dict:
+    """The peer's median ms per configuration."""
+    return {c: float(m) for c, m in df[df.impl == "fla-core"].set_index("config").ms.items()}
+
+
 def tables(df: pd.DataFrame) -> str:
     out = []
     for shape, g in df.groupby("shape", sort=False):
-        peer = {c: float(m) for c, m in g[g.impl == "fla-core"].set_index("config").ms.items()}
+        peer = _peer_ms(g)
         rows = []
         for _, r in g.iterrows():
             if r.impl == "sdpa":
                 continue
             name = "fla-core (peer)" if r.impl == "fla-core" else r.policy
-            # fixed steps: against the peer at the same steps; a tolerance: against the peer's 30 steps
-            base = peer.get(r.config if r.config.startswith("steps=") else "steps=30")
-            speed = f"{base / r.ms:.2f}x" if base else "-"
+            speed = _speed(peer, r.config, r.ms)
             rows.append(f"| {name} | {r.config} | {r.ms:.3f} | {speed} | {fmt(float(r.rel_err_o))} | "
                         f"{r.mean_steps:.2f} | {fmt(float(r.tflops))} |")
         sdpa = g[g.impl == "sdpa"].ms
@@ -47,6 +50,8 @@ def tables(df: pd.DataFrame) -> str:
 
 
 def _speed(peer: dict, config: str, ms: float) -> str:
+    """Speedup over the peer: fixed steps against the peer at the same steps, a tolerance against the
+    peer's 30 steps."""
     base = peer.get(config if config.startswith("steps=") else "steps=30")
     return f"{base / ms:.2f}x" if base else "-"
 
@@ -55,7 +60,7 @@ GRADS = ("dq", "dk", "dv", "dg", "dbeta", "dlam")
 
 
 def backward_tables(df: pd.DataFrame, stages: pd.DataFrame | None, scales: pd.DataFrame | None) -> str:
-    peer = {c: float(m) for c, m in df[df.impl == "fla-core"].set_index("config").ms.items()}
+    peer = _peer_ms(df)
     rows = []
     for _, r in df.iterrows():
         if r.impl == "sdpa":

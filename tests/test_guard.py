@@ -54,12 +54,6 @@ def test_guard_passes_on_our_implementation():
     assert set(df.quantity) >= {"o", "dq", "dk", "dv", "dg", "dbeta", "dlam", *PROPS}
 
 
-def _wrap(fn):
-    def wrapped(q, k, v, g, beta, lam, **kw):
-        return fn(q, k, v, g, beta, lam, **kw)
-    return wrapped
-
-
 def test_guard_fails_an_output_perturbed_by_1e_3():
     base = ours()
 
