@@ -177,7 +177,8 @@ def check_case(target: Target, ref: golden.GoldenReference, cfg: dict, backward:
         return [_row("golden", name, "o", float("inf"), verdict="FAIL",
                      note=f"output shape {tuple(o.shape)}, expected {tuple(ref.o.shape)}")]
     b, how = budget_of(cfg, "quantities", "o", u, kappa, _DTYPE_U.get(o.dtype, 0.0))
-    rows = [_row("golden", name, "o", rel_error(o.detach().cpu(), ref.o), b, how, kappa=kappa)]
+    rows = [_row("golden", name, "o", rel_error(o.detach().cpu(), ref.o), b, how, kappa=kappa,
+                 note=_nonfinite_note(o.detach()))]
     if not backward:
         return rows
     try:
@@ -191,7 +192,8 @@ def check_case(target: Target, ref: golden.GoldenReference, cfg: dict, backward:
             continue
         b, how = budget_of(cfg, "quantities", f"d{n}", u, kappa, _DTYPE_U.get(t.grad.dtype, 0.0),
                            ref.dg_amplification)
-        rows.append(_row("golden", name, f"d{n}", rel_error(t.grad.cpu(), ref.grads[n]), b, how, kappa=kappa))
+        rows.append(_row("golden", name, f"d{n}", rel_error(t.grad.cpu(), ref.grads[n]), b, how, kappa=kappa,
+                         note=_nonfinite_note(t.grad)))
     return rows
 
 
@@ -213,7 +215,23 @@ def check_property(target: Target, prop: str, ref: golden.GoldenReference, cfg: 
     except Exception as err:
         return _row("property", ref.case.name, prop, float("inf"), b, how, verdict="FAIL", note=f"raised {err!r}"[:200],
                     kappa=kappa)
-    return _row("property", ref.case.name, prop, res.discrepancy, b, how, kappa=kappa)
+    return _row("property", ref.case.name, prop, res.discrepancy, b, how, kappa=kappa, note=_detail_note(res.detail))
+
+
+def _detail_note(detail: dict) -> str:
+    """The per-scale (per-chunk-size, ...) measurements of a property, e.g. ``s=2^-20: inf; s=2^10: 0``."""
+    parts = []
+    for key, val in detail.items():
+        if isinstance(val, dict):
+            for k, x in val.items():
+                k = f"2^{math.log2(k):g}" if isinstance(k, float) and k > 0 and math.log2(k).is_integer() else k
+                parts.append(f"{key.removeprefix('per_')}={k}: {x:.3g}")
+    return "; ".join(parts)[:200]
+
+
+def _nonfinite_note(t: torch.Tensor) -> str:
+    bad = int((~torch.isfinite(t)).sum())
+    return f"{bad} of {t.numel()} values non-finite" if bad else ""
 
 
 def run(target: Target, cases=None, props=None, backward: bool = True, progress: bool = True):

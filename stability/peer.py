@@ -48,8 +48,11 @@ def chunk_mesa_net(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None 
 
 
 def _split(out):
-    """(o, (kk, kv)) from the peer's return value: ``o`` or ``(o, (kk, kv))`` / ``(o, None)``."""
+    """(o, (kk, kv)) from the peer's return value. fla-core 0.6.0 returns the flat triple
+    ``(o, kk, kv)`` (its docstring shows ``(o, (kk, kv))``); both, and a bare ``o``, are accepted."""
     if not isinstance(out, tuple):
         return out, (None, None)
-    states = out[1] if len(out) > 1 and isinstance(out[1], tuple) else (None, None)
+    if len(out) == 3:
+        return out[0], (out[1], out[2])
+    states = out[1] if len(out) == 2 and isinstance(out[1], tuple) else (None, None)
     return out[0], states

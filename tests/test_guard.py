@@ -147,3 +147,19 @@ def test_cli_exit_codes_and_baseline(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["guard", "--cases", "no_such_case"])
     assert exc.value.code == 2
+
+
+def test_peer_adapter_reads_both_return_shapes_of_the_peer():
+    """fla-core 0.6.0 returns (o, kk, kv) although its docstring shows (o, (kk, kv)); the adapter
+    reads both (a mix-up made the continuation property fail on the first GPU run)."""
+    from stability.peer import _split
+
+    o, kk, kv = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
+    for out in ((o, kk, kv), (o, (kk, kv))):
+        got_o, (got_kk, got_kv) = _split(out)
+        assert got_o is o and got_kk is kk and got_kv is kv
+    assert _split(o) == (o, (None, None))
+    with pytest.raises(NotImplementedError, match="tolerance"):
+        from stability.peer import chunk_mesa_net
+
+        chunk_mesa_net(*(torch.zeros(1),) * 6, tol=1e-4)
