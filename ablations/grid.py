@@ -10,7 +10,7 @@ if interrupted), then evaluates it under every evaluation config on the validati
 out-of-distribution splits (rank 0 only under ``torchrun``: training is data-parallel, see
 :func:`ablations.train.train`), appending one row per (training config, evaluation config) to
 ``out/results.csv`` as soon as it is measured; with ``resume`` the rows already there are kept and
-skipped. Training curves go to ``out/curves/<train label>.csv``.
+skipped. Training curves go to ``out/curves/<train label>[_seed<n>].csv``.
 """
 
 from __future__ import annotations
@@ -50,7 +50,9 @@ PRESETS = {
         "train": [{"method": "cg", "steps": [5, 10, 30], "policy": "bf16x3"}, {"method": "sherman_morrison"}],
         "eval": [{"method": "cg", "steps": [1, 2, 3, 5, 10, 15, 20, 30]},
                  {"method": "cg", "steps": 30, "tol": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]},
-                 {"method": "cg", "steps": 30, "policy": ["fp32", "tf32", "bf16-fp32state"]}],
+                 {"method": "cg", "steps": 30, "policy": ["fp32", "tf32", "bf16-fp32state", "bf16-bf16state"]},
+                 # the solved problem itself: exact, and Sherman-Morrison's decayed regulariser
+                 {"method": "exact"}, {"method": "sherman_morrison"}],
     },
     # for tests: seconds on a CPU
     "smoke": {
@@ -145,6 +147,11 @@ def load_grid(preset: str | None = None, path: str | None = None) -> Grid:
     return parse_grid(spec, os.path.splitext(os.path.basename(path))[0])
 
 
+def curve_name(train_label: str, seed: int = 0) -> str:
+    """File name of a training curve in ``out/curves`` (seed replicates other than 0 get a suffix)."""
+    return _slug(train_label) + ("" if seed == 0 else f"_seed{seed}") + ".csv"
+
+
 def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", label)
 
@@ -183,9 +190,9 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
         if rank != 0:
             continue  # evaluation and the table are rank 0's
         pd.DataFrame({"step": range(1, len(res.losses) + 1), "loss": res.losses}).to_csv(
-            os.path.join(out, "curves", _slug(tsolver.label) + ".csv"), index=False)
+            os.path.join(out, "curves", curve_name(tsolver.label, tcfg.seed)), index=False)
         for esolver in pending:
-            row = {"grid": grid.name, "train": tsolver.label, "eval": esolver.label,
+            row = {"grid": grid.name, "train": tsolver.label, "eval": esolver.label, "seed": tcfg.seed,
                    **{f"train_{k}": v for k, v in tsolver.to_dict().items()},
                    **{f"eval_{k}": v for k, v in esolver.to_dict().items()},
                    "train_steps_done": res.steps_done, "diverged": res.diverged,
@@ -205,3 +212,34 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
             pd.DataFrame(rows).to_csv(csv, index=False)  # after every row: an interrupted grid keeps it
             log(f"  eval {esolver.label}: validation {row['bpb_validation']:.4f} bits/byte")
     return pd.DataFrame(rows)
+
+
+def merge_parts(parts: list[str], out: str) -> int:
+    """Merge grid parts run separately (``--only-train``, other GPUs or sessions) into ``out``: the
+    rows of every ``part/results.csv`` (a (train, eval, seed) triple measured twice keeps the first
+    part's row) and the training curves. Returns the number of rows in ``out/results.csv``."""
+    import shutil
+
+    import pandas as pd
+
+    frames = []
+    for part in parts:
+        csv = os.path.join(part, "results.csv")
+        if not os.path.exists(csv):
+            raise GridError(f"part {part!r} has no results.csv")
+        frames.append(pd.read_csv(csv))
+    os.makedirs(os.path.join(out, "curves"), exist_ok=True)
+    target = os.path.join(out, "results.csv")
+    if os.path.exists(target) and os.path.abspath(out) not in {os.path.abspath(p) for p in parts}:
+        frames.insert(0, pd.read_csv(target))
+    merged = pd.concat(frames, ignore_index=True)
+    key = ["train", "eval"] + (["seed"] if "seed" in merged else [])  # seed replicates are separate rows
+    merged = merged.drop_duplicates(subset=key, keep="first")
+    merged.to_csv(target, index=False)
+    for part in parts:
+        curves = os.path.join(part, "curves")
+        for name in sorted(os.listdir(curves)) if os.path.isdir(curves) else []:
+            dst = os.path.join(out, "curves", name)
+            if os.path.abspath(os.path.join(curves, name)) != os.path.abspath(dst):
+                shutil.copyfile(os.path.join(curves, name), dst)
+    return len(merged)

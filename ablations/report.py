@@ -103,20 +103,53 @@ def _plots(df: pd.DataFrame, out: str) -> list[str]:
     return made
 
 
+METRICS = ["bpb_validation", "bpb_test", "bpb_ood", "mean_steps", "max_steps", "tokens_per_s", "final_train_loss",
+           "train_tokens_per_s", "train_wall_s", "train_steps_done"]
+
+
+def seed_mean(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (train, eval): metrics averaged over seed replicates, with ``seeds`` (their number)
+    and ``bpb_validation_spread`` (max - min over seeds; 0 for one seed). Rows keep the grid's order."""
+    if "seed" not in df:
+        df = df.assign(seed=0)
+    df = df.assign(diverged=df.diverged.astype(bool))
+    num = [c for c in df.columns if c in METRICS or c.startswith("bpb_pos")]
+    keys = ["train", "eval"]
+    first = df.drop_duplicates(keys).drop(columns=num + ["seed"])
+    agg = df.groupby(keys, sort=False).agg(**{c: (c, "mean") for c in num},
+                                          seeds=("seed", "nunique"),
+                                          bpb_validation_spread=("bpb_validation", lambda x: x.max() - x.min()),
+                                          any_diverged=("diverged", "any")).reset_index()
+    return first.merge(agg, on=keys, how="left")
+
+
 def write_report(out: str, plots: bool = True) -> str:
-    """Write ``out/report.md`` (and ``out/plots/``) from ``out/results.csv``; returns the path."""
-    df = pd.read_csv(os.path.join(out, "results.csv"))
+    """Write ``out/report.md`` (and ``out/plots/``) from ``out/results.csv``; returns the path. With seed
+    replicates the tables and plots show means over seeds (and the spread). A hand-written
+    ``out/findings.md`` (conclusions with their numbers) is included at the top when present."""
+    raw = pd.read_csv(os.path.join(out, "results.csv"))
+    df = seed_mean(raw)
+    n_seeds = int(df.seeds.max())
     cols = ["train", "eval", "bpb_validation", "bpb_test", "bpb_ood", "mean_steps", "max_steps", "tokens_per_s"]
     parts = [f"# Ablation report: {df.grid.iloc[0]}", "",
              f"{df.train.nunique()} training configuration(s) x {df['eval'].nunique()} evaluation configuration(s); "
              "bits per byte on the validation, test and out-of-distribution (sympy sources) splits; mean / max CG "
-             "steps per token and evaluation throughput on validation.", "",
-             _table(df[[c for c in cols if c in df.columns]])]
-    div = df[df.diverged.astype(bool)]
+             "steps per token and evaluation throughput on validation."
+             + (f" Means over {n_seeds} seeds; `spread` is the max - min of validation bits/byte over seeds."
+                if n_seeds > 1 else ""), ""]
+    findings = os.path.join(out, "findings.md")
+    if os.path.exists(findings):
+        with open(findings) as fh:
+            parts += [fh.read().strip(), "", "## All results", ""]
+    if n_seeds > 1:
+        cols.insert(3, "bpb_validation_spread")
+    parts += [_table(df[[c for c in cols if c in df.columns]])]
+    div = df[df.any_diverged]
     if len(div):
         parts += ["", "Diverged (non-finite training loss): " + ", ".join(sorted(set(div.train)))]
-    train_cols = ["train", "train_steps_done", "final_train_loss", "train_tokens_per_s", "train_wall_s"]
-    parts += ["", "## Training", "", _table(df.drop_duplicates("train")[train_cols])]
+    train_cols = ["train", "seed", "train_steps_done", "final_train_loss", "train_tokens_per_s", "train_wall_s"]
+    per_run = raw.assign(seed=raw.get("seed", 0)).drop_duplicates(["train", "seed"])
+    parts += ["", "## Training", "", _table(per_run[train_cols])]
     pos_cols = [c for c in df.columns if c.startswith("bpb_pos")]
     if pos_cols:
         parts += ["", "## Bits per byte by position (validation)", "", _table(df[["train", "eval", *pos_cols]])]

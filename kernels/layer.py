@@ -61,7 +61,9 @@ class MesaLayer(nn.Module):
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = head_dim or d_model // n_heads
         self.value_dim = value_dim or self.head_dim
-        self.solver = {"steps": 30, "policy": "fp32", **solver}
+        self.solver = {"policy": "fp32", **solver}
+        if self.solver.get("method", "cg") in ("cg", "chebyshev"):
+            self.solver.setdefault("steps", 30)  # the iterative solvers' default step cap
         self.last_steps: torch.Tensor | None = None
         H, D, Dv = n_heads, self.head_dim, self.value_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=False)
@@ -114,6 +116,13 @@ class MesaLayer(nn.Module):
             raise ValueError(f"u has d_model = {u.shape[2]}, the layer expects {self.d_model}")
         if cache is not None and cache.state[0].shape[0] != u.shape[0]:
             raise ValueError(f"cache is for batch size {cache.state[0].shape[0]}, u has {u.shape[0]}")
+        if not bool(torch.isfinite(u).all()):
+            # an earlier layer (or the parameters) diverged: propagate NaN so that the caller's loss
+            # check reports the divergence, instead of raising on the solver's input validation
+            y = torch.full_like(u, float("nan"))
+            if use_cache or cache is not None:
+                raise ValueError("u has non-finite values; cannot update a decoding cache")
+            return y
         q, k, v, g, beta, cq, ck = self._inputs(u, cache)
         init = None if cache is None else cache.state
         opts = dict(self.solver)
@@ -129,8 +138,10 @@ class MesaLayer(nn.Module):
             opts.pop("backend", None)
             opts.pop("chunk_size", None)
             policy = opts.pop("policy", "fp32")
-            res = solvers.solve(solvers.MesaProblem(q, k, v, g, beta, self.lam.to(q.dtype), init), method, policy,
-                                **opts)
+            # the policy, not an enclosing autocast, sets the solver's precision
+            with torch.autocast(q.device.type, enabled=False):
+                res = solvers.solve(solvers.MesaProblem(q, k, v, g, beta, self.lam.to(q.dtype), init), method,
+                                    policy, **opts)
             o, state = res.o, res.final_state
             self.last_steps = None if res.steps is None else res.steps.detach()
         B, T = u.shape[:2]

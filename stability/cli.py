@@ -175,7 +175,24 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     from ablations.report import write_report
 
     try:
+        if args.merge:
+            from ablations.grid import merge_parts
+
+            if not args.out:
+                raise GridError("--merge needs --out, the folder that receives the merged results")
+            n = merge_parts(args.merge, args.out)
+            print(f"merged {n} rows from {len(args.merge)} part(s) into {args.out}")
+            print(f"report: {write_report(args.out, plots=not args.no_plots)}")
+            return 0
         grid = load_grid(None if args.grid else args.preset, args.grid)
+        if args.only_train is not None:
+            bad = [i for i in args.only_train if not 0 <= i < len(grid.train)]
+            if bad:
+                raise GridError(f"--only-train {bad}: the grid has training configs 0..{len(grid.train) - 1}: "
+                                + ", ".join(f"{i} {t.label}" for i, t in enumerate(grid.train)))
+            grid.train = [grid.train[i] for i in args.only_train]
+        if args.seed is not None:
+            grid.run["seed"] = args.seed
         if args.train_steps is not None:
             grid.run["train_steps"] = args.train_steps
             grid.train_config  # noqa: B018 - validates
@@ -268,6 +285,11 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--out", metavar="DIR", help="output folder (default results/ablate/<grid name>)")
     ab.add_argument("--resume", action="store_true", help="keep finished rows and checkpoints in --out, run the rest")
     ab.add_argument("--train-steps", type=int, help="override the grid's training steps")
+    ab.add_argument("--seed", type=int, help="override the grid's seed (model init and data order): replicates")
+    ab.add_argument("--only-train", type=int, nargs="+", metavar="I",
+                    help="only these training configs of the grid (0-based): split a grid across GPUs or sessions")
+    ab.add_argument("--merge", nargs="+", metavar="PART_DIR",
+                    help="merge the results and curves of finished parts into --out and write its report")
     ab.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ab.add_argument("--no-progress", action="store_true", help="no progress bars")
     ab.set_defaults(func=_cmd_ablate)

@@ -89,6 +89,28 @@ def test_resume_after_a_killed_run_gives_the_same_table(tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
+def test_split_grid_merges_to_the_whole_table(tmp_path, capsys):
+    """Training configs run as separate parts (--only-train, e.g. one per GPU) and merged (--merge)
+    give the same table as one run of the whole grid."""
+    common = ["ablate", "--preset", "smoke", "--no-plots", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
+    assert main([*common, "--out", str(tmp_path / "p1"), "--only-train", "1"]) == 0
+    assert main([*common, "--out", str(tmp_path / "p0"), "--only-train", "0"]) == 0
+    assert main(["ablate", "--no-plots", "--merge", str(tmp_path / "p0"), str(tmp_path / "p1"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    key = ["train", "eval"]
+    whole = pd.read_csv(tmp_path / "whole" / "results.csv").sort_values(key).reset_index(drop=True)
+    merged = pd.read_csv(tmp_path / "merged" / "results.csv").sort_values(key).reset_index(drop=True)
+    assert list(whole[key].itertuples(index=False)) == list(merged[key].itertuples(index=False))
+    pd.testing.assert_frame_equal(whole[METRICS], merged[METRICS], rtol=1e-5)
+    assert sorted(os.listdir(tmp_path / "merged" / "curves")) == sorted(os.listdir(tmp_path / "whole" / "curves"))
+    assert (tmp_path / "merged" / "report.md").exists()
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--only-train", "2"]) == 2
+    assert "training configs 0..1" in capsys.readouterr().err
+    assert main(["ablate", "--merge", str(tmp_path / "nothing"), "--out", str(tmp_path / "m2")]) == 2
+
+
 def test_every_preset_parses():
     from ablations.grid import PRESETS
 
@@ -97,7 +119,8 @@ def test_every_preset_parses():
         assert g.train and g.eval and g.name == name
     paper = load_grid(preset="paper-gpu")
     assert {t.label for t in paper.train} >= {"cg/steps=5/bf16x3", "sherman_morrison/fp32"}
-    assert {e.policy for e in paper.eval} == {"fp32", "tf32", "bf16-fp32state"}
+    assert {e.policy for e in paper.eval} == {"fp32", "tf32", "bf16-fp32state", "bf16-bf16state"}
+    assert {e.method for e in paper.eval} == {"cg", "exact", "sherman_morrison"}
 
 
 def test_torchrun_two_processes(tmp_path):

@@ -61,3 +61,60 @@ def test_bad_inputs_give_clear_errors(layer):
         layer.step(torch.randn(2, 2, 32, dtype=torch.float64), cache)
     with pytest.raises(ValueError, match="divisible"):
         MesaLayer(30, 4)
+
+
+def _twin(method, **solver):
+    torch.manual_seed(1)
+    cg = MesaLayer(32, 4, steps=80, tol=1e-13, policy="fp64", backend="torch").double()
+    other = MesaLayer(32, 4, method=method, policy="fp64", **solver).double()
+    other.load_state_dict(cg.state_dict())
+    return cg, other
+
+
+def test_exact_solver_layer_equals_converged_cg():
+    cg, exact = _twin("exact")
+    u = torch.randn(2, 9, 32, dtype=torch.float64)
+    assert rel_error(exact(u), cg(u)) <= 1e-9
+
+
+def test_sherman_morrison_layer_solves_the_decayed_problem():
+    """Sherman-Morrison decays Lambda with the keys (R_t = H_t + zeta_t Lambda): with gamma near 1 it is
+    close to Mesa's problem but not equal; with the default gates (gamma ~ 0.5) it is far off."""
+    cg, sm = _twin("sherman_morrison")
+    u = torch.randn(2, 9, 32, dtype=torch.float64)
+    far = rel_error(sm(u), cg(u))
+    with torch.no_grad():
+        for m in (cg, sm):
+            m.a_proj.bias.fill_(40.0)  # sigmoid(40) = 1: gamma = the cap 1 - 0.0025 beta^2
+    near = rel_error(sm(u), cg(u))
+    assert 0 < near < 1e-2 < far
+
+
+def test_non_finite_input_propagates_nan_instead_of_raising(layer):
+    u = torch.randn(1, 5, 32, dtype=torch.float64)
+    u[0, 2, 3] = float("nan")
+    assert bool(torch.isnan(layer(u)).all())
+    with pytest.raises(ValueError, match="non-finite"):
+        layer(u, use_cache=True)
+
+
+def test_sherman_morrison_overflows_under_forgetting_in_fp32():
+    """With the initial gates (gamma ~ 0.5) Sherman-Morrison's P_t ~ 1 / zeta_t grows by 1 / gamma per
+    token and its rank-one term u u^T ~ P^2 passes float32's 2^128 once zeta_t < ~2^-64: the output
+    turns non-finite after ~65 tokens, while the exact solve of Mesa's problem stays finite."""
+    import math
+
+    import solvers
+
+    torch.manual_seed(0)
+    layer = MesaLayer(64, 1, method="sherman_morrison").double()
+    q, k, v, g, beta, *_ = layer._inputs(torch.randn(1, 160, 64, dtype=torch.float64), None)
+    p = solvers.MesaProblem(*(t.detach() for t in (q, k, v, g, beta, layer.lam)))
+    sm = solvers.solve(p, "sherman_morrison", "fp32").o
+    bad = ~torch.isfinite(sm).all(-1)[0, :, 0]
+    assert bool(bad.any())
+    first = int(bad.nonzero()[0])
+    log2_zeta = float(g.detach()[0, : first + 1, 0].sum()) / math.log(2)
+    assert 40 < first < 120 and -80 < log2_zeta < -60
+    assert bool(torch.isfinite(solvers.solve(p, "exact", "fp32").o).all())
+    assert bool(torch.isfinite(solvers.solve(p, "sherman_morrison", "fp64").o).all())
