@@ -219,7 +219,7 @@ def check_property(target: Target, prop: str, ref: golden.GoldenReference, cfg: 
 
 
 def _detail_note(detail: dict) -> str:
-    """The per-scale (per-chunk-size, ...) measurements of a property, e.g. ``s=2^-20: inf; s=2^10: 0``."""
+    """The per-scale (per-chunk-size, ...) measurements of a property, e.g. ``scale=2^-20: inf; scale=2^10: 0``."""
     parts = []
     for key, val in detail.items():
         if isinstance(val, dict):
