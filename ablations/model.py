@@ -147,17 +147,29 @@ class MesaLM(nn.Module):
         for b in self.blocks:
             b.mixer.solver = solver.layer_options(self.backend)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The last hidden representations ``RMSNorm(h)`` ``[B, T, d_model]``: the rows the tied
+        unembedding maps to logits (in the autocast dtype, if any)."""
         if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32, torch.uint8):
             raise ValueError(f"x must be a [B, T] tensor of byte ids, got {tuple(x.shape)} {x.dtype}")
         h = self.embed(x.long())
         for b in self.blocks:
             h = b(h)
-        return (self.norm(h) @ self.embed.weight.t().to(h.dtype)).float()
+        return self.norm(h)
+
+    def unembed(self, h: torch.Tensor) -> torch.Tensor:
+        """Logits ``h E^T`` (float32) of last hidden representations ``h``."""
+        return (h @ self.embed.weight.t().to(h.dtype)).float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.unembed(self.hidden(x))
 
 
-def loss_per_token(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy in nats per byte, ``[B, T]``."""
+def loss_per_token(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Cross-entropy in nats per byte of the predictive distribution ``softmax(z / T)``, ``[B, T]``
+    (``T = temperature``; DESIGN.md section 9: the softmax temperature study trains with ``T != 1``)."""
+    if temperature != 1.0:
+        logits = logits / temperature
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)
 
 

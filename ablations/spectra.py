@@ -52,7 +52,7 @@ def _as_float64(x: ArrayLike, name: str) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
         return x.detach().double()
     try:
-        return torch.as_tensor(np.asarray(x, dtype=np.float64))
+        return torch.from_numpy(np.array(x, dtype=np.float64))  # a copy: read-only arrays are fine
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be numeric (tensor, numpy array or sequence of numbers)") from exc
 

@@ -2,10 +2,13 @@
 
 Training: AdamW (decoupled weight decay on matrices only), linear warm-up then cosine decay of the
 learning rate to ``min_lr_ratio`` of its peak, gradient clipping by global norm, bf16 autocast on
-CUDA, seeded data stream (:class:`ablations.data.WindowSampler`: batch i depends only on the seed
-and i). A checkpoint (model, optimiser, step, RNG-free data position, loss history) is written
-atomically every ``ckpt_every`` steps and at the end, so :func:`train` with the same
-``ckpt_path`` continues an interrupted run exactly where the last checkpoint left it.
+CUDA, loss ``cross-entropy(softmax(logits / T))`` with the softmax temperature ``T`` of
+:class:`TrainConfig` (1 except in the softmax temperature study, DESIGN.md section 9), seeded data
+stream (:class:`ablations.data.WindowSampler`: batch i depends only on the seed and i). A checkpoint
+(model, optimiser, step, RNG-free data position, loss history) is written atomically every
+``ckpt_every`` steps and at the end, so :func:`train` with the same ``ckpt_path`` continues an
+interrupted run exactly where the last checkpoint left it (a checkpoint written with other training
+settings is refused, not silently continued).
 
 Under ``torchrun`` (:func:`init_distributed`) the model is wrapped in DistributedDataParallel: each
 process draws ``batch_size / world`` windows from its own seeded stream, gradients are averaged,
@@ -43,6 +46,7 @@ class TrainConfig:
     clip: float = 1.0
     seed: int = 0
     ckpt_every: int = 50
+    temperature: float = 1.0  # softmax temperature T of the loss: cross-entropy of softmax(logits / T)
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "ckpt_every"):
@@ -52,6 +56,8 @@ class TrainConfig:
             raise ValueError(f"warmup must be in [0, steps={self.steps}], got {self.warmup}")
         if not (self.lr > 0 and 0 <= self.min_lr_ratio <= 1 and self.clip > 0):
             raise ValueError("lr and clip must be > 0 and min_lr_ratio in [0, 1]")
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise ValueError(f"temperature must be a finite number > 0, got {self.temperature!r}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -110,13 +116,15 @@ def _save(path: str, payload: dict) -> None:
 
 
 def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str | None = None,
-          progress: bool = False, stop_after: int | None = None) -> TrainResult:
+          progress: bool = False, stop_after: int | None = None, on_step=None) -> TrainResult:
     """Train ``model`` on the byte tensor ``data`` with the model's current solver configuration.
 
     With ``ckpt_path`` an existing checkpoint is resumed (model, optimiser, step, history) and new
     ones are written every ``cfg.ckpt_every`` steps and at the end. ``stop_after`` ends the call
     after that many steps of this call without a final checkpoint, as a killed run would (for tests
-    of resuming)."""
+    of resuming). ``on_step(steps_done, loss)`` is called on rank 0 after every completed step (the
+    softmax study measures the rank along training with it); it may run the model under
+    ``torch.no_grad`` and must leave it as it found it."""
     device = next(model.parameters()).device
     rank, world = dist_info()
     torch.manual_seed(cfg.seed)
@@ -124,6 +132,12 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
     res = TrainResult(0)
     if ckpt_path and os.path.exists(ckpt_path):
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        stored = ck.get("train_config", {})
+        differ = sorted(k for k, v in asdict(cfg).items()
+                        if k != "ckpt_every" and stored.get(k, TrainConfig.__dataclass_fields__[k].default) != v)
+        if differ:
+            raise ValueError(f"checkpoint {ckpt_path} was written with other training settings ({', '.join(differ)}); "
+                             "resume with the same settings or remove it")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         res = TrainResult(ck["step"], ck["losses"], ck["diverged"], ck["wall_s"], ck["tokens"])
@@ -164,7 +178,7 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
             group["lr"] = lr_at(step, cfg)
         x, y = (t.to(device) for t in sampler.batch(step))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_per_token(net(x), y).mean()
+            loss = loss_per_token(net(x), y, cfg.temperature).mean()
         # the global batch's loss (every process sees the same history and stops together)
         shown = loss.detach().clone()
         if world > 1:
@@ -183,6 +197,8 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
         res.tokens += x.numel() * world
         done_here += 1
         res.wall_s = wall0 + time.perf_counter() - t0
+        if on_step is not None and rank == 0:
+            on_step(res.steps_done, res.losses[-1])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{res.losses[-1]:.3f}")
@@ -198,9 +214,10 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
 
 @torch.no_grad()
 def evaluate(model: MesaLM, data: torch.Tensor, solver: SolverConfig, *, max_windows: int = 64,
-             batch_size: int = 16, buckets: int = 4) -> dict:
-    """Bits per byte of ``data`` under ``solver``, loss by position bucket, mean / max CG steps,
-    tokens per second. The model's training solver is restored afterwards."""
+             batch_size: int = 16, buckets: int = 4, temperature: float = 1.0) -> dict:
+    """Bits per byte of ``data`` under ``solver`` (of the predictive distribution ``softmax(z / T)``,
+    ``T = temperature``, the one the model was trained with), loss by position bucket, mean / max CG
+    steps, tokens per second. The model's training solver is restored afterwards."""
     device = next(model.parameters()).device
     trained_with = model.solver
     model.set_solver(solver)
@@ -214,7 +231,7 @@ def evaluate(model: MesaLM, data: torch.Tensor, solver: SolverConfig, *, max_win
         for i in range(0, x_all.shape[0], batch_size):
             x, y = x_all[i:i + batch_size].to(device), y_all[i:i + batch_size].to(device)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                lt = loss_per_token(model(x), y)
+                lt = loss_per_token(model(x), y, temperature)
             sums += lt.double().sum(0).cpu()
             for b in model.blocks:
                 st = getattr(b.mixer, "last_steps", None)

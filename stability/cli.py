@@ -9,6 +9,9 @@ Subcommands:
   cases and the metamorphic properties against the error budgets, optionally against a baseline.
 * ``mesa ablate``: the ablation LM runs (:mod:`ablations.grid`): models trained under solver
   configs, each evaluated under others, results.csv + report.md + plots.
+* ``mesa softmax``: the softmax temperature study (:mod:`ablations.softmax`): the same LM trained at
+  several output temperatures, ranks of its logits and representations, in- and out-of-distribution
+  bits per byte and OOD detection, results.csv + report.md + plots.
 * ``mesa verify``: the suite's self-check on a small seeded problem: the float64 exact solver
   against the mpmath reference, then every solver and policy against the float64 exact solver,
   printed as a table (error, backward error, stability ratio, steps).
@@ -210,6 +213,36 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_softmax(args: argparse.Namespace) -> int:
+    """Softmax temperature study (DESIGN.md section 9): train the same byte-level LM with the loss
+    cross-entropy(softmax(z / T)) for each temperature T and seed, and measure the numerical and
+    effective rank of its logits and last hidden representations (float64), bits per byte in and out
+    of distribution, OOD-detection AUROC (MSP, energy) and the final training loss; results.csv (a
+    row per (T, seed), appended as measured), report.md and plots/ in --out; --resume continues an
+    interrupted study, --merge combines parts run separately (other seeds or GPUs)."""
+    from ablations.softmax import StudyError, load_study, merge_studies, run_study
+    from ablations.softmax_report import write_report
+
+    try:
+        if args.merge:
+            if not args.out:
+                raise StudyError("--merge needs --out, the folder that receives the merged study")
+            n = merge_studies(args.merge, args.out)
+            print(f"merged {n} runs from {len(args.merge)} part(s) into {args.out}")
+        else:
+            study = load_study(args.preset, temperatures=args.temperatures, seeds=args.seeds,
+                               train_steps=args.train_steps, rank_threshold=args.rank_threshold,
+                               loss_band=args.loss_band, device=args.device)
+            out = args.out or os.path.join("results", "softmax", study.name)
+            args.out = out
+            run_study(study, out, resume=args.resume, progress=not args.no_progress)
+    except StudyError as err:
+        print(f"mesa softmax: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {write_report(args.out, plots=not args.no_plots)}")
+    return 0
+
+
 def _show(options: dict) -> str:
     return ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in options.items()) or "-"
 
@@ -293,6 +326,27 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ab.add_argument("--no-progress", action="store_true", help="no progress bars")
     ab.set_defaults(func=_cmd_ablate)
+    from ablations.softmax import PRESETS as SOFTMAX_PRESETS
+
+    sm = sub.add_parser("softmax", help="softmax temperature study: rank of logits and representations vs T",
+                        description=_cmd_softmax.__doc__)
+    sm.add_argument("--preset", default="cpu", choices=sorted(SOFTMAX_PRESETS),
+                    help="cpu (tiny model, 7 temperatures x 2 seeds, under 10 min on 2 cores; default), gpu "
+                         "(small model), smoke (seconds)")
+    sm.add_argument("--out", metavar="DIR", help="output folder (default results/softmax/<preset>)")
+    sm.add_argument("--resume", action="store_true", help="keep finished runs and checkpoints in --out, run the rest")
+    sm.add_argument("--temperatures", type=float, nargs="+", metavar="T", help="override the temperatures")
+    sm.add_argument("--seeds", type=int, nargs="+", metavar="S", help="override the seeds (split a study across GPUs)")
+    sm.add_argument("--train-steps", type=int, help="override the training steps")
+    sm.add_argument("--rank-threshold", type=float, help="relative singular-value threshold of the numerical rank "
+                                                         "(default 1e-3)")
+    sm.add_argument("--loss-band", type=float, help="parity band: |L_T - L_1| <= band x L_1 (default 0.15)")
+    sm.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    sm.add_argument("--merge", nargs="+", metavar="PART_DIR",
+                    help="merge finished parts (same settings) into --out and write its report")
+    sm.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    sm.add_argument("--no-progress", action="store_true", help="no progress bars")
+    sm.set_defaults(func=_cmd_softmax)
     return parser
 
 
