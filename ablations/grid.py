@@ -218,8 +218,6 @@ def merge_parts(parts: list[str], out: str) -> int:
     """Merge grid parts run separately (``--only-train``, other GPUs or sessions) into ``out``: the
     rows of every ``part/results.csv`` (a (train, eval, seed) triple measured twice keeps the first
     part's row) and the training curves. Returns the number of rows in ``out/results.csv``."""
-    import shutil
-
     import pandas as pd
 
     frames = []
@@ -236,10 +234,19 @@ def merge_parts(parts: list[str], out: str) -> int:
     key = ["train", "eval"] + (["seed"] if "seed" in merged else [])  # seed replicates are separate rows
     merged = merged.drop_duplicates(subset=key, keep="first")
     merged.to_csv(target, index=False)
-    for part in parts:
-        curves = os.path.join(part, "curves")
-        for name in sorted(os.listdir(curves)) if os.path.isdir(curves) else []:
-            dst = os.path.join(out, "curves", name)
-            if os.path.abspath(os.path.join(curves, name)) != os.path.abspath(dst):
-                shutil.copyfile(os.path.join(curves, name), dst)
+    copy_part_files(parts, out, ("curves",))
     return len(merged)
+
+
+def copy_part_files(parts: list[str], out: str, folders: tuple[str, ...]) -> None:
+    """Copy the files of each ``part/<folder>`` into ``out/<folder>`` (per-run files: curves, spectra)."""
+    import shutil
+
+    for folder in folders:
+        os.makedirs(os.path.join(out, folder), exist_ok=True)
+        for part in parts:
+            src = os.path.join(part, folder)
+            for name in sorted(os.listdir(src)) if os.path.isdir(src) else []:
+                dst = os.path.join(out, folder, name)
+                if os.path.abspath(os.path.join(src, name)) != os.path.abspath(dst):
+                    shutil.copyfile(os.path.join(src, name), dst)

@@ -20,9 +20,10 @@ def _fmt(x) -> str:
     return str(x)
 
 
-def _table(df: pd.DataFrame) -> str:
+def markdown_table(df: pd.DataFrame, fmt=_fmt) -> str:
+    """``df`` as a Markdown table, every cell through ``fmt``."""
     lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
+    lines += ["| " + " | ".join(fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
     return "\n".join(lines)
 
 
@@ -143,16 +144,16 @@ def write_report(out: str, plots: bool = True) -> str:
             parts += [fh.read().strip(), "", "## All results", ""]
     if n_seeds > 1:
         cols.insert(3, "bpb_validation_spread")
-    parts += [_table(df[[c for c in cols if c in df.columns]])]
+    parts += [markdown_table(df[[c for c in cols if c in df.columns]])]
     div = df[df.any_diverged]
     if len(div):
         parts += ["", "Diverged (non-finite training loss): " + ", ".join(sorted(set(div.train)))]
     train_cols = ["train", "seed", "train_steps_done", "final_train_loss", "train_tokens_per_s", "train_wall_s"]
     per_run = raw.assign(seed=raw.get("seed", 0)).drop_duplicates(["train", "seed"])
-    parts += ["", "## Training", "", _table(per_run[train_cols])]
+    parts += ["", "## Training", "", markdown_table(per_run[train_cols])]
     pos_cols = [c for c in df.columns if c.startswith("bpb_pos")]
     if pos_cols:
-        parts += ["", "## Bits per byte by position (validation)", "", _table(df[["train", "eval", *pos_cols]])]
+        parts += ["", "## Bits per byte by position (validation)", "", markdown_table(df[["train", "eval", *pos_cols]])]
     if plots:
         made = _plots(df, out)
         parts += ["", "## Plots", ""] + [f"![{m}](plots/{m})" for m in made]

@@ -44,6 +44,7 @@ import torch
 
 from . import spectra
 from .data import eval_windows
+from .grid import copy_part_files
 from .model import SIZES, MesaLM, SolverConfig
 from .train import TrainConfig, evaluate, train
 
@@ -247,11 +248,12 @@ def _check_settings(out: str, study: Study) -> None:
             raise StudyError(f"{out} holds a study with other settings ({', '.join(differ)}): use another --out")
 
 
-def _write_settings(out: str, study: Study, temperatures, seeds) -> None:
+def _write_settings(out: str, name: str, settings: dict, temperatures, seeds) -> None:
+    """``out/study.json``: the study's name, the temperatures and seeds it holds, its settings."""
     tmp = os.path.join(out, "study.json.tmp")
     with open(tmp, "w") as fh:
-        json.dump({"name": study.name, "temperatures": sorted(temperatures), "seeds": sorted(seeds),
-                   "settings": study.settings()}, fh, indent=1)
+        json.dump({"name": name, "temperatures": sorted(temperatures), "seeds": sorted(seeds),
+                   "settings": settings}, fh, indent=1)
     os.replace(tmp, os.path.join(out, "study.json"))
 
 
@@ -268,7 +270,8 @@ def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = 
     os.makedirs(out, exist_ok=True)
     _check_settings(out, study)
     done = pd.read_csv(csv) if os.path.exists(csv) else pd.DataFrame(columns=["temperature", "seed"])
-    _write_settings(out, study, set(done.temperature) | set(study.temperatures), set(done.seed) | set(study.seeds))
+    _write_settings(out, study.name, study.settings(), set(done.temperature) | set(study.temperatures),
+                    set(done.seed) | set(study.seeds))
     for d in ("ckpt", "curves", "spectra", "trajectory"):
         os.makedirs(os.path.join(out, d), exist_ok=True)
     have = {(float(t), int(s)) for t, s in zip(done.temperature, done.seed, strict=True)}
@@ -323,8 +326,6 @@ def merge_studies(parts: list[str], out: str) -> int:
     """Merge study parts run separately (other seeds / temperatures, GPUs or sessions) into ``out``:
     their settings must agree; rows keyed by (T, seed), the first part's row kept; curves and spectra
     copied. Returns the number of rows."""
-    import shutil
-
     import pandas as pd
 
     settings, frames, temps, seeds, name = None, [], set(), set(), None
@@ -344,17 +345,8 @@ def merge_studies(parts: list[str], out: str) -> int:
     merged = merged.sort_values(["seed", "temperature"]).reset_index(drop=True)
     os.makedirs(out, exist_ok=True)
     merged.to_csv(os.path.join(out, "results.csv"), index=False)
-    with open(os.path.join(out, "study.json"), "w") as fh:
-        json.dump({"name": name, "temperatures": sorted(temps), "seeds": sorted(seeds), "settings": settings},
-                  fh, indent=1)
-    for part in parts:
-        for d in ("curves", "spectra", "trajectory"):
-            src = os.path.join(part, d)
-            os.makedirs(os.path.join(out, d), exist_ok=True)
-            for f in sorted(os.listdir(src)) if os.path.isdir(src) else []:
-                dst = os.path.join(out, d, f)
-                if os.path.abspath(os.path.join(src, f)) != os.path.abspath(dst):
-                    shutil.copyfile(os.path.join(src, f), dst)
+    _write_settings(out, name, settings, temps, seeds)
+    copy_part_files(parts, out, ("curves", "spectra", "trajectory"))
     return len(merged)
 
 

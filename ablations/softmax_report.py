@@ -28,6 +28,8 @@ import os
 import pandas as pd
 
 from . import spectra
+from .model import SIZES
+from .report import markdown_table
 from .softmax import parity, rank_trend, run_name
 
 
@@ -48,9 +50,7 @@ def _fmt(x) -> str:
 
 
 def _table(df: pd.DataFrame) -> str:
-    lines = ["| " + " | ".join(map(str, df.columns)) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(_fmt(v) for v in r) + " |" for r in df.itertuples(index=False)]
-    return "\n".join(lines)
+    return markdown_table(df, _fmt)
 
 
 def _trajectories(out: str) -> pd.DataFrame:
@@ -186,7 +186,7 @@ def _plots(df: pd.DataFrame, traj: pd.DataFrame, out: str, meta: dict, loss_band
     ok = df[~df.diverged.astype(bool)]
     tab = ok.groupby("temperature")
     ts = sorted(ok.temperature.unique())
-    d_model = {"tiny": 64, "small": 256}.get(str(ok["size"].iloc[0]), None)
+    d_model = SIZES[str(ok["size"].iloc[0])].d_model
     cmap = plt.get_cmap("viridis")
     color = {t: cmap(i / max(1, len(ts) - 1)) for i, t in enumerate(ts)}
 
