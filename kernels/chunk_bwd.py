@@ -47,7 +47,9 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 from .chunk_state import MIN_DOT_BLOCK
 
 if triton is not None:
-    from .chunk_cg import _chunk_tile, _cum_log_decay, _dot, _gates, _mm, _operand, _split
+    from .chunk_cg import _chunk_tile, _dot, _gates, _mm, _operand, _split
+    from .chunk_state import decay_add
+    from .gates import chunk_log_decay, end_decays, pair_decay, start_decay
 
     @triton.jit
     def _mmp(a, b, OP: tl.constexpr, SOFT: tl.constexpr, B_EXACT: tl.constexpr, A_EXACT: tl.constexpr = False):
@@ -96,27 +98,27 @@ if triton is not None:
         o_s = o_l[:, None] * D + o_d[None, :]
         bh64 = i_bh.to(tl.int64)
         if HAS_FINAL:
-            acc = tl.load(sT_ptr + bh64 * DL * D + o_s, mask=m_s, other=0.0).to(tl.float32) * inv_s
+            hi = tl.load(sT_ptr + bh64 * DL * D + o_s, mask=m_s, other=0.0).to(tl.float32) * inv_s
         else:
-            acc = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+            hi = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+        lo = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # compensation of the running fp32 sum
         i_c = N - 1
         while i_c >= 0:  # a while loop: the interpreter cannot range() over a runtime bound
-            tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, acc.to(s_ptr.dtype.element_ty), mask=m_s)
+            tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, (hi + lo).to(s_ptr.dtype.element_ty), mask=m_s)
             t = i_c * C + o_c
             m_t = (o_c < C) & (t < T)
             row = (i_b.to(tl.int64) * T + t) * H + i_h
-            gam = _cum_log_decay(g_ptr, row, m_t)
-            # Gam_C: the cumsum is non-increasing and masked tokens add exact zeros (as in chunk_state)
-            gam_C = tl.min(gam, axis=0)
-            # L^T as a [BLOCK_R, BLOCK_C] tile (rows of the state block), scaled by SIGN exp(Gam_t)
+            gam, seg = chunk_log_decay(g_ptr, row, m_t)
+            _, d = end_decays(gam, seg)  # decay over the whole chunk (0 across a reset)
+            # L^T as a [BLOCK_R, BLOCK_C] tile (rows of the state block), scaled by SIGN zeta_{t, chunk start}
             Lt = tl.load(l_ptr + row[None, :] * DL + o_l[:, None], mask=m_l[:, None] & m_t[None, :], other=0.0)
-            Lt = Lt.to(tl.float32) * (SIGN * tl.exp(gam))[None, :]
+            Lt = Lt.to(tl.float32) * (SIGN * start_decay(gam, seg))[None, :]
             if SCALE_L:
                 Lt = Lt * inv_s
             X = tl.load(x_ptr + row[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
-            acc = tl.exp(gam_C) * acc + _mmp(Lt, X.to(tl.float32), OP, SOFT, False)
+            hi, lo = decay_add(hi, lo, d, _mmp(Lt, X.to(tl.float32), OP, SOFT, False), True)
             i_c -= 1
-        tl.store(s0_ptr + bh64 * DL * D + o_s, acc * tl.load(scale_ptr + 1), mask=m_s)
+        tl.store(s0_ptr + bh64 * DL * D + o_s, (hi + lo) * tl.load(scale_ptr + 1), mask=m_s)
 
     @triton.jit
     def _contract_kernel(
@@ -133,12 +135,11 @@ if triton is not None:
         i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         m_td = m_t[:, None] & m_d[None, :]
         m_tv = m_t[:, None] & m_v[None, :]
-        gam, beta = _gates(g_ptr, beta_ptr, row, m_t)
-        gam_C = tl.min(gam, axis=0)
+        gam, seg, beta = _gates(g_ptr, beta_ptr, row, m_t)
         causal = o_c[:, None] >= o_c[None, :]
-        Mz = tl.where(causal, tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0)), 0.0)  # [t, s]
+        Mz = pair_decay(gam, seg, causal)  # [t, s] = zeta_ts (0 across a reset)
         M = Mz * beta[None, :]
-        ez = tl.exp(gam_C - gam)  # exp(Gam_C - Gam_s)
+        ez, _ = end_decays(gam, seg)  # zeta_{C,s}: from token s to the chunk end
         w = beta * ez
 
         K = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)

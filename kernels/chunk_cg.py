@@ -51,6 +51,7 @@ RESIDUAL_FLOOR = 2.0**-48
 
 if triton is not None:
     from .chunk_state import _round
+    from .gates import chunk_log_decay, pair_decay, start_decay
 
     # jit functions may only read globals that are constexpr
     _FLOOR = tl.constexpr(RESIDUAL_FLOOR)
@@ -120,13 +121,19 @@ if triton is not None:
         return c
 
     @triton.jit
-    def _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP: tl.constexpr, SOFT: tl.constexpr,
-                K_EXACT: tl.constexpr):
-        """A(P) = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam) for a [BLOCK_C, BLOCK_D] tile."""
-        inter = eG[:, None] * _mm(p, H_hi, H_lo, OP, SOFT, False)
-        s = _mm(p, Kt_hi, Kt_lo, OP, SOFT, K_EXACT) * M
-        intra = _mm(s, K_hi, K_lo, OP, SOFT, K_EXACT)
-        return inter + intra + p * lam[None, :]
+    def _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP_H: tl.constexpr, OP_K: tl.constexpr,
+                SOFT: tl.constexpr, K_EXACT: tl.constexpr):
+        """A(P) = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam) for a [BLOCK_C, BLOCK_D] tile.
+
+        ``OP_H``: the precision of the product with the state (it carries the large norm ||H_c||),
+        ``OP_K``: of the two products with the chunk's own keys. The sum is grouped as
+        ``inter + (intra + P lam)``: a bare dot added to a tile is folded by Triton into a dot that
+        accumulates into that tile, which must not be the large inter-chunk term (its rounding would
+        then be paid once per key instead of once)."""
+        inter = eG[:, None] * _mm(p, H_hi, H_lo, OP_H, SOFT, False)
+        s = _mm(p, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
+        intra = _mm(s, K_hi, K_lo, OP_K, SOFT, K_EXACT)
+        return inter + (intra + p * lam[None, :])
 
     @triton.jit
     def _chunk_tile(T, H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
@@ -147,14 +154,10 @@ if triton is not None:
         return i_c, i_bh, i_h, o_c, o_d, o_v, o_d < D, o_v < Dv, m_t, row
 
     @triton.jit
-    def _cum_log_decay(g_ptr, row, m_t):
-        """Gam_i = sum_{j<=i} g_j over a chunk, float32 (masked tokens read g = 0: no decay)."""
-        return tl.cumsum(tl.load(g_ptr + row, mask=m_t, other=0.0).to(tl.float32), axis=0)
-
-    @triton.jit
     def _gates(g_ptr, beta_ptr, row, m_t):
-        """(Gam, beta) of a chunk; masked tokens read g = 0, beta = 0 and change nothing."""
-        return _cum_log_decay(g_ptr, row, m_t), tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
+        """(Gam, seg, beta) of a chunk (:mod:`kernels.gates`); masked tokens read g = 0, beta = 0."""
+        gam, seg = chunk_log_decay(g_ptr, row, m_t)
+        return gam, seg, tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
 
     @triton.jit
     def _pow2_row_scale(Q):
@@ -178,14 +181,22 @@ if triton is not None:
         return z, rz, r0, active
 
     @triton.jit
-    def _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):
+    def _cg_step(Ap, x, r, p, rz, rn, r0, active, count, broke, diag, tol, PRECOND: tl.constexpr,
+                 HAS_TOL: tl.constexpr):
         """One CG update of every active row given ``A p``; frozen rows keep their values.
 
-        Breakdown (``p.Ap <= 0`` or NaN) and a residual at the floor (``||r|| <= 2^-48 ||r_0||``,
-        :data:`RESIDUAL_FLOOR`; exactly zero included) take a row out, and with a tolerance so does
-        ``||r|| <= tol ||r_0||``. Returns (x, r, p, r.z, ||r||, active, count)."""
+        Breakdown (``p.Ap <= 0`` or NaN) takes a row out and is recorded in ``broke``; a non-finite
+        ``p.Ap`` (an overflowed state or product, NaN input) also sets the row's x to NaN, so that the
+        output is NaN rather than a finite stale iterate. A residual at the floor
+        (``||r|| <= 2^-48 ||r_0||``, :data:`RESIDUAL_FLOOR`; exactly zero included) takes a row out,
+        and with a tolerance so does ``||r|| <= tol ||r_0||``. Returns
+        (x, r, p, r.z, ||r||, active, count, broke)."""
         pAp = tl.sum(p * Ap, axis=1)
-        active = active & (pAp > 0)
+        ok = pAp > 0
+        broke = broke | (active & ~ok)
+        overflow = active & ~(tl.abs(pAp) < float("inf"))  # inf or NaN
+        x = tl.where(overflow[:, None], float("nan"), x)
+        active = active & ok & ~overflow
         alpha = tl.where(active, rz / tl.where(active, pAp, 1.0), 0.0)
         x = tl.where(active[:, None], x + alpha[:, None] * p, x)
         r = tl.where(active[:, None], r - alpha[:, None] * Ap, r)
@@ -202,42 +213,55 @@ if triton is not None:
         b = tl.where(still, rz_new / tl.where(still, rz, 1.0), 0.0)
         p = tl.where(still[:, None], z + b[:, None] * p, p)
         rz = tl.where(still, rz_new, rz)
-        return x, r, p, rz, rn, still, count
+        return x, r, p, rz, rn, still, count, broke
 
+    @triton.heuristics({
+        "ADJOINT": lambda a: a["xf_ptr"] is not None,
+        "HAS_CLASS": lambda a: a["cls_ptr"] is not None,
+        "CERT": lambda a: a["cert_ptr"] is not None,
+    })
     @triton.jit
     def _chunk_cg_kernel(
-        q_ptr, k_ptr, v_ptr,  # [B*T, H, D], [B*T, H, D], [B*T, H, Dv] contiguous (input dtype)
+        q_ptr, k_ptr, v_ptr,  # [B*T, H, D] (e [B*T, H, Dv] with ADJOINT), [B*T, H, D], [B*T, H, Dv] contiguous
         g_ptr, beta_ptr,  # [B*T, H] float32
         lam_ptr,  # [H, D] float32
         Hc_ptr, Gc_ptr,  # [B, H, N, D, D], [B, H, N, Dv, D] state before each chunk (state dtype)
-        o_ptr,  # [B*T, H, Dv] output (float32)
+        o_ptr,  # forward: [B*T, H, Dv] output (float32); ADJOINT: [B*T, H] a0 (float32)
         x_ptr,  # [B*T, H, D] q-star, or y with ADJOINT (float32): kept for the backward
-        steps_ptr, res_ptr,  # [B*T, H] int32 step counts, float32 final relative residuals
-        xf_ptr, a_ptr,  # ADJOINT only: forward q-star [B*T, H, D] (read), a0 [B*T, H] (written, float32)
+        steps_ptr, res_ptr,  # [B*T, H] int32 step counts, float32 final relative (recursive) residuals
+        xf_ptr,  # optional (sets ADJOINT): the forward's q-star [B*T, H, D], read
         scale_ptr,  # ADJOINT only: [1/s, s] float32, e is read as e / s (see kernels.mesa._upstream_scale)
+        cls_ptr,  # optional (sets HAS_CLASS): [B*H*N] int8 precision class of every chunk (the auto policy)
+        cert_ptr,  # optional (sets CERT): [B*T, H, 4] float32 certificate (see below)
         T, N, tol, steps,  # tokens per sequence, chunks, relative tolerance (<= 0: none), step cap
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        OP: tl.constexpr,  # operand precision code (OP_CODES)
+        OP_H: tl.constexpr,  # operand precision (OP_CODES) of the products with the states H_c, G_c
+        OP_K: tl.constexpr,  # operand precision of the products with the chunk's keys and values
+        OP_CERT: tl.constexpr,  # operand precision of the certificate's residual
+        MY_CLASS: tl.constexpr,  # HAS_CLASS: the class of chunks this launch solves (others return at once)
         K_EXACT: tl.constexpr,  # k and v are bf16 tensors: exact bf16 operands (bf16x3 skips their lo part)
         X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr,
-        ADJOINT: tl.constexpr,  # backward: solve A y = G^T e (q_ptr holds e [B*T, H, Dv]); no output
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
+        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr, CERT: tl.constexpr,  # set by the heuristics
     ):
         i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
+        if HAS_CLASS:
+            if tl.load(cls_ptr + i_bh.to(tl.int64) * N + i_c) != MY_CLASS:
+                return
         m_td = m_t[:, None] & m_d[None, :]
 
         # gates: masked tokens read g = 0, beta = 0 (they change nothing and get q = 0)
-        gam, beta = _gates(g_ptr, beta_ptr, row, m_t)
-        eG = tl.exp(gam)
+        gam, seg, beta = _gates(g_ptr, beta_ptr, row, m_t)
+        eG = start_decay(gam, seg)
         causal = o_c[:, None] >= o_c[None, :]
-        # M_ij = exp(Gam_i - Gam_j) beta_j below the diagonal; the exponent is selected to 0 above it
-        M = tl.where(causal, tl.exp(tl.where(causal, gam[:, None] - gam[None, :], 0.0)), 0.0) * beta[None, :]
+        # M_ij = zeta_ij beta_j: the decay from token j to token i (zero across a reset), selected away above
+        M = pair_decay(gam, seg, causal) * beta[None, :]
         # padded coordinates get lam = 1: their r, p, x stay exactly 0 and the Jacobi diagonal stays > 0
         lam = tl.load(lam_ptr + i_h * D + o_d, mask=m_d, other=1.0).to(tl.float32)
 
         K = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        K_hi, K_lo = _split(K, OP, SOFT)
+        K_hi, K_lo = _split(K, OP_K, SOFT)
         Kt_hi = tl.trans(K_hi)
         Kt_lo = tl.trans(K_lo)
         m_tv = m_t[:, None] & m_v[None, :]
@@ -250,12 +274,10 @@ if triton is not None:
                          other=0.0).to(tl.float32)  # [BLOCK_DV, BLOCK_C] = V^T
             Gc = tl.load(Gc_ptr + g_base + o_v[:, None] * D + o_d[None, :], mask=m_v[:, None] & m_d[None, :],
                          other=0.0).to(tl.float32)  # [BLOCK_DV, BLOCK_D]
-            G_hi, G_lo = _split(Gc, OP, SOFT)
-            Vt_hi, Vt_lo = _split(Vt, OP, SOFT)
-            Q = eG[:, None] * _mm(E, G_hi, G_lo, OP, SOFT, False)
-            Q += _mm(_mm(E, Vt_hi, Vt_lo, OP, SOFT, K_EXACT) * M, K_hi, K_lo, OP, SOFT, K_EXACT)
-            # e_t . o_t = x_t . (G_t^T e_t): the first part of the log-decay term a0 (see below)
-            xq = tl.sum(tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0) * Q, axis=1)
+            G_hi, G_lo = _split(Gc, OP_H, SOFT)
+            Vt_hi, Vt_lo = _split(Vt, OP_K, SOFT)
+            Q = eG[:, None] * _mm(E, G_hi, G_lo, OP_H, SOFT, False)
+            Q += _mm(_mm(E, Vt_hi, Vt_lo, OP_K, SOFT, K_EXACT) * M, K_hi, K_lo, OP_K, SOFT, K_EXACT)
         else:
             Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         # per-token power-of-two scaling of the right-hand side (exact; undone on x below)
@@ -264,7 +286,7 @@ if triton is not None:
         s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
         m_dd = m_d[:, None] & m_d[None, :]
         Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
-        H_hi, H_lo = _split(Hc, OP, SOFT)
+        H_hi, H_lo = _split(Hc, OP_H, SOFT)
 
         diag = lam[None, :] + tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
         if PRECOND or X0_JACOBI:
@@ -273,22 +295,43 @@ if triton is not None:
 
         if X0_JACOBI:
             x = Q / diag
-            r = Q - _matvec(x, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP, SOFT, K_EXACT)
+            r = Q - _matvec(x, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP_H, OP_K, SOFT, K_EXACT)
         else:
             x = tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
             r = Q
         p, rz, r0, active = _cg_init(r, diag, m_t, tol, PRECOND, HAS_TOL)
         rn = r0
         count = tl.zeros([BLOCK_C], dtype=tl.int32)
+        broke = m_t & (o_c < 0)  # all False
         it = 0
         n_active = tl.sum(active.to(tl.int32), axis=0)
         # early exit: the chunk stops as soon as none of its tokens is active
         while (it < steps) & (n_active > 0):
-            Ap = _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP, SOFT, K_EXACT)
-            x, r, p, rz, rn, active, count = _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol,
-                                                      PRECOND, HAS_TOL)
+            Ap = _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP_H, OP_K, SOFT, K_EXACT)
+            x, r, p, rz, rn, active, count, broke = _cg_step(Ap, x, r, p, rz, rn, r0, active, count, broke, diag,
+                                                             tol, PRECOND, HAS_TOL)
             n_active = tl.sum(active.to(tl.int32), axis=0)
             it += 1
+
+        if CERT:
+            # the true residual R = Q - A(x), with products of precision OP_CERT on H_c and the keys
+            # reloaded (not the recursive r, which drifts from it in low precision), and the free
+            # conditioning numerator tr H_t = exp(Gam_t) tr H_c + sum_j M_tj ||k_j||^2
+            Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
+            Kc = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
+            Hc_hi, Hc_lo = _split(Hc, OP_CERT, SOFT)
+            Kc_hi, Kc_lo = _split(Kc, OP_CERT, SOFT)
+            r = Q - _matvec(x, Hc_hi, Hc_lo, Kc_hi, Kc_lo, tl.trans(Kc_hi), tl.trans(Kc_lo), M, eG, lam,
+                            OP_CERT, OP_CERT, SOFT, K_EXACT)
+            trHc = tl.sum(tl.load(Hc_ptr + s_base + o_d * (D + 1), mask=m_d, other=0.0).to(tl.float32), axis=0)
+            trH = eG * trHc + tl.sum(M * tl.sum(Kc * Kc, axis=1)[None, :], axis=1)
+            qn = tl.sqrt(tl.sum(Q * Q, axis=1))
+            qn1 = tl.where(qn > 0, qn, 1.0)
+            c_base = row * 4
+            tl.store(cert_ptr + c_base, tl.sqrt(tl.sum(r * r, axis=1)) / qn1, mask=m_t)
+            tl.store(cert_ptr + c_base + 1, tl.sqrt(tl.sum(x * x, axis=1)) / qn1, mask=m_t)
+            tl.store(cert_ptr + c_base + 2, trH, mask=m_t)
+            tl.store(cert_ptr + c_base + 3, broke.to(tl.float32), mask=m_t)
 
         x = x * q_scale[:, None]
         tl.store(steps_ptr + row, count, mask=m_t)
@@ -296,26 +339,28 @@ if triton is not None:
         tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)
 
         if ADJOINT:
-            # a0_t = e_t . o_t - y_t . (H_t x_t) with the forward's x (the backward's log-decay term is
-            # a_t = a0_t - beta_t dbeta_t, kernels.chunk_bwd): H_t x_t = A(x) - x diag(lam), formed here
-            # where H_c and the chunk's keys are already on chip
+            # the log-decay term a0_t = e_t . o_t - y_t . (H_t x_t) of the backward (kernels.chunk_bwd) with
+            # the forward's x, written without its cancellation: with the adjoint residual
+            # r_y = G_t^T e_t - A_t y_t, e.o = (G^T e).x = (A y + r_y).x = y.(H x) + y.(lam x) + r_y.x, so
+            # a0_t = y_t . (lam x_t) + r_y . x_t: no term of size ||H_t|| ||x|| ||y|| to cancel
+            # (r is the true residual with CERT, else the recursive one; both in units of 1/q_scale)
             Xf = tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0)
-            HX = _matvec(Xf, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam * 0.0, OP, SOFT, K_EXACT)
-            tl.store(a_ptr + row, xq - tl.sum(x * HX, axis=1), mask=m_t)
+            tl.store(o_ptr + row, tl.sum((x * lam[None, :] + r * q_scale[:, None]) * Xf, axis=1), mask=m_t)
         else:
             _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo, D, Dv,
-                    OP, SOFT, K_EXACT)
+                    OP_H, OP_K, SOFT, K_EXACT)
 
     @triton.jit
     def _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo,
-                D: tl.constexpr, Dv: tl.constexpr, OP: tl.constexpr, SOFT: tl.constexpr, K_EXACT: tl.constexpr):
+                D: tl.constexpr, Dv: tl.constexpr, OP_H: tl.constexpr, OP_K: tl.constexpr, SOFT: tl.constexpr,
+                K_EXACT: tl.constexpr):
         """O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V, stored as float32."""
         V = tl.load(v_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         GcT = tl.load(Gc_ptr + g_base + o_v[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_DV] = G_c^T
-        G_hi, G_lo = _split(GcT, OP, SOFT)
-        V_hi, V_lo = _split(V, OP, SOFT)
-        out = eG[:, None] * _mm(x, G_hi, G_lo, OP, SOFT, False)
-        s = _mm(x, Kt_hi, Kt_lo, OP, SOFT, K_EXACT) * M
-        out += _mm(s, V_hi, V_lo, OP, SOFT, K_EXACT)
+        G_hi, G_lo = _split(GcT, OP_H, SOFT)
+        V_hi, V_lo = _split(V, OP_K, SOFT)
+        inter = eG[:, None] * _mm(x, G_hi, G_lo, OP_H, SOFT, False)
+        s = _mm(x, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
+        out = inter + _mm(s, V_hi, V_lo, OP_K, SOFT, K_EXACT)
         tl.store(o_ptr + row[:, None] * Dv + o_v[None, :], out, mask=m_tv)

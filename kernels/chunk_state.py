@@ -59,12 +59,16 @@ INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # On the GPU tl.dot needs every block dimension >= 16 (the smallest MMA tile).
 MIN_DOT_BLOCK = 16
+# The compiled kernels of the latest launches ("H", "G"): a diagnostic hook for benchmarks (registers,
+# the IR); nothing in the library reads it.
+LAST_LAUNCH: dict = {}
 # Largest row/column tile of a state per program: a 64 x 64 float32 tile is 16 KiB of registers,
 # 32 registers per thread at 4 warps, which leaves room for the chunk's operand tiles.
 MAX_STATE_BLOCK = 64
 
 
 if triton is not None:
+    from .gates import chunk_log_decay, end_decays
 
     @triton.jit
     def _round(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
@@ -81,25 +85,45 @@ if triton is not None:
         return y
 
     @triton.jit
-    def _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l, o_k, m_l, m_k,
+    def decay_add(hi, lo, d, upd, COMPENSATE: tl.constexpr):
+        """``S <- d S + upd`` for a running state held as ``S = hi + lo`` (fp32 tiles).
+
+        COMPENSATE (fp32 states): the product ``d hi`` and the sum with ``upd`` are split into their
+        rounded values and exact errors (``fma(d, hi, -p)`` and the TwoSum
+        ``s = p + u, e = (p - (s - b)) + (u - b), b = s - p``), and the errors go to ``lo``: the state
+        then carries no accumulated rounding, only the final rounding of ``hi + lo`` when stored.
+        Without it the running state rounds once per chunk, i.e. its error grows like
+        ``sqrt(chunks) u ||S||``; worse, Triton folds ``dot(a, b) + S`` into a dot accumulating into
+        S, which on the FMA (ieee fp32) path rounds once per *token* at the size of the large state
+        (the fp32 policy's long-sequence defect). ``upd`` is used twice here, so it is never folded.
+        Without COMPENSATE (16-bit states) ``lo`` stays 0 and the caller rounds hi to the state dtype."""
+        if COMPENSATE:
+            p = d * hi
+            ep = tl.fma(d, hi, -p)
+            s = p + upd
+            b = s - p
+            es = (p - (s - b)) + (upd - b)
+            lo = tl.fma(d, lo, ep + es)
+            hi = s
+        else:
+            hi = tl.fma(d, hi, upd)
+        return hi, lo
+
+    @triton.jit
+    def _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l, o_k, m_l, m_k,
                     m_s, o_s, T, N, H: tl.constexpr, DL: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
                     W_LEFT: tl.constexpr, IS_FP32: tl.constexpr, IS_BF16: tl.constexpr,
-                    SOFT_BF16: tl.constexpr, SPLIT: tl.constexpr):
-        """Store the state before chunk ``i_c`` and return the state after it (float32 tile)."""
-        tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, state.to(s_ptr.dtype.element_ty), mask=m_s)
+                    SOFT_BF16: tl.constexpr, SPLIT: tl.constexpr, COMPENSATE: tl.constexpr):
+        """Store the state before chunk ``i_c`` and return the state after it (``hi + lo``, fp32 tiles)."""
+        tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, (hi + lo).to(s_ptr.dtype.element_ty), mask=m_s)
         t = i_c * C + o_c  # token index of each row of the chunk block
         m_t = (o_c < C) & (t < T)  # inside the chunk and inside the sequence
         row = (tok0 + t) * H + i_h  # [B, T, H] row of each token
         # masked tokens read g = 0 and beta = 0: they leave Gam and the state unchanged
-        g = tl.load(g_ptr + row, mask=m_t, other=0.0).to(tl.float32)
+        gam, seg = chunk_log_decay(g_ptr, row, m_t)
         beta = tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
-        gam = tl.cumsum(g, axis=0)  # Gam_i, inclusive, float32
-        # Gam_C: g <= 0 makes the cumsum non-increasing and the masked tail adds exact zeros,
-        # so its minimum is the value at the last real token (no gather needed). Taking the
-        # minimum also makes every exponent Gam_C - Gam_j <= 0 by construction, even where a
-        # parallel scan rounds non-monotonically.
-        gam_C = tl.min(gam, axis=0)
-        w = tl.exp(gam_C - gam) * beta
+        to_end, d = end_decays(gam, seg)
+        w = to_end * beta
         lt = tl.load(l_ptr + row[:, None] * DL + o_l[None, :], mask=m_t[:, None] & m_l[None, :], other=0.0)
         kt = tl.load(k_ptr + row[:, None] * D + o_k[None, :], mask=m_t[:, None] & m_k[None, :], other=0.0)
         # diag(w) goes on the factor the emulation puts it on (K^T diag(w) K = (w K)^T K for H,
@@ -140,10 +164,11 @@ if triton is not None:
             # bf16/fp16 MMA with fp32 accumulation; the fp32 operand is rounded (RTNE) to the input dtype
             in_ty = l_ptr.dtype.element_ty
             upd = tl.dot(tl.trans(lt.to(in_ty)), kt.to(in_ty))
-        state = tl.exp(gam_C) * state + upd
-        # accumulated in fp32, rounded to the state dtype as stored (no-op for float32 states)
-        state = _round(state, s_ptr.dtype.element_ty, SOFT_BF16)
-        return state
+        hi, lo = decay_add(hi, lo, d, upd, COMPENSATE)
+        if not COMPENSATE:
+            # accumulated in fp32, rounded to the state dtype as stored: a 16-bit state compounds its rounding
+            hi = _round(hi, s_ptr.dtype.element_ty, SOFT_BF16)
+        return hi, lo
 
     @triton.jit
     def _chunk_state_kernel(
@@ -170,6 +195,7 @@ if triton is not None:
         SOFT_BF16: tl.constexpr,  # bf16 rounding and bf16 dots done in software (interpreter)
         SPLIT: tl.constexpr,  # bf16x3 products (split-bf16 operands) instead of the input dtype's
         INTERPRET: tl.constexpr,  # running in the Triton interpreter (TRITON_INTERPRET=1)
+        COMPENSATE: tl.constexpr,  # fp32 states: carry the rounding errors in a second tile (decay_add)
     ):
         i_l = tl.program_id(0)
         i_k = tl.program_id(1)
@@ -187,34 +213,37 @@ if triton is not None:
         # int64 bases: B*T*H*D and B*H*N*DL*D can exceed 2^31 elements for long sequences
         bh64 = i_bh.to(tl.int64)
         tok0 = i_b.to(tl.int64) * T  # first token of this sequence in the [B*T] token index
-
         if HAS_INIT:
-            state = tl.load(s0_ptr + bh64 * DL * D + o_s, mask=m_s, other=0.0).to(tl.float32)
+            hi = tl.load(s0_ptr + bh64 * DL * D + o_s, mask=m_s, other=0.0).to(tl.float32)
         else:
-            state = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
+            hi = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
         # round to the state dtype, as every stored state is (no-op for float32 states)
-        state = _round(state, s_ptr.dtype.element_ty, SOFT_BF16)
+        hi = _round(hi, s_ptr.dtype.element_ty, SOFT_BF16)
+        lo = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
 
         if INTERPRET:
             # the interpreter passes runtime ints as 1-element numpy arrays and `range(N)` calls
             # int() on them, which recent numpy (2.4 here) refuses; a while loop compares instead
             i_c = 0
             while i_c < N:
-                state = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l,
-                                    o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
-                                    SOFT_BF16, SPLIT)
+                hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
+                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
+                                     SOFT_BF16, SPLIT, COMPENSATE)
                 i_c += 1
         else:
             for i_c in range(N):
-                state = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, state, i_c, bh64, tok0, i_h, o_c, o_l,
-                                    o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
-                                    SOFT_BF16, SPLIT)
+                hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
+                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
+                                     SOFT_BF16, SPLIT, COMPENSATE)
 
-        tl.store(sT_ptr + bh64 * DL * D + o_s, state.to(sT_ptr.dtype.element_ty), mask=m_s)
+        tl.store(sT_ptr + bh64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s)
 
 
 def _is_interpreted(fn) -> bool:
-    """Whether ``triton.jit`` made ``fn`` an interpreter function (TRITON_INTERPRET=1 at import)."""
+    """Whether ``triton.jit`` made ``fn`` an interpreter function (TRITON_INTERPRET=1 at import); a
+    ``triton.heuristics`` wrapper is looked through."""
+    while type(fn).__name__ == "Heuristics":
+        fn = fn.fn
     return type(fn).__name__ == "InterpretedFunction"
 
 
@@ -330,12 +359,13 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
         DL = left.shape[3]
         BLOCK_L = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(DL)))
         grid = (triton.cdiv(DL, BLOCK_L), triton.cdiv(D, BLOCK_K), B * Hh)
-        _chunk_state_kernel[grid](
+        LAST_LAUNCH["H" if w_left else "G"] = _chunk_state_kernel[grid](
             left, k, g, beta, s0 if s0 is not None else s, s, sT,
             T, Hh, DL, D, C, N,
             BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
             HAS_INIT=s0 is not None, W_LEFT=w_left, IS_FP32=k.dtype == torch.float32,
             IS_BF16=k.dtype == torch.bfloat16, SOFT_BF16=interpreted, INTERPRET=interpreted, SPLIT=split,
+            COMPENSATE=state_dtype == torch.float32,
         )
     return Hc, Gc, (H_T, G_T)
 

@@ -77,11 +77,12 @@ if triton is not None:
         p, rz, r0, active = _cg_init(r, diag, valid, tol, PRECOND, HAS_TOL)
         rn = r0
         count = tl.zeros([1], dtype=tl.int32)
+        broke = valid & (count < 0)  # all False
         it = 0
         while (it < steps) & (tl.sum(active.to(tl.int32), axis=0) > 0):
             Ap = tl.sum(Hs * p, axis=1)[None, :] + lam[None, :] * p
-            x, r, p, rz, rn, active, count = _cg_step(Ap, x, r, p, rz, rn, r0, active, count, diag, tol,
-                                                      PRECOND, HAS_TOL)
+            x, r, p, rz, rn, active, count, broke = _cg_step(Ap, x, r, p, rz, rn, r0, active, count, broke, diag,
+                                                             tol, PRECOND, HAS_TOL)
             it += 1
         x = tl.sum(x * q_scale[:, None], axis=0)  # unscaled, back to a [BLOCK_D] vector
         o = tl.sum(Gs * x[None, :], axis=1)

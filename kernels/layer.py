@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from solvers.precision import DEFAULT_POLICY
+
 from .mesa import mesa_chunk
 
 # gamma cap of DESIGN.md: gamma = sigmoid(a) * (1 - (1 - 0.9975) beta^2)
@@ -44,6 +46,16 @@ class MesaCache:
     conv_k: torch.Tensor  # [B, H*D, CONV_SIZE - 1]
 
 
+def _rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
+    """``o / sqrt(mean(o^2) + eps)`` over the last dim, formed on ``o / s`` with ``s = max |o|`` (a row of
+    size 1e20 would overflow ``o^2`` in fp32 and give 0): ``o / s / sqrt(mean((o / s)^2) + eps / s^2)``.
+    A non-finite row gives NaN (a diverged model is not hidden); a zero row gives 0."""
+    s = o.detach().abs().amax(-1, keepdim=True)
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    on = o / s
+    return on * torch.rsqrt(on.pow(2).mean(-1, keepdim=True) + eps / s.pow(2))
+
+
 class MesaLayer(nn.Module):
     """Mesa sequence mixer; ``solver`` options (steps, tol, policy, backend, ...) go to ``mesa_chunk``.
 
@@ -61,7 +73,7 @@ class MesaLayer(nn.Module):
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = head_dim or d_model // n_heads
         self.value_dim = value_dim or self.head_dim
-        self.solver = {"policy": "fp32", **solver}
+        self.solver = {"policy": DEFAULT_POLICY, **solver}
         if self.solver.get("method", "cg") in ("cg", "chebyshev"):
             self.solver.setdefault("steps", 30)  # the iterative solvers' default step cap
         self.last_steps: torch.Tensor | None = None
@@ -137,7 +149,7 @@ class MesaLayer(nn.Module):
 
             opts.pop("backend", None)
             opts.pop("chunk_size", None)
-            policy = opts.pop("policy", "fp32")
+            policy = opts.pop("policy")
             # the policy, not an enclosing autocast, sets the solver's precision
             with torch.autocast(q.device.type, enabled=False):
                 res = solvers.solve(solvers.MesaProblem(q, k, v, g, beta, self.lam.to(q.dtype), init), method,
@@ -145,8 +157,7 @@ class MesaLayer(nn.Module):
             o, state = res.o, res.final_state
             self.last_steps = None if res.steps is None else res.steps.detach()
         B, T = u.shape[:2]
-        o = o.to(q.dtype)
-        o = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + self.norm_eps) * self.norm_weight
+        o = _rms_norm(o.to(q.dtype), self.norm_eps) * self.norm_weight
         o = o.reshape(B, T, self.n_heads * self.value_dim)
         if self.z_proj is not None:
             o = o * F.silu(self.z_proj(u).to(o.dtype))

@@ -10,14 +10,25 @@ the peer op: ``q, k: [B,T,H,D]``, ``v: [B,T,H,Dv]``, ``g, beta: [B,T,H]`` (g = l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from solvers import get_policy, validate_inputs
+from solvers import MesaProblem, get_policy, validate_inputs
+from solvers import certificate as cert
 from solvers.cg import PRECOND_CHOICES, check_iteration_options
+from solvers.gates import segmented_cumsum_grad
 from solvers.implicit import MesaImplicit, SolveConfig, implicit_backward
-from solvers.precision import PrecisionPolicy
+from solvers.precision import (
+    AUTO_OPS,
+    AUTO_TARGET,
+    AUTO_TIERS,
+    DEFAULT_POLICY,
+    UNIT_ROUNDOFF,
+    PrecisionPolicy,
+    auto_tier_index,
+)
 
 from . import chunk_cg, decode
 from .chunk_state import MIN_DOT_BLOCK, _is_interpreted, chunk_states
@@ -27,10 +38,9 @@ try:
 except ImportError:  # pragma: no cover
     triton = None
 
-# The default precision policy of the kernels (see benchmarks/README.md for the measurements
-# that chose it): bf16x3 split-precision products (three bf16 MMAs, ~16 bits) with fp32 states.
-DEFAULT_POLICY = "bf16x3"
-KERNEL_POLICIES = ("fp32", "tf32", "bf16x3", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state",
+# The default precision policy (solvers.precision.DEFAULT_POLICY, shared with the layer and the guard):
+# "auto", conditioning-aware operand precision per chunk with fp32 states, covered by the certificate.
+KERNEL_POLICIES = ("auto", "fp32", "tf32", "bf16x3", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state",
                    "fp16-fp16state")
 BACKENDS = ("auto", "triton", "torch")
 # Largest head dims the fused CG kernel holds on chip (H_c is a D x D tile).
@@ -42,11 +52,18 @@ LAST_LAUNCH: dict = {}
 
 @dataclass
 class MesaStats:
-    """Per-token solver statistics of a ``mesa_chunk`` / ``mesa_step`` call."""
+    """Per-token solver statistics of a ``mesa_chunk`` / ``mesa_step`` call.
+
+    ``certificate`` (:class:`solvers.certificate.Certificate`, when ``check`` is not None): the true
+    relative residual, the free condition bound and the certified forward-error bound of every token;
+    ``adjoint_certificate`` the same for the backward's adjoint solve, filled in by the backward."""
 
     steps: torch.Tensor  # [B,T,H] int32 CG iterations per token
-    residual: torch.Tensor  # [B,T,H] float32 final relative residual ||r_k|| / ||r_0||
+    residual: torch.Tensor  # [B,T,H] float32 final relative residual ||r_k|| / ||r_0|| (the recursive one)
     x: torch.Tensor | None = None  # [B,T,H,D] float32 q-star
+    breakdown: torch.Tensor | None = None  # [B,T,H] bool: CG stopped on p.Ap <= 0 or NaN
+    certificate: cert.Certificate | None = None
+    adjoint_certificate: cert.Certificate | None = None
 
     @property
     def mean_steps(self) -> float:
@@ -79,7 +96,8 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
                precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 32,
                initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
                return_x: bool = False, validate: bool = True, num_warps: int | None = None, backend: str = "auto",
-               bwd_steps: int | None = None, bwd_tol: float | None = None, bwd_contractions: str = "triton"):
+               bwd_steps: int | None = None, bwd_tol: float | None = None, bwd_contractions: str = "triton",
+               check: str | None = "warn", check_tol: float | None = None):
     """Mesa layer: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG; differentiable.
 
     Args:
@@ -90,7 +108,8 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
             tokens meet it.
         x0: initial guess, ``"zero"`` or ``"jacobi"`` (q / diag(H_t + Lambda)).
         precond: ``None`` or ``"jacobi"``.
-        policy: precision policy name or object (default ``DEFAULT_POLICY``).
+        policy: precision policy name or object (default ``DEFAULT_POLICY``, ``"auto"``: each chunk's
+            operand precision from the free bound on its systems, fp32 states; solvers/precision.py).
         chunk_size: tokens per chunk (any positive int; power-of-two blocks are masked). The default 32
             was faster than 64 on an H100 at D = 128 (benchmarks/README.md).
         initial_state: ``(H0 [N,H,D,D], G0 [N,H,Dv,D])``, N = B (or the number of packed sequences).
@@ -112,11 +131,45 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
             the kernels of :mod:`kernels.chunk_bwd` (``"triton"``, the default: 25-50x faster than
             ``"torch"`` on an H100, benchmarks/README.md) or in PyTorch (``"torch"``: the chunkwise
             formulas of :func:`solvers.implicit.chunked_gradients`, fp32, a cross-check).
+        check: the accuracy certificate (:mod:`solvers.certificate`) of every token's x and, in the
+            backward, of the adjoint solve: ``"warn"`` (default: a ``CertificateWarning`` when a
+            certified relative error exceeds ``check_tol``), ``"raise"`` (``CertificateError``) or
+            ``None`` (not computed). The message names the worst token and head, the bound, kappa and a
+            policy that would pass. The certificate is in the stats (``return_stats``).
+        check_tol: the threshold (default: the policy's ``check_tol``, sqrt(u)).
+
+    The op computes in the policy's precision whatever ``torch.autocast`` is active.
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
         ``return_stats``.
     """
+    cert.check_mode(check)
+    if check_tol is not None and not (isinstance(check_tol, (int, float)) and check_tol > 0):
+        raise ValueError(f"check_tol must be a positive float or None, got {check_tol!r}")
+    dev_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
+    with torch.autocast(dev_type, enabled=False):  # the policy decides the precision, not autocast
+        out, stats, pol = _mesa_chunk(
+            q, k, v, g, beta, lam, steps=steps, tol=tol, x0=x0, precond=precond, policy=policy,
+            chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens, validate=validate,
+            num_warps=num_warps, backend=backend, bwd_steps=bwd_steps, bwd_tol=bwd_tol,
+            bwd_contractions=bwd_contractions, check=check, check_tol=check_tol)
+    if stats.certificate is not None:
+        stats.certificate.check(check, pol)
+    res = [out[0]]
+    if output_final_state:
+        res.append(out[1])
+    if return_stats or return_x:
+        if not return_x:
+            stats.x = None
+        res.append(stats)
+    return res[0] if len(res) == 1 else tuple(res)
+
+
+def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk_size, initial_state, cu_seqlens,
+                validate, num_warps, backend, bwd_steps, bwd_tol, bwd_contractions, check, check_tol):
+    """mesa_chunk without the final check: ``((o, (H_T, G_T)), stats, policy)``; the stats hold x and,
+    when ``check`` is not None, the certificate."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -140,69 +193,161 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
                              f"got D = {D}, Dv = {Dv}")
     else:
         pol = get_policy(policy)
-    return_stats = return_stats or return_x
+    threshold = pol.check_tol if check_tol is None else float(check_tol)
     if cu_seqlens is not None:
-        return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats,
+        return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state,
                        dict(steps=steps, tol=tol, x0=x0, precond=precond, policy=pol, chunk_size=chunk_size,
-                            return_x=return_x, validate=False, num_warps=num_warps, backend=backend,
-                            bwd_steps=bwd_steps, bwd_tol=bwd_tol, bwd_contractions=bwd_contractions))
+                            validate=False, num_warps=num_warps, backend=backend, bwd_steps=bwd_steps,
+                            bwd_tol=bwd_tol, bwd_contractions=bwd_contractions, check=check, check_tol=threshold))
     cfg = SolveConfig(pol, steps, tol, x0, precond, chunk_size, bwd_steps, bwd_tol)
     H0, G0 = (None, None) if initial_state is None else initial_state
+    stats = MesaStats(None, None)
+    certify = (check, threshold) if check is not None else None
     if backend == "torch":
         o, H_T, G_T, x, n_steps, res = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg)
+        brk = None
+        if certify is not None:
+            stats.certificate = cert.certify_exact(_problem(q, k, v, g, beta, lam, initial_state), x.detach(), pol,
+                                                   threshold=threshold, chunk_size=cfg.chunk_size)
     else:
-        o, H_T, G_T, x, n_steps, res = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg, num_warps,
-                                                         bwd_contractions)
-    out = [o]
-    if output_final_state:
-        out.append((H_T, G_T))
-    if return_stats:
-        out.append(MesaStats(n_steps, res, x if return_x else None))
-    return out[0] if len(out) == 1 else tuple(out)
+        o, H_T, G_T, x, n_steps, res, cert_buf = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg, num_warps,
+                                                                 bwd_contractions, certify, stats)
+        brk = None if cert_buf is None else cert_buf[..., 3] > 0
+        if certify is not None:
+            stats.certificate = _kernel_certificate(cert_buf, (q, k, v, g, beta, lam, initial_state), x, pol, cfg,
+                                                    threshold)
+    stats.steps, stats.residual, stats.x, stats.breakdown = n_steps, res, x, brk
+    return (o, (H_T, G_T)), stats, pol
+
+
+def _problem(q, k, v, g, beta, lam, initial_state, cu_seqlens=None) -> MesaProblem:
+    """The inputs as a :class:`MesaProblem` (detached), for the float64 certificate."""
+    init = None if initial_state is None else tuple(t.detach() for t in initial_state)
+    return MesaProblem(q.detach(), k.detach(), v.detach(), g.detach(), beta.detach(), lam.detach(), init, cu_seqlens)
+
+
+def _kernel_certificate(buf, inputs, x, pol: PrecisionPolicy, cfg: SolveConfig, threshold: float, e=None,
+                        what: str = "x") -> cert.Certificate:
+    """Tier 1 from the kernel's certificate buffer ``[B,T,H,4]`` (rho, nu, tr H_t, breakdown), then, if it
+    fails, tier 2 (float64 residual from the inputs) for a tight verdict (solvers/certificate.py)."""
+    q, k, v, g, beta, lam, init = inputs
+    B, T, H, D = q.shape
+    C = min(cfg.chunk_size, T)
+    N = -(-T // C)
+    rho, nu, trH = (buf[..., i].double() for i in range(3))
+    lam64 = lam.detach().double()
+    lam_min, lam_max = lam64.min(-1).values, lam64.max(-1).values
+    kappa = (trH + lam_max) / lam_min
+    # the residual's rounding: cert products (per token for auto: the tier of its chunk) + fp32 accumulation
+    acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
+    if pol.operand == "auto":
+        u_c = torch.where(kappa * UNIT_ROUNDOFF[AUTO_TIERS[1]] <= AUTO_TARGET, UNIT_ROUNDOFF["bf16x3"],
+                          UNIT_ROUNDOFF["fp32"])
+    else:
+        u_c = UNIT_ROUNDOFF[cert.cert_operand(pol)]
+    gamma_c = 2 * u_c + acc
+    k_rounded = UNIT_ROUNDOFF[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                               torch.float64: "fp64"}[k.dtype]] < UNIT_ROUNDOFF[pol.input]
+    eps_S = cert.state_error(pol, None, N, pol.state == "fp32", k_rounded)
+    if UNIT_ROUNDOFF[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
+                      torch.float64: "fp64"}[q.dtype]] < UNIT_ROUNDOFF[pol.input]:
+        rho = rho + UNIT_ROUNDOFF[pol.input]  # q rounded to the policy's input dtype
+    bound = cert.bound_from(rho, nu, trH, lam_min, lam_max, gamma_c, eps_S)
+    bound = torch.where(torch.isfinite(x.detach()).all(-1), bound, math.inf)
+    c = cert.Certificate(rho, kappa, bound, buf[..., 3] > 0, threshold, 1, what)
+    if c.ok:
+        return c
+    exact = cert.certify_exact(_problem(q, k, v, g, beta, lam, init), x.detach(), pol, threshold=threshold, e=e,
+                               breakdown=c.breakdown, chunk_size=64, what=what)
+    # a non-finite x stays failed; otherwise the float64 residual decides
+    return exact
 
 
 class TritonMesa(torch.autograd.Function):
     """The Triton forward with the implicit backward: the adjoint CG solve in the Triton kernel, the
     gradient contractions in the kernels of :mod:`kernels.chunk_bwd` (or by
     :func:`solvers.implicit.implicit_backward` in PyTorch, ``bwd_contractions="torch"``). The upstream
-    gradients are scaled by a power of two first (:func:`_upstream_scale`)."""
+    gradients are scaled by a power of two first (:func:`_upstream_scale`). With ``certify =
+    (mode, threshold)`` both solves write the certificate buffer; the adjoint's certificate goes to
+    ``stats.adjoint_certificate`` and is checked in the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps, bwd_contractions):
+    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps, bwd_contractions, certify, stats):
         init = None if H0 is None else (H0, G0)
-        o, (H_T, G_T), n_steps, res, x = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps)
+        o, (H_T, G_T), n_steps, res, x, buf = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps,
+                                                              certify=certify is not None)
         ctx.cfg, ctx.num_warps, ctx.bwd_contractions = cfg, num_warps, bwd_contractions
+        ctx.certify, ctx.stats = certify, stats
         ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, x)
         ctx.mark_non_differentiable(x, n_steps, res)
-        return o, H_T, G_T, x, n_steps, res
+        if buf is not None:
+            ctx.mark_non_differentiable(buf)
+        return o, H_T, G_T, x, n_steps, res, buf
 
     @staticmethod
-    def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res):
+    def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res, _d_buf):
         *inputs, x = ctx.saved_tensors
         q, k, v, g, beta, lam, H0, G0 = inputs
         init = None if H0 is None else (H0, G0)
         needs = ctx.needs_input_grad[:8]
         do = do.contiguous()
-        if ctx.bwd_contractions == "triton":
-            return (*_triton_backward(inputs, needs, x, ctx.cfg, ctx.num_warps, do, dH_T, dG_T), None, None, None)
-        # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode), on e / s
+        none = (None,) * 5
+        # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode), on e / s;
+        # it also forms a0 = e.o - y.(H x) of the log-decay gradient
         sc = _upstream_scale(do, dH_T, dG_T)
-        *_, y = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do, x_fwd=x, scale=sc)
+        a0, final, _, _, y, buf = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do,
+                                              x_fwd=x, scale=sc, certify=ctx.certify is not None)
+        if ctx.certify is not None:
+            mode, threshold = ctx.certify
+            c = _kernel_certificate(buf, (q, k, v, g, beta, lam, init), y, ctx.cfg.policy, ctx.cfg, threshold,
+                                    e=do.to(torch.float32) * sc[0], what="adjoint y")
+            ctx.stats.adjoint_certificate = c
+            c.check(mode, ctx.cfg.policy)
+        if ctx.bwd_contractions == "triton":
+            return (*_triton_backward(inputs, needs, x, y, a0, final, sc, ctx.cfg, do, dH_T, dG_T), *none)
         dH_T, dG_T = (None if t is None else t.to(torch.float32) * sc[0] for t in (dH_T, dG_T))
         grads = implicit_backward(inputs, needs, x, ctx.cfg, do.to(torch.float32) * sc[0], dH_T, dG_T, y=y)
-        return (*(None if t is None else t * sc[1] for t in grads), None, None, None)
+        return (*(None if t is None else t * sc[1] for t in grads), *none)
+
+
+def _launch_classes(pol: PrecisionPolicy):
+    """``[(class, (OP_H, OP_K, OP_CERT))]`` kernel codes of a policy's products: named policies have one
+    class (None: every chunk in one launch); ``auto`` one per tier of AUTO_TIERS, with AUTO_OPS's
+    products and the certificate in fp32 for the fp32 tier, bf16x3 otherwise."""
+    codes = chunk_cg.OP_CODES
+    if pol.operand == "auto":
+        return [(c, (codes[AUTO_OPS[t][0]], codes[AUTO_OPS[t][1]], codes["fp32" if t == "fp32" else "bf16x3"]))
+                for c, t in enumerate(AUTO_TIERS)]
+    op = codes[pol.operand]
+    return [(None, (op, op, codes[cert.cert_operand(pol)]))]
+
+
+def chunk_classes(Hc: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, lam: torch.Tensor, C: int) -> torch.Tensor:
+    """The ``auto`` tier of every chunk, ``[B*H*N]`` int8 (0, 1, 2 = AUTO_TIERS), from the free bound
+    ``kappa_c = (tr H_c + sum_{j in c} beta_j ||k_j||^2 + max lam) / min lam`` >= kappa of each of its
+    systems (tr H_t <= tr H_c + the chunk's sum, gamma <= 1). Elementwise torch, no host sync."""
+    B, T, H, D = k.shape
+    N = Hc.shape[2]
+    w = beta.to(torch.float32) * k.to(torch.float32).square().sum(-1)  # [B,T,H]
+    w = torch.nn.functional.pad(w, (0, 0, 0, N * C - T)).reshape(B, N, C, H).sum(2).transpose(1, 2)  # [B,H,N]
+    tr = torch.diagonal(Hc, dim1=-2, dim2=-1).to(torch.float32).sum(-1)  # [B,H,N]
+    lam32 = lam.to(torch.float32)
+    kappa = (tr + w + lam32.amax(-1)[None, :, None]) / lam32.amin(-1)[None, :, None]
+    return auto_tier_index(kappa).reshape(-1).contiguous()
 
 
 def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None,
-                    x_fwd=None, scale=None):
-    """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x).
+                    x_fwd=None, scale=None, certify: bool = False):
+    """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x,
+    certificate buffer [B,T,H,4] or None).
 
     With ``adjoint = e`` (``[B,T,H,Dv]``, the upstream gradient) and the forward's ``x_fwd`` the same
     kernel solves the adjoint systems ``A_t y_t = G_t^T e_t`` instead (its right-hand side formed in
     the kernel), with the backward's step cap and tolerance, and returns y in place of x and, in place
     of the output, the per-token ``a0_t = e_t.o_t - y_t.(H_t x_t)`` ``[B,T,H]`` of the log-decay
     gradient. With ``scale = [1/s, s]`` (:func:`_upstream_scale`) it reads e / s: y and a0 are then
-    those of e / s."""
+    those of e / s. The ``auto`` policy launches the CG kernel once per tier; each program whose
+    chunk (:func:`chunk_classes`) is of another tier returns at once."""
     interpreted = _is_interpreted(chunk_cg._chunk_cg_kernel)
     pol = cfg.policy
     D, Dv = q.shape[3], v.shape[3]
@@ -217,9 +362,9 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     lam = lam.to(torch.float32).contiguous()
     B, T, H, _ = q.shape
     C = min(cfg.chunk_size, T)
-    # the states' products follow the policy: bf16x3 splits (whatever the input dtype), otherwise the
-    # policy's input dtype (fp32 inputs -> ieee products)
-    split = pol.operand == "bf16x3"
+    # the states' products follow the policy: bf16x3 splits (whatever the input dtype; also auto's
+    # states), otherwise the policy's input dtype (fp32 inputs -> ieee products)
+    split = pol.operand in ("bf16x3", "auto")
     ks, vs = (k, v) if split else (k.to(in_dt), v.to(in_dt))
     Hc, Gc, final = chunk_states(ks, vs, g, beta, chunk_size=C, initial_state=initial_state,
                                  state_dtype=pol.state_dtype, check_values=False, split=split)
@@ -228,12 +373,13 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     x = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
     n_steps = torch.empty(B, T, H, dtype=torch.int32, device=dev)
     res = torch.empty(B, T, H, dtype=torch.float32, device=dev)
+    buf = torch.empty(B, T, H, 4, dtype=torch.float32, device=dev) if certify else None
     # the output o [B,T,H,Dv], or with the adjoint a0 [B,T,H]
     o = torch.empty(B, T, H, *(() if adjoint is not None else (Dv,)), dtype=torch.float32, device=dev)
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
     BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
-    tol, steps, rhs, xf, sc = cfg.tol, cfg.steps, q, x, res
+    tol, steps, rhs, xf, sc = cfg.tol, cfg.steps, q, None, None
     if adjoint is not None:
         sc = (torch.ones(2, dtype=torch.float32, device=dev) if scale is None
               else scale.to(device=dev, dtype=torch.float32).contiguous())
@@ -241,47 +387,53 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         steps = cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps
         rhs = adjoint.to(torch.float32).contiguous()
         xf = x_fwd.to(torch.float32).contiguous()
-    LAST_LAUNCH["chunk_cg" if adjoint is None else "chunk_cg_adjoint"] = chunk_cg._chunk_cg_kernel[(N, B * H)](
-        rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, o, sc,
-        T, N, float(tol) if tol is not None else -1.0, steps,
-        H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-        OP=chunk_cg.OP_CODES[pol.operand], K_EXACT=k.dtype == torch.bfloat16,
-        X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi",
-        HAS_TOL=tol is not None, SOFT=interpreted, ADJOINT=adjoint is not None,
-        num_warps=num_warps or (8 if BLOCK_D >= 128 and pol.operand in ("fp32", "tf32", "bf16x3") else 4),
-    )
-    return o, final, n_steps, res, x
+    classes = _launch_classes(pol)
+    cls = chunk_classes(Hc, k, beta, lam, C) if classes[0][0] is not None else None
+    for my_class, (op_h, op_k, op_cert) in classes:
+        wide = BLOCK_D >= 128 and chunk_cg.OP_CODES["bf16"] not in (op_h, op_k)
+        kernel = chunk_cg._chunk_cg_kernel[(N, B * H)](
+            rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, sc, cls, buf,
+            T, N, float(tol) if tol is not None else -1.0, steps,
+            H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
+            OP_H=op_h, OP_K=op_k, OP_CERT=op_cert, MY_CLASS=my_class or 0, K_EXACT=k.dtype == torch.bfloat16,
+            X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi", HAS_TOL=tol is not None,
+            SOFT=interpreted, num_warps=num_warps or (8 if wide else 4),
+        )
+        name = "chunk_cg" if adjoint is None else "chunk_cg_adjoint"
+        LAST_LAUNCH[name if my_class is None else f"{name}_{AUTO_TIERS[my_class]}"] = kernel
+    return o, final, n_steps, res, x, buf
 
 
-def _triton_backward(inputs, needs, x, cfg: SolveConfig, num_warps, do, dH_T, dG_T):
-    """The whole backward in kernels: the adjoint solve (CG kernel, ADJOINT mode, which also forms
-    a0 = e.o - y.(H x)), the reverse scan of the adjoint states and the per-chunk contractions
-    (:mod:`kernels.chunk_bwd`); dq = s y, dlam = -s sum x * y and dg = the reverse cumulative sum of
-    the per-token log-decay term are elementwise PyTorch operations. The kernels read the upstream
-    gradients divided by the power of two s of :func:`_upstream_scale` and return true gradients."""
+def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolveConfig, do, dH_T, dG_T):
+    """The backward contractions in kernels, after the adjoint solve (y, and a0 = e.o - y.(H x), from
+    the CG kernel in ADJOINT mode, read e / s): the reverse scan of the adjoint states and the
+    per-chunk contractions (:mod:`kernels.chunk_bwd`); dq = s y, dlam = -s sum x * y and dg = the
+    reverse cumulative sum of the per-token log-decay term, restarting at every hard reset
+    (:func:`solvers.gates.segmented_cumsum_grad`), are PyTorch operations. The kernels read the
+    upstream gradients divided by the power of two s of :func:`_upstream_scale` and return true
+    gradients."""
     from .chunk_bwd import chunk_contractions, reverse_states
 
     q, k, v, g, beta, lam, H0, G0 = inputs
-    init = None if H0 is None else (H0, G0)
-    sc = _upstream_scale(do, dH_T, dG_T)
-    a0, final, _, _, y = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps, adjoint=do, x_fwd=x, scale=sc)
     C = min(cfg.chunk_size, q.shape[1])
     pol = cfg.policy
-    DG, DH, dG0, dH0 = reverse_states(do, y, x, g, chunk_size=C, dH_T=dH_T, dG_T=dG_T, policy=pol, scale=sc)
+    # auto: the backward's products are those of its middle tier, bf16x3
+    bpol = get_policy("bf16x3") if pol.operand == "auto" else pol
+    DG, DH, dG0, dH0 = reverse_states(do, y, x, g, chunk_size=C, dH_T=dH_T, dG_T=dG_T, policy=bpol, scale=sc)
     # k and v as the CG kernel read them: bf16 / fp16 inputs as they are (exact operands), else the
     # policy's input dtype
     kk, vv = (k, v) if k.dtype == v.dtype and k.dtype in (torch.bfloat16, torch.float16) else (
         k.to(pol.input_dtype), v.to(pol.input_dtype))
-    dk, dv, dbeta, a = chunk_contractions(kk, vv, x, y, do, g, beta, DG, DH, a0, chunk_size=C, policy=pol,
+    dk, dv, dbeta, a = chunk_contractions(kk, vv, x, y, do, g, beta, DG, DH, a0, chunk_size=C, policy=bpol,
                                           scale=sc, grad_dtypes=(k.dtype, v.dtype))
     if dH_T is not None:
         a[:, -1] += (dH_T * final[0]).sum((-1, -2))
     if dG_T is not None:
         a[:, -1] += (dG_T * final[1]).sum((-1, -2))
-    # dg_s = sum_{t >= s} a_t, scanned along a contiguous time axis ([B,H,T]: a scan over an outer
-    # dimension is ~30x slower on the GPU)
+    # dg_s = sum_{t >= s in s's segment} a_t, scanned along a contiguous time axis ([B,H,T]: a scan over
+    # an outer dimension is ~30x slower on the GPU); zero at a reset
     at = a.transpose(1, 2).contiguous()
-    dg = torch.flip(torch.cumsum(torch.flip(at, [-1]), -1), [-1]).transpose(1, 2)
+    dg = segmented_cumsum_grad(at, g.transpose(1, 2).to(torch.float32)).transpose(1, 2)
     s = sc[1]
     dq = torch.mul(y, s, out=torch.empty(y.shape, dtype=q.dtype, device=y.device))  # in q's dtype: one pass
     out = (dq, dk, dv, dg, dbeta, -(x * y).sum(dim=(0, 1)) * s, dH0, dG0)
@@ -303,29 +455,35 @@ def _upstream_scale(*grads) -> torch.Tensor:
     return torch.stack([1.0 / s, s])
 
 
-def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, output_final_state, return_stats, opts):
-    """Packed sequences: each sequence runs from its own start state (one launch per sequence)."""
+def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, opts):
+    """Packed sequences: each sequence runs from its own start state (one launch per sequence); the
+    outputs, final states and stats (certificates included) are concatenated."""
     cs = cu_seqlens.tolist()
     outs, finals, stats = [], [], []
     for n, (a, b) in enumerate(zip(cs, cs[1:], strict=False)):
         init = None if initial_state is None else tuple(s[n:n + 1] for s in initial_state)
-        o, fin, st = mesa_chunk(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], lam,
-                                initial_state=init, output_final_state=True, return_stats=True, **opts)
+        (o, fin), st, pol = _mesa_chunk(q[:, a:b], k[:, a:b], v[:, a:b], g[:, a:b], beta[:, a:b], lam,
+                                        initial_state=init, cu_seqlens=None, **opts)
         outs.append(o)
         finals.append(fin)
         stats.append(st)
-    out = [torch.cat(outs, dim=1)]
-    if output_final_state:
-        out.append(tuple(torch.cat([f[i] for f in finals]) for i in range(2)))
-    if return_stats:
-        xs = [s.x for s in stats]
-        out.append(MesaStats(torch.cat([s.steps for s in stats], 1), torch.cat([s.residual for s in stats], 1),
-                             None if xs[0] is None else torch.cat(xs, 1)))
-    return out[0] if len(out) == 1 else tuple(out)
+
+    def cat(field):
+        vals = [getattr(s, field) for s in stats]
+        return None if vals[0] is None else torch.cat(vals, 1)
+
+    certs = [s.certificate for s in stats]
+    certificate = None if certs[0] is None else cert.Certificate(
+        *(torch.cat([getattr(c, f) for c in certs], 1) for f in ("residual", "kappa", "bound", "breakdown")),
+        certs[0].threshold, max(c.tier for c in certs), certs[0].what)
+    merged = MesaStats(cat("steps"), cat("residual"), cat("x"), cat("breakdown"), certificate)
+    final = tuple(torch.cat([f[i] for f in finals]) for i in range(2))
+    return (torch.cat(outs, dim=1), final), merged, pol
 
 
 def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
-              precond: str | None = None, return_stats: bool = False):
+              precond: str | None = None, return_stats: bool = False, check: str | None = "warn",
+              check_tol: float | None = None):
     """One decode step for one new token per sequence.
 
     Args:
@@ -336,8 +494,13 @@ def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | Non
         ``(o [B,H,Dv], new_state)`` in float32 (and the stats if ``return_stats``). The update is
         ``H' = gamma H + beta k k^T``, ``G' = gamma G + beta v k^T`` in float32, then CG on
         ``(H' + Lambda) x = q`` and ``o = G' x``.
+
+    ``check``, ``check_tol``: the accuracy certificate, as in :func:`mesa_chunk`; the residual
+    ``q - (H' + Lambda) x`` is formed in float64 from the given state (``B H D^2`` operations), the
+    threshold is that of the fp32 policy (the kernel computes in fp32).
     """
     interpreted = _require_triton(decode._decode_kernel)
+    cert.check_mode(check)
     check_iteration_options(steps, tol, x0)
     if precond not in PRECOND_CHOICES:
         raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
@@ -368,9 +531,35 @@ def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | Non
         H=H, D=D, Dv=Dv, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
         X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi", HAS_TOL=tol is not None,
     )
+    stats = MesaStats(n_steps, res, x)
+    if check is not None:
+        stats.certificate = _step_certificate(q, k, g, beta, lam, state, x, check_tol)
+        stats.certificate.check(check, get_policy("fp32"))
     if squeeze:
         o = o[:, None]
     out = (o, (Hn, Gn))
     if return_stats:
-        out = out + (MesaStats(n_steps, res, x),)
+        out = out + (stats,)
     return out
+
+
+def _step_certificate(q, k, g, beta, lam, state, x, check_tol) -> cert.Certificate:
+    """The certificate of one decode step (``[B,1,H]`` tensors): float64 residual from the given state."""
+    f64 = torch.float64
+    H64 = torch.exp(g.to(f64))[..., None, None] * state[0].to(f64)
+    kk = k.to(f64)
+    H64 = H64 + beta.to(f64)[..., None, None] * kk[..., :, None] * kk[..., None, :]
+    lam64 = lam.to(f64)
+    x64, q64 = x.to(f64), q.to(f64)
+    r = q64 - (H64 @ x64[..., None])[..., 0] - lam64 * x64
+    qn = q64.norm(dim=-1)
+    qn1 = torch.where(qn > 0, qn, 1.0)
+    rho, nu = r.norm(dim=-1) / qn1, x64.norm(dim=-1) / qn1
+    trH = torch.diagonal(H64, dim1=-2, dim2=-1).sum(-1)
+    lam_min, lam_max = lam64.amin(-1), lam64.amax(-1)
+    bound = cert.bound_from(rho, nu, trH, lam_min, lam_max, 2 * UNIT_ROUNDOFF["fp64"] * math.sqrt(q.shape[-1]), 0.0)
+    bound = torch.where(torch.isfinite(x).all(-1), bound, math.inf)
+    threshold = get_policy("fp32").check_tol if check_tol is None else float(check_tol)
+    kappa = (trH + lam_max) / lam_min
+    return cert.Certificate(*(t[:, None] for t in (rho, kappa, bound, torch.zeros_like(bound, dtype=torch.bool))),
+                            threshold, 2, "x (decode step)")

@@ -2,22 +2,32 @@
 
 The sequence is split into N chunks of C tokens (the last one zero-padded: k = v = q = 0,
 g = 0, beta = 0, which leaves every state unchanged and gives x = 0 there). For a chunk whose
-start state is ``(H_c, G_c)``, with local inclusive cumulative log-decay
-``Gam_i = sum_{j<=i} g_j`` (i = 1..C, in the policy's accumulation dtype, fp32 or wider):
+start state is ``(H_c, G_c)``, with the chunk's cumulative log-decay and resets
+(:mod:`solvers.gates`, in the policy's accumulation dtype, fp32 or wider: a gate
+``g <= RESET_LOG_GATE`` is a reset, adds 0 to ``Gam_i = sum_{j<=i} g_j`` and starts a new segment,
+``seg_i`` = resets at or before i, i = 1..C):
 
-    M_ij  = exp(Gam_i - Gam_j) beta_j        for i >= j, else 0 (selected away, never exp'd)
-    A(P)  = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam)          (P: C x D)
-    O(X)  = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V
-    diag(H_i + Lambda) = exp(Gam_i) diag(H_c) + (M (K * K))_i + lam
+    zeta_i = exp(Gam_i) if seg_i = 0, else 0                   (decay from the chunk start)
+    M_ij   = exp(Gam_i - Gam_j) beta_j  for i >= j and seg_i = seg_j, else 0 (selected away, never exp'd)
+    A(P)   = diag(zeta) P H_c + ((P K^T) * M) K + P diag(lam)          (P: C x D)
+    O(X)   = diag(zeta) X G_c^T + ((X K^T) * M) V
+    diag(H_i + Lambda) = zeta_i diag(H_c) + (M (K * K))_i + lam
 
 Chunk-boundary states are accumulated in the policy's ``accum`` dtype and stored per its
-``state`` precision after every chunk (so a low-precision state compounds its rounding):
+``state`` precision after every chunk (so a low-precision state compounds its rounding; fp32
+states carry their rounding errors in a compensation term, as the kernels do, so that only the final
+rounding of each stored state remains):
 
-    H_{c+1} = exp(Gam_C) H_c + K^T diag(w) K,   G_{c+1} = exp(Gam_C) G_c + V^T diag(w) K,
-    w_j = exp(Gam_C - Gam_j) beta_j.
+    H_{c+1} = zeta_C H_c + K^T diag(w) K,   G_{c+1} = zeta_C G_c + V^T diag(w) K,
+    w_j = exp(Gam_C - Gam_j) beta_j if seg_j = seg_C, else 0.
+
+Every decay across a reset is exactly zero (as exp of the reset gate is, in that dtype): the state
+restarts there, inside a chunk or at its first token.
 
 Every product goes through :meth:`PrecisionPolicy.mm` (operands rounded to the policy's operand
-precision, accumulated in ``accum``). Layout inside: ``[B, H, N, C, D]``.
+precision, accumulated in ``accum``). Under the ``auto`` policy each chunk's products are in its tier
+(``tier``, from ``kappa_c = (tr H_c + sum_{j in c} beta_j ||k_j||^2 + max lam) / min lam``;
+:data:`solvers.precision.AUTO_OPS`), its states' products in bf16x3. Layout inside: ``[B, H, N, C, D]``.
 """
 
 from __future__ import annotations
@@ -26,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .precision import PrecisionPolicy
+from .gates import decay_from_start, decay_to_end, pairwise_decay, segmented_cumsum
+from .precision import AUTO_OPS, AUTO_TIERS, PrecisionPolicy, auto_tier_index
 from .problem import MesaProblem
 
 
@@ -40,6 +51,18 @@ def _chunk(x: torch.Tensor, N: int, C: int) -> torch.Tensor:
     return x.reshape(x.shape[:2] + (N, C) + x.shape[3:])
 
 
+def _decay_add(hi: torch.Tensor, lo: torch.Tensor, d: torch.Tensor, upd: torch.Tensor):
+    """``S <- d S + upd`` for ``S = hi + lo`` (fp32), the rounding errors of the product and of the sum
+    kept in ``lo`` (TwoProduct through float64, where an fp32 product is exact; TwoSum): the
+    emulation of :func:`kernels.chunk_state.decay_add`."""
+    p = d * hi
+    ep = (d.double() * hi.double() - p.double()).to(hi.dtype)
+    s = p + upd
+    b = s - p
+    es = (p - (s - b)) + (upd - b)
+    return s, d * lo + (ep + es)
+
+
 @dataclass
 class ChunkedSystem:
     """All T systems of a problem in chunkwise form; see the module docstring for the math."""
@@ -50,13 +73,16 @@ class ChunkedSystem:
     Q: torch.Tensor  # [B,H,N,C,D]   accum dtype, rounded to policy.input
     K: torch.Tensor  # [B,H,N,C,D]
     V: torch.Tensor  # [B,H,N,C,Dv]
-    Gam: torch.Tensor  # [B,H,N,C]   local inclusive cumsum of g
+    Gam: torch.Tensor  # [B,H,N,C]   local inclusive cumsum of g, resets removed (solvers.gates)
+    seg: torch.Tensor  # [B,H,N,C]   int64: resets in the chunk at or before each token
+    zeta: torch.Tensor  # [B,H,N,C]  decay from the chunk start, exp(Gam_i) before the chunk's first reset
     M: torch.Tensor  # [B,H,N,C,C]
     Hc: torch.Tensor  # [B,H,N,D,D]  start state of each chunk, as stored
     Gc: torch.Tensor  # [B,H,N,Dv,D]
     H_final: torch.Tensor  # [B,H,D,D]  state after the last token, as stored
     G_final: torch.Tensor  # [B,H,Dv,D]
     lam: torch.Tensor  # [1,H,1,1,D]
+    tier: torch.Tensor | None = None  # [B,H,N] int8: the auto policy's tier of each chunk (AUTO_TIERS)
 
     @classmethod
     def build(cls, problem: MesaProblem, policy: PrecisionPolicy, chunk_size: int = 64) -> ChunkedSystem:
@@ -71,61 +97,98 @@ class ChunkedSystem:
         V = _chunk(policy.round_input(problem.v), N, C)
         g = _chunk(problem.g.to(acc), N, C)
         beta = _chunk(problem.beta.to(acc), N, C)
-        Gam = torch.cumsum(g, dim=-1)
-        causal = torch.ones(C, C, dtype=torch.bool, device=problem.device).tril()
-        diff = Gam[..., :, None] - Gam[..., None, :]
-        M = torch.where(causal, torch.exp(torch.where(causal, diff, 0.0)), 0.0) * beta[..., None, :]
+        Gam, seg = segmented_cumsum(g)
+        M = pairwise_decay(Gam, seg) * beta[..., None, :]
+        zeta = decay_from_start(Gam, seg)  # [B,H,N,C]
         # chunk-boundary states: accumulated in accum, stored per policy.state
         if problem.initial_state is None:
             h = torch.zeros(B, H, D, D, dtype=acc, device=problem.device)
             gs = torch.zeros(B, H, Dv, D, dtype=acc, device=problem.device)
         else:
             h, gs = (s.to(acc) for s in problem.initial_state)
-        w = torch.exp(Gam[..., -1:] - Gam) * beta  # [B,H,N,C]
-        decay_end = torch.exp(Gam[..., -1])  # [B,H,N]
+        w = decay_to_end(Gam, seg) * beta  # [B,H,N,C]
+        decay_end = zeta[..., -1]  # [B,H,N]
         Hs, Gs = [], []  # lists and a stack (not in-place writes): the build stays differentiable
         h, gs = policy.store(h), policy.store(gs)
+        # the states' products: the policy's operand precision (auto: bf16x3, as the kernels)
+        op = "bf16x3" if policy.operand == "auto" else None
+        # fp32 states carry their rounding errors in a second term, as the kernels do (kernels.chunk_state
+        # decay_add); 16-bit states compound their rounding; fp64 needs neither
+        compensate = policy.accum == policy.state == "fp32"
+        h_lo, gs_lo = torch.zeros_like(h), torch.zeros_like(gs)
         for c in range(N):
-            Hs.append(h)
-            Gs.append(gs)
+            Hs.append(h + h_lo if compensate else h)
+            Gs.append(gs + gs_lo if compensate else gs)
             wk = w[:, :, c, :, None] * K[:, :, c]
-            # accumulate in accum, store per policy.state: a low-precision state compounds its
-            # rounding from chunk to chunk, as a kernel that stores states between chunks does.
-            h = policy.store(decay_end[:, :, c, None, None] * h + policy.mm(wk.transpose(-1, -2), K[:, :, c]))
-            gs = policy.store(decay_end[:, :, c, None, None] * gs + policy.mm(V[:, :, c].transpose(-1, -2), wk))
+            d = decay_end[:, :, c, None, None]
+            uh = policy.mm(wk.transpose(-1, -2), K[:, :, c], op)
+            ug = policy.mm(V[:, :, c].transpose(-1, -2), wk, op)
+            if compensate:
+                h, h_lo = _decay_add(h, h_lo, d, uh)
+                gs, gs_lo = _decay_add(gs, gs_lo, d, ug)
+            else:
+                # accumulate in accum, store per policy.state: a low-precision state compounds its
+                # rounding from chunk to chunk, as a kernel that stores states between chunks does.
+                h = policy.store(d * h + uh)
+                gs = policy.store(d * gs + ug)
+        if compensate:
+            h, gs = h + h_lo, gs + gs_lo
         lam = problem.lam.to(acc)[None, :, None, None, :]
-        return cls(policy, T, C, Q, K, V, Gam, M, torch.stack(Hs, dim=2), torch.stack(Gs, dim=2), h, gs, lam)
+        Hc = torch.stack(Hs, dim=2)
+        tier = None
+        if policy.operand == "auto":
+            # kappa_c = (tr H_c + sum_{j in c} beta_j ||k_j||^2 + max lam) / min lam bounds every system of chunk c
+            lam_h = problem.lam.to(acc)
+            wsum = (beta * (K * K).sum(-1)).sum(-1)
+            kappa = (torch.diagonal(Hc, dim1=-2, dim2=-1).sum(-1) + wsum + lam_h.amax(-1)[None, :, None]) \
+                / lam_h.amin(-1)[None, :, None]
+            tier = auto_tier_index(kappa.detach())
+        return cls(policy, T, C, Q, K, V, Gam, seg, zeta, M, Hc, torch.stack(Gs, dim=2), h, gs, lam, tier)
 
     # operators -----------------------------------------------------------------------------------
+    def _mm(self, a: torch.Tensor, b: torch.Tensor, which: int) -> torch.Tensor:
+        """``policy.mm(a, b)``; for ``auto`` in each chunk's tier (``which``: 0 products with the states,
+        1 with the chunk's keys and values; AUTO_OPS), computed per tier and selected per chunk."""
+        if self.tier is None:
+            return self.policy.mm(a, b)
+        out = None
+        for i, name in enumerate(AUTO_TIERS):
+            sel = (self.tier == i)[..., None, None]
+            if not bool(sel.any()):
+                continue
+            prod = self.policy.mm(a, b, AUTO_OPS[name][which])
+            out = prod if out is None else torch.where(sel, prod, out)
+        return out
+
     def matvec(self, P: torch.Tensor) -> torch.Tensor:
-        """A(P) = diag(exp(Gam)) P H_c^T + ((P K^T) * M) K + P diag(lam), for all chunks at once.
+        """A(P) = diag(zeta) P H_c^T + ((P K^T) * M) K + P diag(lam), for all chunks at once.
 
         (Rows of P are vectors: row i is (A_i p_i)^T = p_i^T A_i^T. H_c is symmetric, so H_c^T = H_c
         in value; writing the transpose keeps the derivative with respect to an initial state in the
         convention dL/dH = -y x^T of DESIGN.md.)"""
-        mm = self.policy.mm
-        inter = torch.exp(self.Gam)[..., None] * mm(P, self.Hc.transpose(-1, -2))
-        intra = mm(mm(P, self.K.transpose(-1, -2)) * self.M, self.K)
+        mm = self._mm
+        inter = self.zeta[..., None] * mm(P, self.Hc.transpose(-1, -2), 0)
+        intra = mm(mm(P, self.K.transpose(-1, -2), 1) * self.M, self.K, 1)
         return inter + intra + P * self.lam
 
     def output(self, X: torch.Tensor) -> torch.Tensor:
-        """O(X) = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V: the outputs o_t = G_t x_t."""
-        mm = self.policy.mm
-        inter = torch.exp(self.Gam)[..., None] * mm(X, self.Gc.transpose(-1, -2))
-        intra = mm(mm(X, self.K.transpose(-1, -2)) * self.M, self.V)
+        """O(X) = diag(zeta) X G_c^T + ((X K^T) * M) V: the outputs o_t = G_t x_t."""
+        mm = self._mm
+        inter = self.zeta[..., None] * mm(X, self.Gc.transpose(-1, -2), 0)
+        intra = mm(mm(X, self.K.transpose(-1, -2), 1) * self.M, self.V, 1)
         return inter + intra
 
     def output_adjoint(self, E: torch.Tensor) -> torch.Tensor:
-        """G_t^T e_t for all tokens: diag(exp(Gam)) E G_c + ((E V^T) * M) K (the adjoint's right-hand side)."""
-        mm = self.policy.mm
-        inter = torch.exp(self.Gam)[..., None] * mm(E, self.Gc)
-        intra = mm(mm(E, self.V.transpose(-1, -2)) * self.M, self.K)
+        """G_t^T e_t for all tokens: diag(zeta) E G_c + ((E V^T) * M) K (the adjoint's right-hand side)."""
+        mm = self._mm
+        inter = self.zeta[..., None] * mm(E, self.Gc, 0)
+        intra = mm(mm(E, self.V.transpose(-1, -2), 1) * self.M, self.K, 1)
         return inter + intra
 
     def diag_H(self) -> torch.Tensor:
-        """diag(H_t) for every token: exp(Gam_i) diag(H_c) + (M (K*K))_i, ``[B,H,N,C,D]``."""
+        """diag(H_t) for every token: zeta_i diag(H_c) + (M (K*K))_i, ``[B,H,N,C,D]``."""
         dHc = torch.diagonal(self.Hc, dim1=-2, dim2=-1)[..., None, :]
-        return torch.exp(self.Gam)[..., None] * dHc + torch.matmul(self.M, self.K * self.K)
+        return self.zeta[..., None] * dHc + torch.matmul(self.M, self.K * self.K)
 
     # layout --------------------------------------------------------------------------------------
     def to_tokens(self, X: torch.Tensor) -> torch.Tensor:

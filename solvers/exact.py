@@ -7,7 +7,9 @@ For each block of tokens the states are materialised (:meth:`MesaProblem.iter_st
 with ``R_t = Lambda`` (the Mesa problem) or, for ``regularizer="decayed"``,
 ``R_t = zeta_{t,0} Lambda``, ``zeta_{t,0} = prod_{i<=t} gamma_i`` (the problem that the
 Sherman-Morrison recursion solves exactly, DESIGN.md section 3). Cost O(T D^3), memory
-O(block D^2) per (batch, head).
+O(block D^2) per (batch, head). States and decays are those of :meth:`MesaProblem.iter_states`,
+exact across hard resets (:mod:`solvers.gates`); after a reset ``zeta_{t,0} = 0``, so the decayed
+regulariser vanishes and ``H_t`` alone is singular until the keys since the reset span R^D.
 
 Under a policy other than fp64: q, k, v are rounded to the policy's input precision, the states
 to its state precision, and the factorisation runs in its accumulation dtype. Blocks whose
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import torch
 
+from .gates import decay_from_start, segmented_cumsum
 from .precision import PrecisionPolicy
 from .problem import MesaProblem
 from .result import SolveResult
@@ -33,7 +36,7 @@ def solve_exact(problem: MesaProblem, policy: PrecisionPolicy, *, block: int = 6
                               v=policy.round_input(problem.v)).to(acc)
     lam = rounded.lam  # [H,D]
     if regularizer == "decayed":
-        zeta0 = torch.exp(torch.cumsum(rounded.g, dim=1))  # [B,T,H]
+        zeta0 = decay_from_start(*segmented_cumsum(rounded.g, dim=1))  # [B,T,H], 0 from the first reset on
     x = torch.empty(problem.B, problem.T, problem.H, problem.D, dtype=acc, device=problem.device)
     o = torch.empty(problem.B, problem.T, problem.H, problem.Dv, dtype=acc, device=problem.device)
     failures = 0

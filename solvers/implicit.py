@@ -32,6 +32,7 @@ import torch
 
 from .cg import cg_iterate, check_iteration_options, check_precond
 from .chunk_state import ChunkedSystem
+from .gates import decay_to_end, pairwise_decay, segmented_cumsum_grad
 from .precision import PrecisionPolicy, get_policy
 from .problem import MesaProblem
 
@@ -60,34 +61,36 @@ def chunked_gradients(S: ChunkedSystem, x: torch.Tensor, y: torch.Tensor, E: tor
                       dH_T: torch.Tensor | None = None, dG_T: torch.Tensor | None = None) -> dict:
     """The closed-form gradients of DESIGN.md, chunkwise (layout ``[B,H,N,C,.]``, accumulation dtype).
 
-    With ``Mz_ts = exp(Gam_t - Gam_s)`` (t >= s in a chunk), ``M = Mz beta_s``, the adjoint states at
-    chunk ends ``DG_c = sum_{t after chunk c} zeta_{t,end_c} e_t x_t^T`` and
+    With the chunk's reset-aware decays (:mod:`solvers.gates`, zero across a reset):
+    ``Mz_ts = exp(Gam_t - Gam_s)`` (t >= s in one segment of a chunk, else 0), ``M = Mz beta_s``,
+    ``zeta_t`` from the chunk start (``S.zeta``), ``ez_s = exp(Gam_C - Gam_s)`` to the chunk end (0 if a
+    reset follows s in the chunk), the adjoint states at chunk ends
+    ``DG_c = sum_{t after chunk c} zeta_{t,end_c} e_t x_t^T`` and
     ``DH_c = -sum_{t after chunk c} zeta_{t,end_c} y_t x_t^T`` (a reverse scan over chunks, started
-    from the final-state gradients), and ``w_s = beta_s exp(Gam_C - Gam_s)``:
+    from the final-state gradients; ``zeta_{t,end_c} = 0`` once a reset lies between), and
+    ``w_s = beta_s ez_s``:
 
         dv   = (M * X K^T)^T E + w (K DG^T)
         dk   = (M * E V^T)^T X - (M * X K^T)^T Y - (M * Y K^T)^T X + w (V DG + K (DH + DH^T))
-        dbeta_s = sum_t Mz (x_t.k_s)(e_t.v_s - y_t.k_s) + exp(Gam_C - Gam_s)(v_s^T DG k_s + k_s^T DH k_s)
+        dbeta_s = sum_t Mz (x_t.k_s)(e_t.v_s - y_t.k_s) + ez_s (v_s^T DG k_s + k_s^T DH k_s)
         dq = y,   dlam = -sum x * y,   dH_0 = DH_{-1},  dG_0 = DG_{-1}
-        dg_s = sum_{t >= s} a_t,  a_t = e_t.o_t - y_t.(H_t x_t) - beta_t dbeta_t  (+ <dH_T, H_T> + <dG_T, G_T>
-               at the last token)
+        a_t  = e_t.o_t - y_t.(H_t x_t) - beta_t dbeta_t  (+ <dH_T, H_T> + <dG_T, G_T> at the last token)
+        dg_s = sum_{t >= s, no reset in (s, t]} a_t,  0 at a reset          (:func:`implicit_backward`)
 
-    The last line is the derivative through the cumulative log-decay c_t = sum_{i<=t} g_i:
+    ``a_t`` is the derivative through the cumulative log-decay c_t = sum_{i<=t, i not a reset} g_i:
     dL/dc_t = <D_t, S_t> - <Dbar_t, u_t> with D_t the direct adjoint of the states and u_t = beta_t (k k^T,
     v k^T) the update, whose second term is beta_t dbeta_t. These are the Triton backward's formulas.
     """
     B, Hh, N, C, D = x.shape
-    causal = torch.ones(C, C, dtype=torch.bool, device=x.device).tril()
-    diff = S.Gam[..., :, None] - S.Gam[..., None, :]
-    Mz = torch.where(causal, torch.exp(torch.where(causal, diff, 0.0)), 0.0)  # [.., t, s]
+    Mz = pairwise_decay(S.Gam, S.seg)  # [.., t, s]
     M = S.M
     K, V = S.K, S.V
     XK = x @ K.transpose(-1, -2)
     EV = E @ V.transpose(-1, -2)
     YK = y @ K.transpose(-1, -2)
     # reverse scan: adjoint states at the end of every chunk
-    eG = torch.exp(S.Gam)  # exp(Gam_t): zeta from the chunk start
-    decay_end = torch.exp(S.Gam[..., -1])  # [B,H,N]
+    eG = S.zeta  # zeta from the chunk start
+    decay_end = S.zeta[..., -1]  # [B,H,N]
     acc_G = torch.zeros(B, Hh, V.shape[-1], D, dtype=x.dtype, device=x.device) if dG_T is None else dG_T.to(x.dtype)
     acc_H = torch.zeros(B, Hh, D, D, dtype=x.dtype, device=x.device) if dH_T is None else dH_T.to(x.dtype)
     DG, DH = [None] * N, [None] * N
@@ -97,7 +100,7 @@ def chunked_gradients(S: ChunkedSystem, x: torch.Tensor, y: torch.Tensor, E: tor
         acc_G = decay_end[:, :, c, None, None] * acc_G + (we * E[:, :, c]).transpose(-1, -2) @ x[:, :, c]
         acc_H = decay_end[:, :, c, None, None] * acc_H - (we * y[:, :, c]).transpose(-1, -2) @ x[:, :, c]
     DG, DH = torch.stack(DG, 2), torch.stack(DH, 2)  # [B,H,N,Dv,D], [B,H,N,D,D]
-    ez = torch.exp(S.Gam[..., -1:] - S.Gam)  # exp(Gam_C - Gam_s)
+    ez = decay_to_end(S.Gam, S.seg)  # exp(Gam_C - Gam_s), 0 if a reset follows s in the chunk
     beta = S.M.diagonal(dim1=-2, dim2=-1)  # M_ss = exp(0) beta_s
     w = (beta * ez)[..., None]
     DGk = K @ DG.transpose(-1, -2)  # rows (DG k_s)^T, [.., C, Dv]
@@ -165,7 +168,15 @@ def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T
         gr = chunked_gradients(S, xc, y, E, dH_T, dG_T)
         a = S.to_tokens(gr["a"][..., None])[..., 0]  # [B,T,H]
         a[:, -1] = a[:, -1] + gr["final"]
-        dg = torch.flip(torch.cumsum(torch.flip(a, [1]), 1), [1])  # sum over t >= s
+        # dg_s = sum_{t >= s} a_t, restarted at resets. L depends on the gates only through the states'
+        # decays, functions of the reset-aware cumulative log-decay c_t = sum_{i <= t, i not a reset} g_i
+        # (solvers.gates), and a_t = dL/dc_t. After a reset r (gamma_r = 0) no state depends on a gate
+        # before r: every decay within the segment [r, next reset) is a difference c_t - c_j of two of its
+        # tokens, so adding a constant to c over the segment leaves L unchanged and the segment's a_t sum
+        # to 0 in exact arithmetic. So for s < r the terms t >= r cancel segment by segment, and
+        # dg_s = sum_{s <= t < r} a_t (summing them anyway would add only their rounding); at the reset,
+        # dg_r = gamma_r dgamma_r = 0 in the working precision.
+        dg = segmented_cumsum_grad(a, g.to(cfg.policy.accum_dtype), dim=1)
         out = [S.to_tokens(gr["q"]), S.to_tokens(gr["k"]), S.to_tokens(gr["v"]), dg,
                S.to_tokens(gr["beta"][..., None])[..., 0], gr["lam"], gr["H0"], gr["G0"]]
     return tuple(o if need and t is not None else None for o, need, t in zip(out, needs, inputs, strict=True))

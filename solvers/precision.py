@@ -22,6 +22,19 @@ over policies is one loop over :data:`POLICIES`.
 
 The unit roundoff ``u`` of a policy is the largest unit roundoff among its input, state and
 operand precisions: it is the ``u`` of the stability ratio ``err / (kappa u)``.
+
+**Conditioning-aware precision** (``operand="auto"``, the policy ``auto``, the default of the kernels
+and the layer): the free bound ``kappa <= (tr H + max lam) / min lam`` of each chunk's systems picks
+the cheapest operand precision of :data:`AUTO_TIERS` whose ``kappa u`` stays at or below
+:data:`AUTO_TARGET` (``2^-4``): bf16 products up to kappa = 16, bf16x3 up to kappa = 4096, and
+beyond that IEEE fp32 products with the state (the inter-chunk term ``P H_c``, which carries the
+large norm) and bf16x3 products with the chunk's own keys (whose norm is at most the chunk's sum of
+beta). States stay fp32. :meth:`PrecisionPolicy.u_at` gives the unit roundoff a policy works in at a
+condition number (constant for the named policies).
+
+**Check threshold**: ``check_tol = sqrt(u)`` (half the policy's digits; 2^-4 for ``auto``, as its
+coarsest tier): the accuracy certificate (:mod:`solvers.certificate`) flags a token whose
+certified relative error of x exceeds it.
 """
 
 from __future__ import annotations
@@ -42,6 +55,35 @@ UNIT_ROUNDOFF = {
     # below 2^-16 relative: u = 2^-16 (the classic split-precision bound, e.g. 3xTF32 on GPUs)
     "bf16x3": 2.0**-16,
 }
+
+# The tiers of the conditioning-aware operand precision (operand "auto"): a chunk whose free bound
+# kappa_c = (max_t tr H_t + max lam) / min lam satisfies kappa_c * u(tier) <= AUTO_TARGET uses the
+# first such tier. AUTO_TARGET = 2^-4 is the kappa u at which the guard's budgets (8 u kappa,
+# stability/budgets.toml) reach 1/2: above it a product precision no longer resolves the solve.
+AUTO_TARGET = 2.0**-4
+AUTO_TIERS = ("bf16", "bf16x3", "fp32")
+
+
+# Operand precisions of each tier: (products with the states H_c, G_c; products with the chunk's own
+# keys and values). The fp32 tier keeps bf16x3 for the keys: the intra-chunk matrix K^T M K has norm
+# at most the chunk's sum of beta (<= C), so its kappa u stays small at 2^-16 (C / min lam * 2^-16).
+AUTO_OPS = {"bf16": ("bf16", "bf16"), "bf16x3": ("bf16x3", "bf16x3"), "fp32": ("fp32", "bf16x3")}
+
+
+def auto_tier(kappa: float) -> str:
+    """The operand precision of :data:`AUTO_TIERS` the ``auto`` policy uses at condition bound kappa."""
+    for tier in AUTO_TIERS[:-1]:
+        if kappa * UNIT_ROUNDOFF[tier] <= AUTO_TARGET:
+            return tier
+    return AUTO_TIERS[-1]
+
+
+def auto_tier_index(kappa: torch.Tensor) -> torch.Tensor:
+    """:func:`auto_tier` elementwise, as the index into :data:`AUTO_TIERS` (int8; NaN -> the last tier)."""
+    idx = torch.full(kappa.shape, len(AUTO_TIERS) - 1, dtype=torch.int8, device=kappa.device)
+    for i in reversed(range(len(AUTO_TIERS) - 1)):
+        idx = torch.where(kappa * UNIT_ROUNDOFF[AUTO_TIERS[i]] <= AUTO_TARGET, i, idx).to(torch.int8)
+    return idx
 
 _DTYPE_NAME = {
     torch.float64: "fp64",
@@ -117,8 +159,9 @@ class PrecisionPolicy:
             value = getattr(self, field)
             if value not in _NAME_DTYPE:
                 raise ValueError(f"policy {self.name!r}: {field}={value!r} is not one of {list(_NAME_DTYPE)}")
-        if self.operand not in UNIT_ROUNDOFF:
-            raise ValueError(f"policy {self.name!r}: operand={self.operand!r} is not one of {list(UNIT_ROUNDOFF)}")
+        if self.operand not in UNIT_ROUNDOFF and self.operand != "auto":
+            raise ValueError(f"policy {self.name!r}: operand={self.operand!r} is not one of "
+                             f"{list(UNIT_ROUNDOFF) + ['auto']}")
         if self.accum not in ("fp32", "fp64"):
             raise ValueError(f"policy {self.name!r}: accum must be fp32 or fp64, got {self.accum!r}")
 
@@ -141,8 +184,20 @@ class PrecisionPolicy:
 
     @property
     def u(self) -> float:
-        """Unit roundoff of the least precise of input, state and operand precision."""
-        return max(UNIT_ROUNDOFF[self.input], UNIT_ROUNDOFF[self.state], UNIT_ROUNDOFF[self.operand])
+        """Unit roundoff of the least precise of input, state and operand precision (for ``auto``
+        operands: its coarsest tier)."""
+        return self.u_at(0.0)
+
+    def u_at(self, kappa: float) -> float:
+        """Unit roundoff the policy works in on systems of condition bound ``kappa``: :attr:`u` for a
+        fixed operand precision, the tier :func:`auto_tier` picks for ``auto``."""
+        op = auto_tier(kappa) if self.operand == "auto" else self.operand
+        return max(UNIT_ROUNDOFF[self.input], UNIT_ROUNDOFF[self.state], UNIT_ROUNDOFF[op])
+
+    @property
+    def check_tol(self) -> float:
+        """Default threshold of the accuracy certificate: ``sqrt(u)`` (see the module docstring)."""
+        return self.u ** 0.5
 
     # emulation helpers ---------------------------------------------------------------------
     def round_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -157,14 +212,20 @@ class PrecisionPolicy:
         """A matmul operand as the policy's tensor cores see it, held in ``accum``."""
         return round_to(a.to(self.accum_dtype), self.operand)
 
-    def mm(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Batched ``a @ b`` with both operands rounded to ``operand``, accumulated in ``accum``
-        (for ``bf16x3``: ``a_hi b_hi + a_hi b_lo + a_lo b_hi`` of the bf16 splits)."""
-        if self.operand == "bf16x3":
+    def mm(self, a: torch.Tensor, b: torch.Tensor, operand: str | None = None) -> torch.Tensor:
+        """Batched ``a @ b`` with both operands rounded to ``operand`` (default: the policy's),
+        accumulated in ``accum`` (for ``bf16x3``: ``a_hi b_hi + a_hi b_lo + a_lo b_hi`` of the bf16
+        splits). An ``auto`` policy needs the tier: :class:`~solvers.chunk_state.ChunkedSystem`
+        passes each chunk's."""
+        op = self.operand if operand is None else operand
+        if op == "auto":
+            raise ValueError("an 'auto' policy multiplies in a tier's precision: pass operand=auto_tier(kappa)")
+        if op == "bf16x3":
             a_hi, a_lo = split_bf16(a.to(self.accum_dtype))
             b_hi, b_lo = split_bf16(b.to(self.accum_dtype))
             return torch.matmul(a_hi, b_hi) + torch.matmul(a_hi, b_lo) + torch.matmul(a_lo, b_hi)
-        return torch.matmul(self.operand_round(a), self.operand_round(b))
+        a, b = a.to(self.accum_dtype), b.to(self.accum_dtype)
+        return torch.matmul(round_to(a, op), round_to(b, op))
 
     def to_scalar(self, s: torch.Tensor) -> torch.Tensor:
         """A solver scalar (inner product, step length) rounded to the ``scalar`` dtype."""
@@ -186,8 +247,12 @@ POLICIES: dict[str, PrecisionPolicy] = {
         _p("bf16-bf16state", "bf16", "bf16", "bf16"),
         _p("fp16-fp32state", "fp16", "fp32", "fp16"),
         _p("fp16-fp16state", "fp16", "fp16", "fp16"),
+        _p("auto", "fp32", "fp32", "auto"),
     )
 }
+# The one default of the kernels, the layer and the guard: conditioning-aware operand precision with
+# fp32 states, covered by the accuracy certificate.
+DEFAULT_POLICY = "auto"
 ALIASES = {"bf16": "bf16-fp32state", "fp16": "fp16-fp32state", "float64": "fp64", "float32": "fp32"}
 
 

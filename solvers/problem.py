@@ -2,13 +2,16 @@
 
 Per batch entry and head (DESIGN.md section 2), for tokens t = 1..T:
 
-    gamma_t = exp(g_t),  g_t <= 0            (forget gate, log-space)
+    gamma_t = exp(g_t),  g_t <= 0            (forget gate, log-space; -inf allowed)
     H_t = gamma_t H_{t-1} + beta_t k_t k_t^T (D x D, symmetric PSD)
     G_t = gamma_t G_{t-1} + beta_t v_t k_t^T (Dv x D)
     x_t = (H_t + Lambda)^{-1} q_t,  Lambda = diag(lam), lam > 0
     o_t = G_t x_t
 
-with H_0, G_0 = 0 or the given ``initial_state``. Shapes: ``q, k: [B,T,H,D]``,
+with H_0, G_0 = 0 or the given ``initial_state`` (H_0 symmetric positive semidefinite). A gate
+``g_t <= RESET_LOG_GATE`` of the working precision (``g_t = -inf`` included) is a hard reset:
+gamma_t = 0 exactly, the state restarts at token t, and every decay across t is exactly zero
+(:mod:`solvers.gates`). Shapes: ``q, k: [B,T,H,D]``,
 ``v: [B,T,H,Dv]``, ``g, beta: [B,T,H]``, ``lam: [H,D]``, ``initial_state = (H_0 [B,H,D,D],
 G_0 [B,H,Dv,D])``.
 
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .precision import SUPPORTED_DTYPES
+from .gates import decay_from_start, pairwise_decay, segmented_cumsum
+from .precision import SUPPORTED_DTYPES, UNIT_ROUNDOFF
 
 
 def _check_tensor(name: str, x) -> torch.Tensor:
@@ -45,19 +49,46 @@ def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} ({what})")
 
 
-def _check_finite(name: str, x: torch.Tensor) -> None:
-    if not bool(torch.isfinite(x).all()):
-        bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name} has {bad} non-finite value(s) (inf or NaN)")
+def _check_finite(name: str, x: torch.Tensor, *, resets: bool = False) -> None:
+    """Reject inf and NaN; with ``resets`` (the log gate g), -inf is allowed: a hard reset."""
+    bad = ~torch.isfinite(x)
+    if resets:
+        bad = bad & ~torch.isneginf(x)
+    if bool(bad.any()):
+        what = "NaN or +inf; -inf is a hard reset and allowed" if resets else "inf or NaN"
+        raise ValueError(f"{name} has {int(bad.sum())} non-finite value(s) ({what})")
+
+
+def _check_psd(name: str, H0: torch.Tensor) -> None:
+    """Reject an initial H0 (``[N,H,D,D]``) that is not positive semidefinite: a state is a decayed sum
+    of ``beta k k^T``.
+
+    H0 may be a state as a policy stores it, rounded to as little as bf16 (unit roundoff u = 2^-8),
+    which moves the eigenvalues of a PSD matrix by up to ``u ||H0||_F`` (measured: down to about
+    -1.5e-3 max|eigenvalue| for the final states of the bf16-state policy). So H0 is rejected when
+    its smallest eigenvalue is below ``-u ||H0||_F``: tested, in float64, by one Cholesky of
+    ``H0 + u ||H0||_F I``; the eigenvalue for the message is computed only on failure."""
+    H = H0.detach().double()
+    tol = UNIT_ROUNDOFF["bf16"] * torch.linalg.matrix_norm(H)  # [N,H], Frobenius
+    shifted = H + torch.where(tol > 0, tol, 1.0)[..., None, None] * torch.eye(H.shape[-1], dtype=H.dtype,
+                                                                              device=H.device)
+    bad = torch.linalg.cholesky_ex(shifted).info > 0
+    if bool(bad.any()):
+        n, h = (int(i) for i in bad.nonzero()[0])
+        ev = torch.linalg.eigvalsh(H[n, h])
+        raise ValueError(f"{name} must be positive semidefinite; batch {n}, head {h} has eigenvalue "
+                         f"{float(ev[0]):.3g} < -{float(tol[n, h]):.3g} (2^-8 ||H0||_F; largest eigenvalue "
+                         f"{float(ev[-1]):.3g})")
 
 
 def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, *,
                     check_values: bool = True) -> None:
     """Raise ``ValueError`` naming the argument for any invalid input of a Mesa call.
 
-    Checks: tensor type and supported dtype, shapes, a common device, finiteness, ``lam > 0``,
-    ``g <= 0``, ``0 <= beta <= 1``, and for packed sequences ``cu_seqlens``. ``check_values=False``
-    skips the value checks (which read the data) and keeps the cheap structural ones.
+    Checks: tensor type and supported dtype, shapes, a common device, finiteness (except ``g = -inf``,
+    a hard reset), ``lam > 0``, ``g <= 0``, ``0 <= beta <= 1``, a symmetric positive semidefinite
+    initial H0, and for packed sequences ``cu_seqlens``. ``check_values=False`` skips the value
+    checks (which read the data) and keeps the cheap structural ones.
     """
     named = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "lam": lam}
     for name, x in named.items():
@@ -104,7 +135,7 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, 
     if not check_values:
         return
     for name, x in named.items():
-        _check_finite(name, x)
+        _check_finite(name, x, resets=name == "g")
     if bool((lam <= 0).any()):
         raise ValueError(f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(lam.min()):.3g}")
     if bool((g > 0).any()):
@@ -117,6 +148,7 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, 
         scale = float(H0.abs().max()) or 1.0
         if asym > 1e-3 * scale:
             raise ValueError(f"initial_state[0] (H0) must be symmetric; max |H0 - H0^T| = {asym:.3g}")
+        _check_psd("initial_state[0] (H0)", initial_state[0])
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,13 +246,14 @@ class MesaProblem:
         """Yield ``(s, e, H, G)`` for consecutive token blocks ``s..e-1`` covering ``t0..t1-1``.
 
         ``H: [B, e-s, H, D, D]`` holds H_t and ``G: [B, e-s, H, Dv, D]`` holds G_t, computed in
-        ``dtype`` from the chunkwise closed form with local cumulative log-decay
-        ``Gam_i = sum_{j in block, j<=i} g_j``::
+        ``dtype`` from the chunkwise closed form with the block's cumulative log-decay and its
+        resets (:mod:`solvers.gates`: ``Gam_i``, ``seg_i``, decays exactly zero across a reset)::
 
-            H_i = exp(Gam_i) H_start + sum_{j<=i} exp(Gam_i - Gam_j) beta_j k_j k_j^T
+            H_i = zeta_{i,start} H_start + sum_{j<=i} W_ij beta_j k_j k_j^T,
+            zeta_{i,start} = exp(Gam_i) [seg_i = 0],   W_ij = exp(Gam_i - Gam_j) [i >= j, seg_i = seg_j]
 
-        Exponents are of non-positive differences only; the upper triangle is selected away.
-        Memory is O(block * D^2) per (batch, head).
+        Exponents are of non-positive differences only; the upper triangle and pairs across a reset
+        are selected away. Memory is O(block * D^2) per (batch, head).
         """
         t1 = self.T if t1 is None else t1
         if not (0 <= t0 <= t1 <= self.T):
@@ -247,13 +280,10 @@ class MesaProblem:
         start = 0
         while start < t1:
             end = min(start + block, t1) if start >= t0 else min(start + block, t0)
-            Gam = torch.cumsum(g[:, :, start:end], dim=-1)  # [B,H,L]
-            diff = Gam[..., :, None] - Gam[..., None, :]  # Gam_i - Gam_j
-            L = end - start
-            causal = torch.ones(L, L, dtype=torch.bool, device=self.device).tril()
-            W = torch.where(causal, torch.exp(torch.where(causal, diff, 0.0)), 0.0) * beta[:, :, None, start:end]
+            Gam, seg = segmented_cumsum(g[:, :, start:end])  # [B,H,L], fp32 or wider
+            W = pairwise_decay(Gam, seg).to(dtype) * beta[:, :, None, start:end]
             kb, vb = k[:, :, start:end], v[:, :, start:end]
-            decay = torch.exp(Gam)[..., None, None]  # [B,H,L,1,1]
+            decay = decay_from_start(Gam, seg).to(dtype)[..., None, None]  # [B,H,L,1,1]
             Hb = decay * Hs[:, :, None] + torch.einsum("bhij,bhjd,bhje->bhide", W, kb, kb)
             Gb = decay * Gs[:, :, None] + torch.einsum("bhij,bhjd,bhje->bhide", W, vb, kb)
             Hs, Gs = Hb[:, :, -1], Gb[:, :, -1]
@@ -289,7 +319,8 @@ class MesaProblem:
               if self.initial_state is None
               else torch.diagonal(self.initial_state[0].to(dtype), dim1=-2, dim2=-1))
         out = torch.empty_like(w)
-        # Sequential scan d_t = gamma_t d_{t-1} + beta_t k_t^2 (cheap: O(T D)).
+        # Sequential scan d_t = gamma_t d_{t-1} + beta_t k_t^2 (cheap: O(T D)). No cumulative sum, so
+        # nothing to absorb; a reset (g <= RESET_LOG_GATE, -inf included) gives gamma = exp(g) = 0 exactly.
         gamma = torch.exp(g)
         d = d0
         for t in range(self.T):

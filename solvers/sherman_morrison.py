@@ -15,6 +15,12 @@ Because the regulariser is decayed with the keys, ``R_t = H_t + zeta_{t,0} Lambd
 wind-up, which amplifies rounding). :func:`own_problem_reference` solves its own problem exactly,
 so the two error sources can be told apart. O(T D^2) sequential; P stored per the policy's
 state precision, products per its operand precision.
+
+A hard reset (``g_t <= RESET_LOG_GATE`` of the accumulation dtype, ``g_t = -inf`` included:
+gamma_t = 0, :mod:`solvers.gates`) cannot be represented: the update divides by gamma_t, and the
+problem it solves loses its regulariser (``zeta_{t,0} = 0``), so ``R_t = H_t`` is singular (rank at
+most the number of tokens since the reset). Both functions raise ``ValueError`` naming the reset
+token rather than return inf / NaN.
 """
 
 from __future__ import annotations
@@ -22,13 +28,27 @@ from __future__ import annotations
 import torch
 
 from .exact import solve_exact
+from .gates import reset_mask, reset_threshold
 from .precision import PrecisionPolicy
 from .problem import MesaProblem
 from .result import SolveResult
 
 
+def refuse_resets(problem: MesaProblem, dtype: torch.dtype) -> None:
+    """Raise ``ValueError`` at the first hard reset of ``problem`` (gates thresholded in ``dtype``)."""
+    reset = reset_mask(problem.g.to(dtype))  # [B,T,H]
+    if bool(reset.any()):
+        b, t, h = (int(i) for i in reset.nonzero()[0])
+        raise ValueError(
+            f"Sherman-Morrison cannot represent a hard reset (gamma = 0) at token t = {t} (batch {b}, head {h}: "
+            f"g = {float(problem.g[b, t, h]):.3g} <= {reset_threshold(dtype):g}): its update divides by gamma, and "
+            f"the problem it solves, (H_t + zeta_{{t,0}} Lambda) x_t = q_t, loses its regulariser there "
+            f"(zeta_{{t,0}} = 0) and is singular; use the exact, cg or chebyshev solver")
+
+
 def solve_sherman_morrison(problem: MesaProblem, policy: PrecisionPolicy) -> SolveResult:
     acc = policy.accum_dtype
+    refuse_resets(problem, acc)
     q = policy.round_input(problem.q).transpose(1, 2)  # [B,H,T,D]
     k = policy.round_input(problem.k).transpose(1, 2)
     v = policy.round_input(problem.v).transpose(1, 2)
@@ -64,4 +84,5 @@ def solve_sherman_morrison(problem: MesaProblem, policy: PrecisionPolicy) -> Sol
 
 def own_problem_reference(problem: MesaProblem, policy: PrecisionPolicy, block: int = 64) -> SolveResult:
     """Exact solution of the problem Sherman-Morrison solves: ``(H_t + zeta_{t,0} Lambda) x_t = q_t``."""
+    refuse_resets(problem, policy.accum_dtype)
     return solve_exact(problem, policy, block=block, regularizer="decayed")

@@ -1,7 +1,8 @@
 """Closed-form Mesa gradients (DESIGN.md section 2), evaluated densely in float64 from exact solves.
 
 For a loss with upstream gradient ``e_t = dL/do_t`` and exact ``x_t = A_t^{-1} q_t``,
-``y_t = A_t^{-1} G_t^T e_t`` (Cholesky per token), with ``zeta_{t,s} = prod_{i=s+1..t} gamma_i``:
+``y_t = A_t^{-1} G_t^T e_t`` (Cholesky per token), with ``zeta_{t,s} = prod_{i=s+1..t} gamma_i``
+(exactly 0 across a hard reset, gamma_i = 0; :mod:`solvers.gates`):
 
     dq_t     = y_t
     dlam     = - sum_{b,t} x_t * y_t                                   (per head)
@@ -13,6 +14,8 @@ For a loss with upstream gradient ``e_t = dL/do_t`` and exact ``x_t = A_t^{-1} q
 
 This is an independent, O(T^2) evaluation of the formulas, written term by term: the reference
 for the implicit backward of :mod:`solvers.implicit` and of the kernels. Small problems only.
+``dg_s = gamma_s dgamma_s`` is a product, not a cumulative sum: it is 0 at a reset, and before one
+it has no terms from after it (zeta_{t,s} = 0 there).
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 
 import solvers
 from solvers import MesaProblem
+from solvers.gates import decay_from_start, pairwise_decay, segmented_cumsum
 
 
 def closed_form_gradients(problem: MesaProblem, e: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -30,7 +34,7 @@ def closed_form_gradients(problem: MesaProblem, e: torch.Tensor) -> dict[str, to
     p = problem.to(torch.float64)
     e = e.to(torch.float64)
     f = torch.float64
-    B, T, H, D, Dv = p.B, p.T, p.H, p.D, p.Dv
+    B, H, D, Dv = p.B, p.H, p.D, p.Dv
     x = solvers.solve(p, "exact").x  # [B,T,H,D]
     lam = torch.diag_embed(p.lam)
     Hs, Gs = [], []
@@ -48,11 +52,11 @@ def closed_form_gradients(problem: MesaProblem, e: torch.Tensor) -> dict[str, to
         H0, G0 = (s.to(f) for s in p.initial_state)
     Hprev = torch.cat([H0[:, None], Hs[:, :-1]], 1)
     Gprev = torch.cat([G0[:, None], Gs[:, :-1]], 1)
-    # zeta_{t,s} for t >= s (zero above): exp of differences of the cumulative log-gate
-    cg = torch.cumsum(p.g, dim=1).transpose(1, 2)  # [B,H,T]
-    tri = torch.ones(T, T, dtype=torch.bool, device=p.device).tril()
-    Z = torch.where(tri, torch.exp(torch.where(tri, cg[..., :, None] - cg[..., None, :], 0.0)), 0.0)  # [B,H,t,s]
-    zeta0 = torch.exp(cg)  # zeta_{t,0}: [B,H,T]
+    # zeta_{t,s} for t >= s with no reset in (s, t] (zero otherwise): exp of differences of the reset-aware
+    # cumulative log-gate (solvers.gates)
+    Gam, seg = segmented_cumsum(p.g.transpose(1, 2))  # [B,H,T]
+    Z = pairwise_decay(Gam, seg)  # [B,H,t,s]
+    zeta0 = decay_from_start(Gam, seg)  # zeta_{t,0}: [B,H,T]
     xk = torch.einsum("bthd,bshd->bhts", x, p.k)  # x_t . k_s
     ev = torch.einsum("bthv,bshv->bhts", e, p.v)  # e_t . v_s
     yk = torch.einsum("bthd,bshd->bhts", y, p.k)  # y_t . k_s
@@ -65,7 +69,7 @@ def closed_form_gradients(problem: MesaProblem, e: torch.Tensor) -> dict[str, to
     egx = torch.einsum("bthv,bshvd,bthd->bhts", e, Gprev, x)  # e_t^T G_{s-1} x_t
     yhx = torch.einsum("bthd,bshde,bthe->bhts", y, Hprev, x)  # y_t^T H_{s-1} x_t
     dgamma = torch.einsum("bhts->bsh", Z * (egx - yhx))
-    dg = torch.exp(p.g) * dgamma
+    dg = torch.exp(p.g) * dgamma  # exactly 0 at a reset: exp(g) = 0 there
     out = {"q": y, "k": dk, "v": dv, "g": dg, "beta": dbeta, "lam": -(x * y).sum(dim=(0, 1))}
     if p.initial_state is not None:
         out["H0"] = -torch.einsum("bht,bthd,bthe->bhde", zeta0, y, x)

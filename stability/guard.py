@@ -117,7 +117,7 @@ def resolve(spec: str | None, policy: str, device: str, steps: int, tol: float |
     if not sep or not mod_name or not fn_name:
         raise UsageError(f"--impl must be module:function (e.g. kernels:mesa_chunk), got {spec!r}")
     try:
-        mod = importlib.import_module(mod_name)
+        mod = import_impl_module(mod_name)
     except ImportError as err:
         raise UsageError(f"--impl {spec}: cannot import {mod_name!r}: {err}") from err
     fn = getattr(mod, fn_name, None)
@@ -137,6 +137,24 @@ def resolve(spec: str | None, policy: str, device: str, steps: int, tol: float |
     if unknown:
         raise UsageError(f"--impl {spec} does not take the option(s) {unknown}")
     return Target(fn, spec, pol, opts, device)
+
+
+def import_impl_module(name: str):
+    """Import the module of ``--impl``; a module not found on ``sys.path`` is looked up in the working
+    directory too (the ``mesa`` console script does not put it there: ``benchmarks.before_adapter``)."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        cwd = os.getcwd()
+        if err.name != name.partition(".")[0] or cwd in sys.path or "" in sys.path:
+            raise
+        sys.path.append(cwd)
+        return importlib.import_module(name)
+
+
+def unit_roundoff_of(dtype: torch.dtype) -> float:
+    """The unit roundoff of a returned value's dtype (the ``u_out`` of the budgets; 0 for others)."""
+    return _DTYPE_U.get(dtype, 0.0)
 
 
 def _inputs(ref: golden.GoldenReference, device: str):
@@ -163,7 +181,8 @@ def _row(kind, case, quantity, measured, budget=float("nan"), how="", verdict=No
 
 def check_case(target: Target, ref: golden.GoldenReference, cfg: dict, backward: bool = True) -> list[dict]:
     """Forward and backward errors of one golden case against its float64 references."""
-    u, kappa, name = target.policy.u, ref.kappa, ref.case.name
+    kappa, name = ref.kappa, ref.case.name
+    u = target.policy.u_at(kappa)
     leaves_in, init, cu = _inputs(ref, target.device)
     leaves = [t.clone().requires_grad_(backward) for t in leaves_in]
     try:
@@ -199,8 +218,8 @@ def check_case(target: Target, ref: golden.GoldenReference, cfg: dict, backward:
 
 def check_property(target: Target, prop: str, ref: golden.GoldenReference, cfg: dict) -> dict:
     """One metamorphic property on its golden case."""
-    u, kappa = target.policy.u, ref.kappa
-    b, how = budget_of(cfg, "properties", prop, u, kappa)
+    kappa = ref.kappa
+    b, how = budget_of(cfg, "properties", prop, target.policy.u_at(kappa), kappa)
     p = _device_problem(ref, target.device)
     opts = dict(target.options)
     try:
@@ -377,6 +396,11 @@ def compare_baseline(path: str, df, target: Target, times: dict | None) -> list[
 
 def _json_float(x: float):
     return x if math.isfinite(x) else str(x)
+
+
+def device_name(device: str) -> str:
+    """The device's name (the CUDA device's, or the CPU's architecture)."""
+    return _device_name(device)
 
 
 def _device_name(device: str) -> str:

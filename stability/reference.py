@@ -11,6 +11,12 @@ with ``R_t = Lambda`` or, for ``regularizer="decayed"``, ``R_t = zeta_{t,0} Lamb
 Sherman-Morrison solves). Every float input is converted exactly (a binary float is a rational
 number). Results come back as float64 tensors, correctly rounded from ``dps`` digits.
 
+A hard reset needs no special case here: ``g = -inf`` gives ``gamma = exp(-inf) = 0`` exactly, and a
+finite reset gate its true gamma (mpmath's exponent range is unbounded: ``exp(-1e16)`` is about
+``10^-4.3e15``), whose contribution vanishes at ``dps`` digits. Every reset gate of float64 (``g <=
+-746``, ``exp(g) < 1e-323``) thus gives the same float64 x and o as ``g = -inf``, and a derivative
+along the reset gate of 0 (the tests check both).
+
 The cost is about ``B H T D^3 / 3`` multiplications at ``dps`` digits; :func:`mp_solve` refuses
 problems above ``max_work`` with a clear message instead of running for hours.
 """

@@ -1,0 +1,204 @@
+"""Accuracy certificate: a bound on every token's forward error, checked after the solve.
+
+For token t (one batch entry and head) with ``A_t = H_t + Lambda`` and the computed ``x_t``:
+
+    rho_t   = ||q_t - A_t x_t|| / ||q_t||              the true relative residual
+    kappa_t = (tr H_t + max lam) / min lam  >= cond(A_t)  the free conditioning bound (tr H_t is a
+                                                        cumulative sum: H_t is PSD, lambda_max <= tr H_t + max lam)
+    nu_t    = ||x_t|| / ||q_t||
+
+The residual is formed either by the kernel after its CG loop, with products of precision ``u_c``
+on the states *as stored* (tier 1, cheap), or here in float64 from states rebuilt from the inputs
+(tier 2, :func:`exact_residual`). Tier 1 misses two perturbations, which the bound adds:
+
+* the rounding of the residual itself, ``|fl(A x) - A x| <= gamma_c (||q|| + ||A|| ||x||)`` with
+  ``gamma_c = 2 u_c + sqrt(D + C) u_acc`` (operands rounded once each; fp32 accumulation over D + C
+  terms, counted with the square-root growth of probabilistic rounding analysis, Higham and Mary,
+  SIAM J. Sci. Comput. 41, 2019);
+* the deviation of the stored states from the exact ones, ``||H^stored_t - H_t|| <= eps_S tr H_t``,
+  with ``eps_S = u_prod + u_store``: the states' products (each term ``beta k k^T`` rounded to
+  ``u_prod`` relative; the terms are PSD, so their sum is off by at most ``u_prod tr H_t``) and
+  their storage (one rounding ``u`` for compensated fp32 states; ``sqrt(chunks) u_state`` for 16-bit
+  states, which compound their rounding from chunk to chunk); plus twice the input rounding of k
+  when the caller's keys were finer than the policy's input dtype.
+
+With ``lambda_min >= min lam`` and ``e_t = x_t - x*_t = A_t^{-1} (residual)``:
+
+    ||e_t|| / ||q_t|| <= E_t = (rho_t + gamma_c (1 + lmax_t nu_t) + eps_S tr H_t nu_t) / min lam,
+    lmax_t = tr H_t + max lam,
+    ||e_t|| / ||x*_t|| <= bound_t = E_t / max(nu_t - E_t, 1 / lmax_t)      (||x*|| >= ||x|| - ||e||, ||q|| / lmax)
+
+Tier 2 has ``gamma_c ~ 2^-50`` and ``eps_S = 0``, so its bound is ``||A^-1 r|| <= ||r|| / lambda_min``
+at face value: tight when the error lies along the small eigenvalues, where rounding puts it.
+
+``check`` (the ops' option): ``"warn"`` (default) issues a :class:`CertificateWarning`, ``"raise"``
+raises :class:`CertificateError`, ``None`` skips the certificate; either names the worst token and
+head, the bound, kappa, and the cheapest policy whose ``kappa u`` would pass. A NaN or inf bound
+(non-finite output, a breakdown of the iteration) always fails.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .precision import POLICIES, UNIT_ROUNDOFF, PrecisionPolicy, auto_tier
+
+CHECK_MODES = ("warn", "raise", None)
+# Kernel policies in order of cost (cheapest first): the suggestion of a failed check is the first
+# whose modeled error kappa u meets the threshold.
+_BY_COST = ("bf16-fp32state", "fp16-fp32state", "bf16x3", "auto", "fp32")
+
+
+class CertificateWarning(UserWarning):
+    """A solve whose certified forward error exceeds the check threshold."""
+
+
+class CertificateError(ArithmeticError):
+    """Raised by ``check="raise"`` when the certified forward error exceeds the threshold."""
+
+
+def check_mode(check) -> None:
+    if check not in CHECK_MODES:
+        raise ValueError(f"check must be one of {CHECK_MODES}, got {check!r}")
+
+
+@dataclass
+class Certificate:
+    """Per-token accuracy certificate of one solve, ``[B,T,H]`` tensors (float64 on the solve's device).
+
+    ``residual`` rho_t, ``kappa`` the free bound, ``bound`` the certified relative error of x_t
+    (module docstring), ``breakdown`` where the iteration stopped on ``p.Ap <= 0`` or NaN,
+    ``tier`` 1 (kernel residual on stored states) or 2 (float64 residual from the inputs),
+    ``threshold`` the check threshold, ``what`` the solve it certifies (``"x"`` or ``"adjoint y"``)."""
+
+    residual: torch.Tensor
+    kappa: torch.Tensor
+    bound: torch.Tensor
+    breakdown: torch.Tensor
+    threshold: float
+    tier: int
+    what: str = "x"
+
+    @property
+    def failed(self) -> torch.Tensor:
+        """Tokens whose bound exceeds the threshold or is not finite."""
+        return ~(self.bound <= self.threshold)
+
+    @property
+    def ok(self) -> bool:
+        return not bool(self.failed.any())
+
+    @property
+    def max_bound(self) -> float:
+        return float(self.bound.nan_to_num(nan=math.inf).max()) if self.bound.numel() else 0.0
+
+    def worst(self) -> tuple[int, int, int]:
+        """(batch, token, head) of the largest bound (NaN counts as the largest)."""
+        flat = int(self.bound.nan_to_num(nan=math.inf).flatten().argmax())
+        B, T, H = self.bound.shape
+        return flat // (T * H), (flat // H) % T, flat % H
+
+    def message(self, policy: PrecisionPolicy) -> str:
+        b, t, h = self.worst()
+        bound, kappa = float(self.bound[b, t, h]), float(self.kappa[b, t, h])
+        n_bad, n = int(self.failed.sum()), self.bound.numel()
+        why = "a breakdown of CG (p.Ap <= 0)" if bool(self.breakdown[b, t, h]) else (
+            "a non-finite value" if not math.isfinite(bound) else f"kappa <= {kappa:.3g}")
+        return (f"accuracy certificate of {self.what}: {n_bad} of {n} tokens exceed the threshold "
+                f"{self.threshold:.3g}; worst token {t} (batch {b}, head {h}): certified relative error "
+                f"{bound:.3g} ({why}, relative residual {float(self.residual[b, t, h]):.3g}, tier {self.tier}) "
+                f"under policy {policy.name!r}. {suggest(kappa, self.threshold, policy)}")
+
+    def check(self, mode, policy: PrecisionPolicy) -> None:
+        """Warn or raise (``mode``) if any token fails; nothing for ``mode=None`` or a pass."""
+        if mode is None or self.ok:
+            return
+        if mode == "raise":
+            raise CertificateError(self.message(policy))
+        warnings.warn(self.message(policy), CertificateWarning, stacklevel=3)
+
+
+def suggest(kappa: float, threshold: float, policy: PrecisionPolicy) -> str:
+    """The cheapest kernel policy whose modeled error ``kappa u_at(kappa)`` meets ``threshold``."""
+    for name in _BY_COST:
+        p = POLICIES[name]
+        if name != policy.name and kappa * p.u_at(kappa) <= threshold:
+            return f"Policy {name!r} would meet it (kappa u = {kappa * p.u_at(kappa):.2g})."
+    floor = kappa * UNIT_ROUNDOFF["fp32"]
+    return (f"No kernel policy is expected to: fp32 state storage alone limits the error to about kappa 2^-24 = "
+            f"{floor:.2g}; use backend='torch' with policy='fp64', or check=None to accept it.")
+
+
+def state_error(policy: PrecisionPolicy, kappa_c: torch.Tensor | None, chunks: int, compensated: bool,
+                k_rounded: bool) -> float | torch.Tensor:
+    """``eps_S`` of the module docstring (per chunk for ``auto``, whose states use bf16x3 products)."""
+    prod = {"fp32": "fp32", "tf32": "fp32", "bf16x3": "bf16x3", "auto": "bf16x3"}.get(policy.operand, policy.input)
+    store = UNIT_ROUNDOFF[policy.state] * (1.0 if compensated else math.sqrt(max(chunks, 1)))
+    eps = UNIT_ROUNDOFF[prod] + store
+    if k_rounded:
+        eps += 2 * UNIT_ROUNDOFF[policy.input]
+    return eps
+
+
+def cert_operand(policy: PrecisionPolicy, kappa: float | None = None) -> str:
+    """Product precision of the tier-1 residual: fp32 for fp32 / tf32 products (and auto's fp32 tier),
+    bf16x3 otherwise (enough to resolve a solve made with bf16 / fp16 products)."""
+    op = auto_tier(kappa if kappa is not None else math.inf) if policy.operand == "auto" else policy.operand
+    return "fp32" if op in ("fp32", "tf32") else "bf16x3"
+
+
+def bound_from(rho, nu, trH, lam_min, lam_max, gamma_c, eps_S) -> torch.Tensor:
+    """``bound_t`` of the module docstring, elementwise in float64 (``lam_*`` broadcast over heads)."""
+    rho, nu, trH = (t.double() for t in (rho, nu, trH))
+    lmax = trH + lam_max
+    E = (rho + gamma_c * (1 + lmax * nu) + eps_S * trH * nu) / lam_min
+    return E / torch.maximum(nu - E, 1.0 / lmax)
+
+
+def exact_residual(problem, x: torch.Tensor, e: torch.Tensor | None = None, chunk_size: int = 64):
+    """Tier 2: ``(rho, nu, trH)`` ``[B,T,H]`` in float64 for ``x`` ``[B,T,H,D]``, the residual of
+    ``(H_t + Lambda) x_t = q_t`` (or, with the upstream gradient ``e`` ``[B,T,H,Dv]``, of the adjoint
+    system ``= G_t^T e_t``) with states rebuilt in float64 from the inputs."""
+    from .chunk_state import ChunkedSystem
+
+    if problem.cu_seqlens is not None:
+        parts = []
+        for off, seq in zip(problem.cu_seqlens.tolist(), problem.sequences(), strict=False):
+            sl = slice(off, off + seq.T)
+            parts.append(exact_residual(seq, x[:, sl], None if e is None else e[:, sl], chunk_size))
+        return tuple(torch.cat([p[i] for p in parts], dim=1) for i in range(3))
+    p64 = problem.to(torch.float64)
+    S = ChunkedSystem.build(p64, POLICIES["fp64"], chunk_size)
+    X = S.from_tokens(x.double())
+    Q = S.Q if e is None else S.output_adjoint(S.from_tokens(e.double()))
+    R = Q - S.matvec(X)
+    qn = Q.norm(dim=-1)
+    qn1 = torch.where(qn > 0, qn, 1.0)
+    rho = S.to_tokens((R.norm(dim=-1) / qn1)[..., None])[..., 0]
+    nu = S.to_tokens((X.norm(dim=-1) / qn1)[..., None])[..., 0]
+    return rho, nu, p64.trace_H()
+
+
+def certify_exact(problem, x: torch.Tensor, policy: PrecisionPolicy, *, threshold: float | None = None,
+                  e: torch.Tensor | None = None, breakdown: torch.Tensor | None = None, chunk_size: int = 64,
+                  what: str = "x") -> Certificate:
+    """Tier-2 certificate of ``x`` (or of the adjoint ``y`` with the upstream gradient ``e``), any
+    backend: float64 residual from the inputs, rounding terms ~2^-50."""
+    rho, nu, trH = exact_residual(problem, x, e, chunk_size)
+    lam = problem.lam.double()
+    lam_min, lam_max = lam.min(-1).values, lam.max(-1).values  # [H]
+    kappa = (trH + lam_max) / lam_min
+    gamma = 2 * UNIT_ROUNDOFF["fp64"] * math.sqrt(problem.D + chunk_size)
+    bound = bound_from(rho, nu, trH, lam_min, lam_max, gamma, 0.0)
+    bad_x = ~torch.isfinite(x).all(-1)
+    bound = torch.where(bad_x, math.inf, bound)
+    brk = torch.zeros_like(bound, dtype=torch.bool) if breakdown is None else breakdown.to(bound.device).bool()
+    return Certificate(rho, kappa, bound, brk, policy.check_tol if threshold is None else threshold, 2, what)
+
+
+__all__ = ["CHECK_MODES", "Certificate", "CertificateError", "CertificateWarning", "bound_from", "cert_operand",
+           "certify_exact", "check_mode", "exact_residual", "state_error", "suggest"]

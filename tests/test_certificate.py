@@ -1,0 +1,212 @@
+"""The accuracy certificate (solvers/certificate.py) and the trust rules it serves: no silent garbage.
+
+Generic tests iterate a registry of (backend, policy) x stress case: the certified bound must lie
+above the measured error of x against the float64 exact solver (the bound is rigorous), a token
+above the threshold must warn / raise, and the adjoint solve is certified in the backward. Edge
+inputs (overflow, tiny lam, CG ending worse than it started) must be flagged or NaN, never finite
+and silent. Triton cases run through the interpreter on the CPU (``TRITON_INTERPRET=1``) or on CUDA.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import pytest
+import torch
+
+import solvers
+from kernels import mesa_chunk
+from solvers.certificate import CertificateError, CertificateWarning
+from stability import cases
+from stability.metrics import rel_error
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
+
+# (backend, policy) pairs: the torch backend emulates every policy, the kernels implement them natively
+IMPLS = [("torch", "fp32"), ("torch", "bf16-fp32state"),
+         pytest.param("triton", "fp32", marks=pytest.mark.triton),
+         pytest.param("triton", "auto", marks=pytest.mark.triton),
+         pytest.param("triton", "bf16x3", marks=pytest.mark.triton),
+         pytest.param("triton", "bf16-bf16state", marks=pytest.mark.triton),
+         pytest.param("triton", "fp16-fp16state", marks=pytest.mark.triton)]
+CASES = {"low_rank_keys": dict(T=80, H=2, D=16), "tiny_lambda": dict(T=64, H=2, D=16),
+         "strong_forgetting": dict(T=64, H=2, D=16), "well_conditioned": dict(T=48, H=2, D=16)}
+
+
+def _device(backend):
+    return TRITON_DEVICE if backend == "triton" else "cpu"
+
+
+def _inputs(p, device, dtype=torch.float32):
+    return [t.to(device=device, dtype=dtype) for t in (p.q, p.k, p.v)] + [
+        t.to(device=device, dtype=torch.float32) for t in (p.g, p.beta, p.lam)]
+
+
+def _x_errors(x, ref_x):
+    return ((x.double().cpu() - ref_x).norm(dim=-1) / ref_x.norm(dim=-1)).clamp_min(0)
+
+
+@pytest.mark.parametrize("backend,policy", IMPLS)
+@pytest.mark.parametrize("case", list(CASES))
+def test_bound_lies_above_the_measured_error(backend, policy, case):
+    p = cases.make(case, seed=1, **CASES[case])
+    ref = solvers.solve(p, "exact")
+    inp = _inputs(p, _device(backend))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CertificateWarning)
+        _, st = mesa_chunk(*inp, steps=60, policy=policy, backend=backend, return_stats=True, return_x=True)
+    c = st.certificate
+    err = _x_errors(st.x, ref.x)
+    assert c.bound.shape == err.shape and c.kappa.shape == err.shape
+    # every token's bound (relative to the exact x of the rounded inputs, which are exact here: fp32
+    # inputs of a float64 problem are rounded once, at u_fp32, far below these errors) covers its error
+    slack = 2 * 2.0**-24 * c.kappa.cpu()
+    assert bool((err <= c.bound.cpu() + slack).all()), float((err - c.bound.cpu()).max())
+    # the free bound really bounds kappa from above
+    assert float(c.kappa.min()) >= 1.0
+
+
+@pytest.mark.parametrize("backend,policy", [("torch", "bf16-bf16state"),
+                                            pytest.param("triton", "bf16-bf16state", marks=pytest.mark.triton)])
+def test_a_failing_token_warns_or_raises_with_the_worst_token_and_a_suggestion(backend, policy):
+    # repeated keys, no forgetting: kappa grows with t and bf16 state storage cannot resolve it
+    p = cases.random_problem(1, 256, 2, 16, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
+                             lam_range=(0.25, 0.25), key_rank=2)
+    inp = _inputs(p, _device(backend))
+    with pytest.warns(CertificateWarning, match=r"worst token \d+ \(batch 0, head \d\).*would meet it|No kernel"):
+        mesa_chunk(*inp, steps=30, policy=policy, backend=backend)
+    with pytest.raises(CertificateError, match="certified relative error"):
+        mesa_chunk(*inp, steps=30, policy=policy, backend=backend, check="raise")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CertificateWarning)
+        _, st = mesa_chunk(*inp, steps=30, policy=policy, backend=backend, check=None, return_stats=True)
+    assert st.certificate is None
+    with pytest.raises(ValueError, match="check must be one of"):
+        mesa_chunk(*inp, policy=policy, backend=backend, check="loud")
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_well_conditioned_fp32_passes_silently(backend):
+    p = cases.make("well_conditioned", T=40, H=2, D=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CertificateWarning)
+        _, st = mesa_chunk(*_inputs(p, _device(backend)), steps=40, policy="fp32", backend=backend,
+                           return_stats=True, check="raise")
+    assert st.certificate.ok and st.certificate.max_bound < 1e-4
+
+
+@pytest.mark.triton
+def test_the_adjoint_solve_is_certified_in_the_backward():
+    p = cases.random_problem(1, 128, 2, 16, seed=2, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
+                             lam_range=(0.25, 0.25), key_rank=2)
+    leaves = [t.requires_grad_() for t in _inputs(p, TRITON_DEVICE)]
+    o, st = mesa_chunk(*leaves, steps=40, policy="fp32", backend="triton", return_stats=True)
+    assert st.adjoint_certificate is None
+    o.backward(torch.ones_like(o))
+    a = st.adjoint_certificate
+    assert a is not None and a.what == "adjoint y" and a.bound.shape == st.certificate.bound.shape
+    assert math.isfinite(a.max_bound)
+    # bf16 state storage fails the adjoint too, and says so in the backward
+    leaves = [t.detach().requires_grad_() for t in leaves]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CertificateWarning)
+        o, st = mesa_chunk(*leaves, steps=40, policy="bf16-bf16state", backend="triton", return_stats=True)
+    with pytest.warns(CertificateWarning, match="adjoint y"):
+        o.backward(torch.ones_like(o))
+
+
+@pytest.mark.parametrize("backend,policy", [("torch", "fp32"), pytest.param("triton", "fp32", marks=pytest.mark.triton),
+                                            pytest.param("triton", "bf16-fp32state", marks=pytest.mark.triton)])
+def test_overflowing_keys_are_not_a_silent_zero(backend, policy):
+    p = cases.make("well_conditioned", T=32, H=1, D=16)
+    q, k, v, g, beta, lam = _inputs(p, _device(backend))
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        o = mesa_chunk(q, k * 1e20, v, g, beta, lam, steps=20, policy=policy, backend=backend)
+    flagged = any(issubclass(x.category, CertificateWarning) for x in w)
+    assert flagged or not bool(torch.isfinite(o).all())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("policy", ["fp16-fp32state", "fp16-fp16state"])
+def test_fp16_with_tiny_lam_is_flagged(policy):
+    p = cases.random_problem(1, 32, 1, 16, seed=0, lam_range=(1e-6, 1e-6))
+    with pytest.raises(CertificateError):
+        mesa_chunk(*_inputs(p, TRITON_DEVICE), steps=20, policy=policy, backend="triton", check="raise")
+
+
+@pytest.mark.triton
+def test_cg_that_ends_worse_than_it_started_is_flagged():
+    # lam = 1e-6 with rank-2 keys: kappa ~ 1e8, far beyond fp32's reach
+    p = cases.random_problem(1, 64, 1, 16, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
+                             lam_range=(1e-6, 1e-6), key_rank=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CertificateWarning)
+        _, st = mesa_chunk(*_inputs(p, TRITON_DEVICE), steps=60, policy="fp32", backend="triton",
+                           return_stats=True, return_x=True)
+    assert st.breakdown is not None and st.breakdown.dtype == torch.bool
+    err = _x_errors(st.x, solvers.solve(p, "exact").x)
+    bad = err > 1e-2
+    assert bool(bad.any())  # the case does break fp32
+    assert bool(st.certificate.failed.cpu()[bad].all())
+
+
+@pytest.mark.triton
+def test_decode_step_with_a_huge_state_is_flagged():
+    from kernels import mesa_step
+
+    p = cases.make("well_conditioned", T=16, H=2, D=16)
+    q, k, v, g, beta, lam = _inputs(p, TRITON_DEVICE)
+    _, (H_T, G_T) = mesa_chunk(q, k, v, g, beta, lam, steps=30, policy="fp32", backend="triton",
+                               output_final_state=True)
+    with pytest.raises(CertificateError):
+        mesa_step(q[:, -1], k[:, -1], v[:, -1], g[:, -1], beta[:, -1], lam, (H_T * 1e38, G_T), check="raise")
+    o, _, st = mesa_step(q[:, -1], k[:, -1], v[:, -1], g[:, -1], beta[:, -1], lam, (H_T, G_T), return_stats=True)
+    assert st.certificate.ok
+
+
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_autocast_does_not_change_the_policy(backend):
+    """The op computes in its policy's precision whatever autocast is active (torch's fp32 matmuls
+    would otherwise run in bf16 under autocast)."""
+    p = cases.make("low_rank_keys", T=48, H=2, D=16)
+    inp = _inputs(p, _device(backend))
+    plain = mesa_chunk(*inp, steps=40, policy="fp32", backend=backend)
+    dev = _device(backend)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        inside = mesa_chunk(*inp, steps=40, policy="fp32", backend=backend)
+    assert inside.dtype == plain.dtype
+    assert rel_error(inside.double(), plain.double()) < 1e-6
+
+
+def test_one_default_policy():
+    import kernels.layer
+    import kernels.mesa
+    from solvers.precision import DEFAULT_POLICY
+    from stability import cli
+
+    assert DEFAULT_POLICY == "auto"
+    assert kernels.mesa.mesa_chunk.__kwdefaults__["policy"] == DEFAULT_POLICY
+    assert kernels.layer.MesaLayer(16, 2).solver["policy"] == DEFAULT_POLICY
+    parser = cli.build_parser() if hasattr(cli, "build_parser") else None
+    if parser is not None:
+        args = parser.parse_args(["guard"])
+        assert args.policy == DEFAULT_POLICY
+
+
+def test_layer_rms_norm_survives_huge_values_and_propagates_nan():
+    from kernels.layer import _rms_norm
+
+    o = torch.randn(2, 3, 8)
+    ref = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5)
+    # at 1e20 the eps term is negligible: the norm of o itself
+    big = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True))
+    assert rel_error(_rms_norm(o * 1e20, 1e-5).double(), big.double()) < 1e-6
+    assert rel_error(_rms_norm(o, 1e-5).double(), ref.double()) < 1e-6
+    bad = o.clone()
+    bad[0, 0, 0] = float("inf")
+    assert bool(torch.isnan(_rms_norm(bad, 1e-5)[0, 0]).all())
+    assert bool((_rms_norm(torch.zeros(1, 1, 4), 1e-5) == 0).all())
