@@ -173,9 +173,9 @@ def main():
         for pol in args.policies:
             cfg = SolveConfig(solvers.get_policy(pol), steps=30, chunk_size=32)
             with torch.no_grad():
-                _, _, _, _, x = km._triton_forward(q, k, v, g, beta, lam, None, cfg, None)
+                _, _, _, _, x, _ = km._triton_forward(q, k, v, g, beta, lam, None, cfg, None)
                 ed = e_dense
-                a0, _, _, _, y = km._triton_forward(q, k, v, g, beta, lam, None, cfg, None, adjoint=ed, x_fwd=x)
+                a0, _, _, _, y, _ = km._triton_forward(q, k, v, g, beta, lam, None, cfg, None, adjoint=ed, x_fwd=x)
                 DG, DH, _, _ = reverse_states(ed, y, x, g, chunk_size=32, policy=pol)
                 P = functools.partial
                 times = {

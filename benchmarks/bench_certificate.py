@@ -44,8 +44,8 @@ def make_inputs(B, T, H, D, seed=0, device="cuda"):
 
 
 def main(argv=None) -> int:
-    from triton.testing import do_bench
     import pandas as pd
+    from triton.testing import do_bench
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))

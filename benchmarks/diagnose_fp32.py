@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import solvers  # noqa: E402
-from kernels import chunk_cg, mesa  # noqa: E402
+from kernels import mesa  # noqa: E402
 from kernels.chunk_state import chunk_states  # noqa: E402
 from solvers.chunk_state import ChunkedSystem  # noqa: E402
 from stability.cases import random_problem  # noqa: E402
@@ -50,10 +50,10 @@ for T in (4096, 16384):
             # the CG kernel on fp64-accurate states rounded to fp32
             cfg = solvers.implicit.SolveConfig(P, steps, None, "zero", None, 32, None, None)
             orig = mesa.chunk_states
-            mesa.chunk_states = lambda *a, **kw: (S64.Hc.float().contiguous(), S64.Gc.float().contiguous(),
-                                                   (S64.H_final.float(), S64.G_final.float()))
+            mesa.chunk_states = lambda *a, S=S64, **kw: (S.Hc.float().contiguous(), S.Gc.float().contiguous(),
+                                                          (S.H_final.float(), S.G_final.float()))
             try:
-                o2, _, _, _, x2 = mesa._triton_forward(q, k, v, g, beta, lam, None, cfg, None)
+                o2, _, _, _, x2, _ = mesa._triton_forward(q, k, v, g, beta, lam, None, cfg, None)
             finally:
                 mesa.chunk_states = orig
             ex2 = float(((x2.double() - ref.x).norm(dim=-1) / ref.x.norm(dim=-1)).max())

@@ -46,8 +46,9 @@ def main(argv=None) -> int:
                             cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
     new = not os.path.exists(args.out)
     fh = open(args.out, "a", newline="")
-    w = csv.DictWriter(fh, fieldnames=["tree", "T", "D", "H", "policy", "steps", "kappa_free", "o_err", "x_err_max",
-                                       "finite", "flagged", "max_bound", "tier", "wall_ms", "device", "torch", "commit"])
+    w = csv.DictWriter(fh, fieldnames=["tree", "T", "D", "H", "policy", "steps", "kappa_free", "o_err",
+                                       "x_err_max", "finite", "flagged", "max_bound", "tier", "wall_ms", "device",
+                                       "torch", "commit"])
     if new:
         w.writeheader()
     dev = "cuda"

@@ -28,7 +28,11 @@ operand precision ``OP``: ``ieee`` (true fp32), ``tf32`` (tensor cores, 10-bit m
 or ``fp16`` (tensor cores), or ``bf16x3`` (operands split into bf16 ``hi + lo`` parts,
 ``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi``: three bf16 MMAs, ~16 significant bits; a factor that
 is exactly bf16, such as bf16 keys, has ``lo = 0`` and costs two), accumulating in float32. The
-stored states ``H_c``, ``G_c`` arrive in the policy's state dtype.
+stored states ``H_c``, ``G_c`` arrive in the policy's state dtype. The products with the states and
+those with the chunk's keys may differ in precision (``OP_H``, ``OP_K``: the ``auto`` policy's fp32
+tier multiplies the state in IEEE fp32 and the keys in bf16x3); with ``HAS_CLASS`` a launch solves
+only the chunks of one precision tier. The accuracy certificate of the result is
+:mod:`kernels.residual`.
 """
 
 from __future__ import annotations
@@ -218,7 +222,6 @@ if triton is not None:
     @triton.heuristics({
         "ADJOINT": lambda a: a["xf_ptr"] is not None,
         "HAS_CLASS": lambda a: a["cls_ptr"] is not None,
-        "CERT": lambda a: a["cert_ptr"] is not None,
     })
     @triton.jit
     def _chunk_cg_kernel(
@@ -232,18 +235,17 @@ if triton is not None:
         xf_ptr,  # optional (sets ADJOINT): the forward's q-star [B*T, H, D], read
         scale_ptr,  # ADJOINT only: [1/s, s] float32, e is read as e / s (see kernels.mesa._upstream_scale)
         cls_ptr,  # optional (sets HAS_CLASS): [B*H*N] int8 precision class of every chunk (the auto policy)
-        cert_ptr,  # optional (sets CERT): [B*T, H, 4] float32 certificate (see below)
+        brk_ptr,  # [B*T, H] int8: 1 where CG stopped on a breakdown (p.Ap <= 0 or not finite)
         T, N, tol, steps,  # tokens per sequence, chunks, relative tolerance (<= 0: none), step cap
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         OP_H: tl.constexpr,  # operand precision (OP_CODES) of the products with the states H_c, G_c
         OP_K: tl.constexpr,  # operand precision of the products with the chunk's keys and values
-        OP_CERT: tl.constexpr,  # operand precision of the certificate's residual
         MY_CLASS: tl.constexpr,  # HAS_CLASS: the class of chunks this launch solves (others return at once)
         K_EXACT: tl.constexpr,  # k and v are bf16 tensors: exact bf16 operands (bf16x3 skips their lo part)
         X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr,
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
-        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr, CERT: tl.constexpr,  # set by the heuristics
+        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr,  # set by the heuristics
     ):
         i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         if HAS_CLASS:
@@ -313,28 +315,9 @@ if triton is not None:
             n_active = tl.sum(active.to(tl.int32), axis=0)
             it += 1
 
-        if CERT:
-            # the true residual R = Q - A(x), with products of precision OP_CERT on H_c and the keys
-            # reloaded (not the recursive r, which drifts from it in low precision), and the free
-            # conditioning numerator tr H_t = exp(Gam_t) tr H_c + sum_j M_tj ||k_j||^2
-            Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
-            Kc = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-            Hc_hi, Hc_lo = _split(Hc, OP_CERT, SOFT)
-            Kc_hi, Kc_lo = _split(Kc, OP_CERT, SOFT)
-            r = Q - _matvec(x, Hc_hi, Hc_lo, Kc_hi, Kc_lo, tl.trans(Kc_hi), tl.trans(Kc_lo), M, eG, lam,
-                            OP_CERT, OP_CERT, SOFT, K_EXACT)
-            trHc = tl.sum(tl.load(Hc_ptr + s_base + o_d * (D + 1), mask=m_d, other=0.0).to(tl.float32), axis=0)
-            trH = eG * trHc + tl.sum(M * tl.sum(Kc * Kc, axis=1)[None, :], axis=1)
-            qn = tl.sqrt(tl.sum(Q * Q, axis=1))
-            qn1 = tl.where(qn > 0, qn, 1.0)
-            c_base = row * 4
-            tl.store(cert_ptr + c_base, tl.sqrt(tl.sum(r * r, axis=1)) / qn1, mask=m_t)
-            tl.store(cert_ptr + c_base + 1, tl.sqrt(tl.sum(x * x, axis=1)) / qn1, mask=m_t)
-            tl.store(cert_ptr + c_base + 2, trH, mask=m_t)
-            tl.store(cert_ptr + c_base + 3, broke.to(tl.float32), mask=m_t)
-
         x = x * q_scale[:, None]
         tl.store(steps_ptr + row, count, mask=m_t)
+        tl.store(brk_ptr + row, broke.to(tl.int8), mask=m_t)
         tl.store(res_ptr + row, tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0), mask=m_t)
         tl.store(x_ptr + row[:, None] * D + o_d[None, :], x, mask=m_td)
 
@@ -343,7 +326,7 @@ if triton is not None:
             # the forward's x, written without its cancellation: with the adjoint residual
             # r_y = G_t^T e_t - A_t y_t, e.o = (G^T e).x = (A y + r_y).x = y.(H x) + y.(lam x) + r_y.x, so
             # a0_t = y_t . (lam x_t) + r_y . x_t: no term of size ||H_t|| ||x|| ||y|| to cancel
-            # (r is the true residual with CERT, else the recursive one; both in units of 1/q_scale)
+            # (r is CG's recursive residual, in units of 1/q_scale)
             Xf = tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0)
             tl.store(o_ptr + row, tl.sum((x * lam[None, :] + r * q_scale[:, None]) * Xf, axis=1), mask=m_t)
         else:

@@ -22,7 +22,6 @@ from solvers.gates import segmented_cumsum_grad
 from solvers.implicit import MesaImplicit, SolveConfig, implicit_backward
 from solvers.precision import (
     AUTO_OPS,
-    AUTO_TARGET,
     AUTO_TIERS,
     DEFAULT_POLICY,
     UNIT_ROUNDOFF,
@@ -30,7 +29,7 @@ from solvers.precision import (
     auto_tier_index,
 )
 
-from . import chunk_cg, decode
+from . import chunk_cg, decode, residual
 from .chunk_state import MIN_DOT_BLOCK, _is_interpreted, chunk_states
 
 try:
@@ -210,9 +209,10 @@ def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk
             stats.certificate = cert.certify_exact(_problem(q, k, v, g, beta, lam, initial_state), x.detach(), pol,
                                                    threshold=threshold, chunk_size=cfg.chunk_size)
     else:
-        o, H_T, G_T, x, n_steps, res, cert_buf = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg, num_warps,
-                                                                 bwd_contractions, certify, stats)
-        brk = None if cert_buf is None else cert_buf[..., 3] > 0
+        o, H_T, G_T, x, n_steps, res, brk8, cert_buf = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg,
+                                                                       num_warps, bwd_contractions, certify, stats)
+        brk = brk8 > 0
+        cert_buf = (brk8, cert_buf)
         if certify is not None:
             stats.certificate = _kernel_certificate(cert_buf, (q, k, v, g, beta, lam, initial_state), x, pol, cfg,
                                                     threshold)
@@ -228,39 +228,17 @@ def _problem(q, k, v, g, beta, lam, initial_state, cu_seqlens=None) -> MesaProbl
 
 def _kernel_certificate(buf, inputs, x, pol: PrecisionPolicy, cfg: SolveConfig, threshold: float, e=None,
                         what: str = "x") -> cert.Certificate:
-    """Tier 1 from the kernel's certificate buffer ``[B,T,H,4]`` (rho, nu, tr H_t, breakdown), then, if it
-    fails, tier 2 (float64 residual from the inputs) for a tight verdict (solvers/certificate.py)."""
-    q, k, v, g, beta, lam, init = inputs
-    B, T, H, D = q.shape
-    C = min(cfg.chunk_size, T)
-    N = -(-T // C)
-    rho, nu, trH = (buf[..., i].double() for i in range(3))
-    lam64 = lam.detach().double()
-    lam_min, lam_max = lam64.min(-1).values, lam64.max(-1).values
-    kappa = (trH + lam_max) / lam_min
-    # the residual's rounding: cert products (per token for auto: the tier of its chunk) + fp32 accumulation
-    acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
-    if pol.operand == "auto":
-        u_c = torch.where(kappa * UNIT_ROUNDOFF[AUTO_TIERS[1]] <= AUTO_TARGET, UNIT_ROUNDOFF["bf16x3"],
-                          UNIT_ROUNDOFF["fp32"])
-    else:
-        u_c = UNIT_ROUNDOFF[cert.cert_operand(pol)]
-    gamma_c = 2 * u_c + acc
-    k_rounded = UNIT_ROUNDOFF[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                               torch.float64: "fp64"}[k.dtype]] < UNIT_ROUNDOFF[pol.input]
-    eps_S = cert.state_error(pol, None, N, pol.state == "fp32", k_rounded)
-    if UNIT_ROUNDOFF[{torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
-                      torch.float64: "fp64"}[q.dtype]] < UNIT_ROUNDOFF[pol.input]:
-        rho = rho + UNIT_ROUNDOFF[pol.input]  # q rounded to the policy's input dtype
-    bound = cert.bound_from(rho, nu, trH, lam_min, lam_max, gamma_c, eps_S)
-    bound = torch.where(torch.isfinite(x.detach()).all(-1), bound, math.inf)
-    c = cert.Certificate(rho, kappa, bound, buf[..., 3] > 0, threshold, 1, what)
+    """Tier 1 from the kernels' outputs (``buf = (breakdown, [B,T,H,3] rho / kappa / bound)``), then, if
+    it fails, tier 2 (float64 residual from the inputs) for a tight verdict (solvers/certificate.py).
+    ``e``: a callable giving the upstream gradient the adjoint solved for (only called for tier 2)."""
+    brk, out = buf
+    breakdown = brk > 0
+    c = cert.Certificate(out[..., 0], out[..., 1], out[..., 2], breakdown, threshold, 1, what)
     if c.ok:
         return c
-    exact = cert.certify_exact(_problem(q, k, v, g, beta, lam, init), x.detach(), pol, threshold=threshold, e=e,
-                               breakdown=c.breakdown, chunk_size=64, what=what)
-    # a non-finite x stays failed; otherwise the float64 residual decides
-    return exact
+    q, k, v, g, beta, lam, init = inputs
+    return cert.certify_exact(_problem(q, k, v, g, beta, lam, init), x.detach(), pol, threshold=threshold,
+                              e=None if e is None else e(), breakdown=breakdown, chunk_size=64, what=what)
 
 
 class TritonMesa(torch.autograd.Function):
@@ -274,18 +252,18 @@ class TritonMesa(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps, bwd_contractions, certify, stats):
         init = None if H0 is None else (H0, G0)
-        o, (H_T, G_T), n_steps, res, x, buf = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps,
-                                                              certify=certify is not None)
+        o, (H_T, G_T), n_steps, res, x, (brk, buf) = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps,
+                                                                     certify=certify is not None)
         ctx.cfg, ctx.num_warps, ctx.bwd_contractions = cfg, num_warps, bwd_contractions
         ctx.certify, ctx.stats = certify, stats
         ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, x)
-        ctx.mark_non_differentiable(x, n_steps, res)
+        ctx.mark_non_differentiable(x, n_steps, res, brk)
         if buf is not None:
             ctx.mark_non_differentiable(buf)
-        return o, H_T, G_T, x, n_steps, res, buf
+        return o, H_T, G_T, x, n_steps, res, brk, buf
 
     @staticmethod
-    def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res, _d_buf):
+    def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res, _d_brk, _d_buf):
         *inputs, x = ctx.saved_tensors
         q, k, v, g, beta, lam, H0, G0 = inputs
         init = None if H0 is None else (H0, G0)
@@ -300,7 +278,7 @@ class TritonMesa(torch.autograd.Function):
         if ctx.certify is not None:
             mode, threshold = ctx.certify
             c = _kernel_certificate(buf, (q, k, v, g, beta, lam, init), y, ctx.cfg.policy, ctx.cfg, threshold,
-                                    e=do.to(torch.float32) * sc[0], what="adjoint y")
+                                    e=lambda: do.to(torch.float32) * sc[0], what="adjoint y")
             ctx.stats.adjoint_certificate = c
             c.check(mode, ctx.cfg.policy)
         if ctx.bwd_contractions == "triton":
@@ -339,7 +317,7 @@ def chunk_classes(Hc: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, lam: to
 def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None,
                     x_fwd=None, scale=None, certify: bool = False):
     """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x,
-    certificate buffer [B,T,H,4] or None).
+    (breakdown [B,T,H] int8, certificate [B,T,H,3] float32 rho / kappa / bound, or None)).
 
     With ``adjoint = e`` (``[B,T,H,Dv]``, the upstream gradient) and the forward's ``x_fwd`` the same
     kernel solves the adjoint systems ``A_t y_t = G_t^T e_t`` instead (its right-hand side formed in
@@ -352,6 +330,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     pol = cfg.policy
     D, Dv = q.shape[3], v.shape[3]
     in_dt = pol.input_dtype
+    k_given_dtype = k.dtype
     # inputs already in a format the policy's input dtype holds exactly (bf16 or fp16 under an fp32
     # input policy) stay as they are: the CG kernel reads them without loss and half the bytes
     if not (in_dt == torch.float32 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)):
@@ -373,7 +352,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     x = torch.empty(B, T, H, D, dtype=torch.float32, device=dev)
     n_steps = torch.empty(B, T, H, dtype=torch.int32, device=dev)
     res = torch.empty(B, T, H, dtype=torch.float32, device=dev)
-    buf = torch.empty(B, T, H, 4, dtype=torch.float32, device=dev) if certify else None
+    brk = torch.empty(B, T, H, dtype=torch.int8, device=dev)
     # the output o [B,T,H,Dv], or with the adjoint a0 [B,T,H]
     o = torch.empty(B, T, H, *(() if adjoint is not None else (Dv,)), dtype=torch.float32, device=dev)
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
@@ -389,19 +368,55 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         xf = x_fwd.to(torch.float32).contiguous()
     classes = _launch_classes(pol)
     cls = chunk_classes(Hc, k, beta, lam, C) if classes[0][0] is not None else None
-    for my_class, (op_h, op_k, op_cert) in classes:
+    for my_class, (op_h, op_k, _) in classes:
         wide = BLOCK_D >= 128 and chunk_cg.OP_CODES["bf16"] not in (op_h, op_k)
         kernel = chunk_cg._chunk_cg_kernel[(N, B * H)](
-            rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, sc, cls, buf,
+            rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, sc, cls, brk,
             T, N, float(tol) if tol is not None else -1.0, steps,
             H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
-            OP_H=op_h, OP_K=op_k, OP_CERT=op_cert, MY_CLASS=my_class or 0, K_EXACT=k.dtype == torch.bfloat16,
+            OP_H=op_h, OP_K=op_k, MY_CLASS=my_class or 0, K_EXACT=k.dtype == torch.bfloat16,
             X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi", HAS_TOL=tol is not None,
             SOFT=interpreted, num_warps=num_warps or (8 if wide else 4),
         )
         name = "chunk_cg" if adjoint is None else "chunk_cg_adjoint"
         LAST_LAUNCH[name if my_class is None else f"{name}_{AUTO_TIERS[my_class]}"] = kernel
-    return o, final, n_steps, res, x, buf
+    cert_out = None
+    if certify:
+        cert_out = _residual(pol, classes, cls, rhs, adjoint is not None, k, v, g, beta, lam, Hc, Gc, x, sc, q.dtype,
+                             k_given_dtype, C, interpreted)
+    return o, final, n_steps, res, x, (brk, cert_out)
+
+
+def _dtype_u(dtype: torch.dtype) -> float:
+    return UNIT_ROUNDOFF[{torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
+                          torch.float16: "fp16"}[dtype]]
+
+
+def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc, q_dtype, k_dtype, C, interpreted):
+    """The tier-1 certificate (:mod:`kernels.residual`): ``[B,T,H,3]`` float32 (rho, kappa, bound) of the
+    solution ``x`` (or the adjoint's y with ``adjoint``), with the rounding terms of
+    :mod:`solvers.certificate`: gamma_c of the residual's products, eps_S of the stored states, and the
+    rounding of q and k when the caller's were finer than the policy's input dtype."""
+    B, T, H, D = x.shape
+    Dv = v.shape[3]
+    N = Hc.shape[2]
+    out = torch.empty(B, T, H, 3, dtype=torch.float32, device=x.device)
+    acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
+    eps_S = cert.state_error(pol, None, N, pol.state == "fp32", _dtype_u(k_dtype) < UNIT_ROUNDOFF[pol.input])
+    u_q = UNIT_ROUNDOFF[pol.input] if (not adjoint and _dtype_u(q_dtype) < UNIT_ROUNDOFF[pol.input]) else 0.0
+    codes = {v: n for n, v in chunk_cg.OP_CODES.items()}
+    BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
+    BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
+    BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
+    for my_class, (_, _, op_cert) in classes:
+        gamma_c = 2 * UNIT_ROUNDOFF[codes[op_cert]] + acc
+        LAST_LAUNCH["residual" if my_class is None else f"residual_{AUTO_TIERS[my_class]}"] = \
+            residual._residual_kernel[(N, B * H)](
+                None if adjoint else rhs, rhs if adjoint else None, k, v, g, beta, lam, Hc, Gc, x, sc, cls, out,
+                T, N, gamma_c, eps_S, u_q, H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
+                BLOCK_DV=BLOCK_DV, BLOCK_J=min(32, BLOCK_D), OP=op_cert, MY_CLASS=my_class or 0,
+                K_EXACT=k.dtype == torch.bfloat16, SOFT=interpreted, num_warps=4)
+    return out
 
 
 def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolveConfig, do, dH_T, dG_T):

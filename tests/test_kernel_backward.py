@@ -95,9 +95,9 @@ def test_adjoint_kernel_forms_the_log_decay_term():
     p = cases.make("well_conditioned", B=2, T=T, H=2, D=D, Dv=Dv, seed=5).to(torch.float32, DEVICE)
     pol = solvers.get_policy("fp32")
     cfg = SolveConfig(pol, steps=40, tol=1e-7, chunk_size=C)
-    _, _, _, _, x = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None)
+    _, _, _, _, x, _ = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None)
     e = torch.randn(2, T, 2, Dv, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    a0, _, _, _, y = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e, x_fwd=x)
+    a0, _, _, _, y, _ = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e, x_fwd=x)
     S = ChunkedSystem.build(p, pol, C)
     ref = chunked_gradients(S, S.from_tokens(x), S.from_tokens(y), S.from_tokens(e))
     assert rel_error(a0.cpu(), S.to_tokens(ref["a0"][..., None])[..., 0].cpu()) <= 1e-5

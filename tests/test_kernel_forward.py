@@ -219,8 +219,8 @@ def test_adjoint_solve_in_the_kernel_matches_the_torch_adjoint(prob, policy):
     pol = solvers.get_policy(policy)
     e = cases.upstream_gradient(prob, scale=1e-3, seed=4).to(device=DEVICE, dtype=torch.float32)
     cfg = SolveConfig(pol, steps=5, tol=None, chunk_size=16, bwd_steps=40, bwd_tol=1e-6)
-    *_, x = _triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None)
-    *_, n_steps, _, y = _triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e, x_fwd=x)
+    *_, x, _ = _triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None)
+    *_, n_steps, _, y, _ = _triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e, x_fwd=x)
     S = ChunkedSystem.build(p, pol, 16)
     y_ref, count, *_ = cg_iterate(S, S.output_adjoint(S.from_tokens(e)), pol, steps=40, tol=1e-6, x0="zero",
                                   precond=None)

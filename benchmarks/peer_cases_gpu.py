@@ -1,0 +1,77 @@
+"""The peer's op-test cases (stability/peer_cases.py) on the GPU: ours under every kernel policy and the
+peer (fla-core's ``chunk_mesa_net``, optional), side by side, against the float64 reference.
+
+One row per (implementation, policy, case, quantity): the peer's metric (relative RMS error), its
+tolerance, the verdict, and for ours whether the accuracy certificate warned (forward or adjoint).
+Writes ``peer_cases.csv`` and prints pass counts per implementation.
+
+    python benchmarks/peer_cases_gpu.py --out $OUT [--policies auto fp32 ...] [--no-peer]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+import warnings
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from kernels import mesa_chunk  # noqa: E402
+from kernels.mesa import KERNEL_POLICIES  # noqa: E402
+from solvers.certificate import CertificateWarning  # noqa: E402
+from stability.peer_cases import PEER_CASES, run_peer_case  # noqa: E402
+
+
+def main(argv=None) -> int:
+    import pandas as pd
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
+    ap.add_argument("--policies", nargs="+", default=list(KERNEL_POLICIES))
+    ap.add_argument("--cases", nargs="+", default=list(PEER_CASES))
+    ap.add_argument("--no-peer", action="store_true")
+    args = ap.parse_args(argv)
+    impls = [("ours", p, functools.partial(mesa_chunk, policy=p)) for p in args.policies]
+    peer_version = "not run"
+    if not args.no_peer:
+        try:
+            import fla
+
+            from stability.peer import chunk_mesa_net
+
+            impls.append(("fla-core", "peer", chunk_mesa_net))
+            peer_version = getattr(fla, "__version__", "?")
+        except ImportError as err:
+            peer_version = f"unavailable: {err}"
+    rows = []
+    os.makedirs(args.out, exist_ok=True)
+    for name in args.cases:
+        for impl, pol, fn in impls:
+            t0 = time.time()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CertificateWarning)
+                case_rows = run_peer_case(fn, name, device="cuda")
+            flagged = sum(issubclass(c.category, CertificateWarning) for c in caught)
+            for r in case_rows:
+                rows.append(dict(r, impl=impl, policy=pol, flagged=flagged, wall_s=time.time() - t0,
+                                 device=torch.cuda.get_device_name(), torch=torch.__version__, fla_core=peer_version))
+            bad = [r["quantity"] for r in case_rows if r["verdict"] == "FAIL"]
+            print(f"{name:28s} {impl:8s} {pol:15s} fails {bad} warned {flagged}", flush=True)
+        pd.DataFrame(rows).to_csv(os.path.join(args.out, "peer_cases.csv"), index=False)
+    df = pd.DataFrame(rows)
+    summary = df.groupby(["impl", "policy"]).agg(checks=("verdict", "size"),
+                                                 passed=("verdict", lambda v: int((v == "pass").sum())),
+                                                 worst_dg=("measured", lambda m: float("nan")))
+    for key, grp in df.groupby(["impl", "policy"]):
+        summary.loc[key, "worst_dg"] = grp.loc[grp.quantity == "dg", "measured"].max()
+    print(summary.to_string())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
