@@ -216,6 +216,10 @@ def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk
         if certify is not None:
             stats.certificate = _kernel_certificate(cert_buf, (q, k, v, g, beta, lam, initial_state), x, pol, cfg,
                                                     threshold)
+    if stats.certificate is not None:
+        # the certificate bounds x; an output that overflowed (o = G x with a 16-bit product, say) fails too
+        c = stats.certificate
+        c.bound = torch.where(torch.isfinite(o.detach()).all(-1), c.bound, math.inf)
     stats.steps, stats.residual, stats.x, stats.breakdown = n_steps, res, x, brk
     return (o, (H_T, G_T)), stats, pol
 
@@ -333,7 +337,13 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     k_given_dtype = k.dtype
     # inputs already in a format the policy's input dtype holds exactly (bf16 or fp16 under an fp32
     # input policy) stay as they are: the CG kernel reads them without loss and half the bytes
+    uq = None
     if not (in_dt == torch.float32 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)):
+        if certify and adjoint is None and _dtype_u(q.dtype) < UNIT_ROUNDOFF[pol.input]:
+            # the kernels solve for q rounded to the input dtype: its rounding, measured per token
+            q32 = q.to(torch.float32)
+            qn = q32.norm(dim=-1)
+            uq = ((q32 - q.to(in_dt).to(torch.float32)).norm(dim=-1) / torch.where(qn > 0, qn, 1.0)).contiguous()
         q, k, v = (t.to(in_dt) for t in (q, k, v))
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     g = g.to(torch.float32).contiguous()
@@ -382,7 +392,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         LAST_LAUNCH[name if my_class is None else f"{name}_{AUTO_TIERS[my_class]}"] = kernel
     cert_out = None
     if certify:
-        cert_out = _residual(pol, classes, cls, rhs, adjoint is not None, k, v, g, beta, lam, Hc, Gc, x, sc, q.dtype,
+        cert_out = _residual(pol, classes, cls, rhs, adjoint is not None, k, v, g, beta, lam, Hc, Gc, x, sc, uq,
                              k_given_dtype, C, interpreted)
     return o, final, n_steps, res, x, (brk, cert_out)
 
@@ -392,18 +402,18 @@ def _dtype_u(dtype: torch.dtype) -> float:
                           torch.float16: "fp16"}[dtype]]
 
 
-def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc, q_dtype, k_dtype, C, interpreted):
+def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc, uq, k_dtype, C, interpreted):
     """The tier-1 certificate (:mod:`kernels.residual`): ``[B,T,H,3]`` float32 (rho, kappa, bound) of the
     solution ``x`` (or the adjoint's y with ``adjoint``), with the rounding terms of
-    :mod:`solvers.certificate`: gamma_c of the residual's products, eps_S of the stored states, and the
-    rounding of q and k when the caller's were finer than the policy's input dtype."""
+    :mod:`solvers.certificate`: gamma_c of the residual's products, eps_S of the stored states (with the
+    input rounding of k when the caller's keys were finer than the policy's input dtype), and ``uq``
+    (``[B,T,H]`` or None): the measured relative rounding of each token's q."""
     B, T, H, D = x.shape
     Dv = v.shape[3]
     N = Hc.shape[2]
     out = torch.empty(B, T, H, 3, dtype=torch.float32, device=x.device)
     acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
     eps_S = cert.state_error(pol, None, N, pol.state == "fp32", _dtype_u(k_dtype) < UNIT_ROUNDOFF[pol.input])
-    u_q = UNIT_ROUNDOFF[pol.input] if (not adjoint and _dtype_u(q_dtype) < UNIT_ROUNDOFF[pol.input]) else 0.0
     codes = {v: n for n, v in chunk_cg.OP_CODES.items()}
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
@@ -412,8 +422,8 @@ def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc
         gamma_c = 2 * UNIT_ROUNDOFF[codes[op_cert]] + acc
         LAST_LAUNCH["residual" if my_class is None else f"residual_{AUTO_TIERS[my_class]}"] = \
             residual._residual_kernel[(N, B * H)](
-                None if adjoint else rhs, rhs if adjoint else None, k, v, g, beta, lam, Hc, Gc, x, sc, cls, out,
-                T, N, gamma_c, eps_S, u_q, H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
+                None if adjoint else rhs, rhs if adjoint else None, k, v, g, beta, lam, Hc, Gc, x, sc, cls, uq, out,
+                T, N, gamma_c, eps_S, H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
                 BLOCK_DV=BLOCK_DV, BLOCK_J=min(32, BLOCK_D), OP=op_cert, MY_CLASS=my_class or 0,
                 K_EXACT=k.dtype == torch.bfloat16, SOFT=interpreted, num_warps=4)
     return out

@@ -189,10 +189,18 @@ class PrecisionPolicy:
         return self.u_at(0.0)
 
     def u_at(self, kappa: float) -> float:
-        """Unit roundoff the policy works in on systems of condition bound ``kappa``: :attr:`u` for a
-        fixed operand precision, the tier :func:`auto_tier` picks for ``auto``."""
-        op = auto_tier(kappa) if self.operand == "auto" else self.operand
-        return max(UNIT_ROUNDOFF[self.input], UNIT_ROUNDOFF[self.state], UNIT_ROUNDOFF[op])
+        """Effective unit roundoff of the policy on a problem whose systems have condition bounds up to
+        ``kappa``: :attr:`u` for a fixed operand precision. For ``auto`` it is the largest
+        ``u(tier(k)) k / kappa`` over ``k <= kappa``: the chunks of smaller kappa ran in a coarser tier,
+        whose error ``k u`` reaches AUTO_TARGET at the tier boundaries, so
+        ``kappa u_at(kappa) = max(min(kappa u_bf16, AUTO_TARGET), kappa u_fp32)``."""
+        base = max(UNIT_ROUNDOFF[self.input], UNIT_ROUNDOFF[self.state])
+        if self.operand != "auto":
+            return max(base, UNIT_ROUNDOFF[self.operand])
+        if kappa <= 0:
+            return max(base, UNIT_ROUNDOFF[AUTO_TIERS[0]])
+        uk = max(min(kappa * UNIT_ROUNDOFF[AUTO_TIERS[0]], AUTO_TARGET), kappa * UNIT_ROUNDOFF[AUTO_TIERS[-1]])
+        return max(base, uk / kappa)
 
     @property
     def check_tol(self) -> float:

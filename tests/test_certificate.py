@@ -210,3 +210,32 @@ def test_layer_rms_norm_survives_huge_values_and_propagates_nan():
     bad[0, 0, 0] = float("inf")
     assert bool(torch.isnan(_rms_norm(bad, 1e-5)[0, 0]).all())
     assert bool((_rms_norm(torch.zeros(1, 1, 4), 1e-5) == 0).all())
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("policy", ["fp16-fp32state", "fp16-fp16state"])
+def test_an_overflowing_output_is_flagged(policy):
+    """v ~ 1e4 sharing a mean direction with k: G_t passes 65504 and o = G x overflows in the output's
+    fp16 products, while x itself is fine. The certificate bounds x, so the op flags the output too."""
+    p = cases.make("large_values", T=96, H=1, D=16)
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        o = mesa_chunk(*_inputs(p, TRITON_DEVICE), steps=30, policy=policy, backend="triton")
+    assert not bool(torch.isfinite(o).all())  # the case does overflow
+    assert any(issubclass(x.category, CertificateWarning) for x in w)
+
+
+@pytest.mark.triton
+def test_a_tiny_q_rounded_to_fp16_subnormals_is_flagged():
+    """q ~ 1e-6 is subnormal in fp16 (spacing 6e-8): rounding it costs ~8%, far more than 2^-11; the
+    certificate measures each token's rounding instead of assuming u."""
+    p = cases.make("small_upstream_grad", T=48, H=1, D=16)
+    ref = solvers.solve(p, "exact")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _, st = mesa_chunk(*_inputs(p, TRITON_DEVICE), steps=30, policy="fp16-fp32state", backend="triton",
+                           return_stats=True, return_x=True)
+    err = _x_errors(st.x, ref.x)
+    assert float(err.max()) > 1e-2
+    assert bool((err <= st.certificate.bound.cpu()).all())
+    assert any(issubclass(x.category, CertificateWarning) for x in w)
