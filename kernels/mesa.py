@@ -203,7 +203,14 @@ def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk
     stats = MesaStats(None, None)
     certify = (check, threshold) if check is not None else None
     if backend == "torch":
-        o, H_T, G_T, x, n_steps, res = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg)
+        hook = None
+        if certify is not None:
+            def hook(y, do):
+                c = cert.certify_exact(_problem(q, k, v, g, beta, lam, initial_state), y, pol, threshold=threshold,
+                                       e=do, chunk_size=cfg.chunk_size, what="adjoint y")
+                stats.adjoint_certificate = c
+                c.check(check, pol)
+        o, H_T, G_T, x, n_steps, res = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg, hook)
         brk = None
         if certify is not None:
             stats.certificate = cert.certify_exact(_problem(q, k, v, g, beta, lam, initial_state), x.detach(), pol,

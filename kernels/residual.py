@@ -11,8 +11,9 @@ One program per (chunk c, batch entry b, head h) reads the solution X of the chu
 
 (the formulas of :mod:`solvers.certificate`; ``gamma_c``, ``eps_S`` and the measured input rounding
 of each token's q, ``u_q,t = ||q_t - round(q_t)|| / ||q_t||``, come from the host: the kernels solve
-for the rounded q, and a tiny q rounded to fp16's subnormal range loses far more than 2^-11). The right-hand side Q is q, or for the adjoint ``G_t^T e_t = diag(zeta) E G_c
-+ ((E V^T) * M) K``, recomputed here. The residual is formed ``BLOCK_J`` columns at a time (a
+for the rounded q, and a tiny q rounded to fp16's subnormal range loses far more than 2^-11).
+The right-hand side Q is q, or for the adjoint ``G_t^T e_t = diag(zeta) E G_c + ((E V^T) * M) K``,
+recomputed here. The residual is formed ``BLOCK_J`` columns at a time (a
 ``[D, BLOCK_J]`` slice of H_c on chip, never the whole ``D x D`` state with its split parts), and
 only its row norms are kept. Products are in precision ``OP`` (the codes of :mod:`kernels.chunk_cg`:
 ``bf16x3`` for solves made with bf16 / fp16 / bf16x3 products, IEEE ``fp32`` for fp32 / tf32

@@ -145,13 +145,15 @@ def surrogate_gradients(inputs, x: torch.Tensor, y: torch.Tensor, do, policy: Pr
 
 
 def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T=None, dG_T=None,
-                      y: torch.Tensor | None = None):
+                      y: torch.Tensor | None = None, on_adjoint=None):
     """Input gradients ``(dq, dk, dv, dg, dbeta, dlam, dH0, dG0)`` (None where not needed) for the
     upstream gradients ``do`` (and ``dH_T``, ``dG_T``) at the forward solution ``x`` (``[B,T,H,D]``).
 
     ``inputs``: ``(q, k, v, g, beta, lam, H0, G0)`` (H0, G0 may be None); ``needs``: which of them
     need a gradient. The adjoint solve is the module docstring's; a caller that solved it already
-    (the Triton kernel) passes ``y`` (``[B,T,H,D]``). The contractions are :func:`chunked_gradients`."""
+    (the Triton kernel) passes ``y`` (``[B,T,H,D]``). The contractions are :func:`chunked_gradients`.
+    ``on_adjoint(y, do)``, if given, is called with the adjoint solution (tokens layout): the hook of
+    the accuracy certificate of the adjoint solve."""
     q, k, v, g, beta, lam, H0, G0 = (t.detach() if t is not None else None for t in inputs)
     init = None if H0 is None else (H0, G0)
     with torch.no_grad():
@@ -165,6 +167,8 @@ def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T
                                precond=cfg.precond)
         else:
             y = S.from_tokens(y)
+        if on_adjoint is not None:
+            on_adjoint(S.to_tokens(y), do)
         gr = chunked_gradients(S, xc, y, E, dH_T, dG_T)
         a = S.to_tokens(gr["a"][..., None])[..., 0]  # [B,T,H]
         a[:, -1] = a[:, -1] + gr["final"]
@@ -183,11 +187,12 @@ def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T
 
 
 class MesaImplicit(torch.autograd.Function):
-    """``(o, H_T, G_T, x, steps, residual) = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg)``:
-    the forward by the PyTorch chunkwise CG, the backward by :func:`implicit_backward`."""
+    """``(o, H_T, G_T, x, steps, residual) = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg[, on_adjoint])``:
+    the forward by the PyTorch chunkwise CG, the backward by :func:`implicit_backward` (``on_adjoint``:
+    its hook, called with the adjoint solution)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig):
+    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, on_adjoint=None):
         init = None if H0 is None else (H0, G0)
         problem = MesaProblem(q, k, v, g, beta, lam, init)
         S = ChunkedSystem.build(problem, cfg.policy, cfg.chunk_size)
@@ -195,7 +200,7 @@ class MesaImplicit(torch.autograd.Function):
                                       precond=cfg.precond)
         o = S.to_tokens(S.output(x))
         x = S.to_tokens(x)
-        ctx.cfg = cfg
+        ctx.cfg, ctx.on_adjoint = cfg, on_adjoint
         ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, x)
         ctx.mark_non_differentiable(x, count, rel)
         return o, S.H_final, S.G_final, x, S.to_tokens(count), S.to_tokens(rel)
@@ -203,7 +208,8 @@ class MesaImplicit(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res):
         *inputs, x = ctx.saved_tensors
-        return (*implicit_backward(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, do, dH_T, dG_T), None)
+        return (*implicit_backward(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, do, dH_T, dG_T,
+                                   on_adjoint=ctx.on_adjoint), None, None)
 
 
 def mesa_implicit(problem_or_inputs, *, policy="fp64", steps: int = 30, tol: float | None = None, x0: str = "zero",

@@ -78,6 +78,13 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     from . import render, report
 
     preset = report.get_preset(args.preset)
+    if preset.production:
+        return _cmd_stability_production(args, preset)
+    used = [flag for flag, val in _production_only(args) if val]
+    if used:
+        print(f"mesa stability: error: {_flags(used)} to the production presets (gpu, gpu-smoke), "
+              f"not to --preset {args.preset}", file=sys.stderr)
+        return 2
     t0 = time.perf_counter()
     case_names = args.cases or list(preset.sizes)
     report._select("case", case_names, [], report.cases.CASES)
@@ -103,6 +110,130 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def golden_policy(policies: list[str] | None) -> str:
+    """The one policy of the guard's golden preset: the given one, or the shared default."""
+    from . import guard
+
+    if policies and len(policies) > 1:
+        raise guard.UsageError(f"--policy: --preset golden checks one policy, got {policies}")
+    return policies[0] if policies else solvers.precision.DEFAULT_POLICY
+
+
+def _production_only(args: argparse.Namespace) -> list[tuple[str, object]]:
+    """The flags of the production presets, with their values (None / False when not given)."""
+    return [("--families", args.families), ("--T", args.T), ("--D", args.D), ("--impl", args.impl),
+            ("--cache", args.cache), ("--backward-max-T", args.backward_max_T), ("--option", args.option),
+            ("--no-reference-check", args.no_reference_check), ("--device", args.device), ("--steps", args.steps),
+            ("--tol", args.tol), ("--jobs", args.jobs != 1)]
+
+
+def _flags(used: list[str]) -> str:
+    """``--a applies`` / ``--a, --b apply``."""
+    return ", ".join(used) + (" applies" if len(used) == 1 else " apply")
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    from .production import UsageError
+
+    device = name or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available")
+    return device
+
+
+def _run_production(args: argparse.Namespace, grid_name: str, policies, families):
+    """Run the selected part of a production grid (stability.production.run); returns (grid, rows, device)."""
+    from . import production
+
+    if args.backward_max_T is not None and args.backward_max_T < 0:
+        raise production.UsageError(f"--backward-max-T must be >= 0, got {args.backward_max_T}")
+    grid = production.get_grid(grid_name, seed=args.seed)
+    device = _device(args.device)
+    df = production.run(grid, args.out, families=families, Ts=args.T, Ds=args.D, policies=policies,
+                        impl=args.impl, device=device, steps=args.steps if args.steps is not None else 100,
+                        tol=args.tol, extra=dict(args.option or []), resume=args.resume, cache_dir=args.cache,
+                        backward_max_T=args.backward_max_T, reference_check=not args.no_reference_check,
+                        progress=not args.no_progress, jobs=args.jobs)
+    return grid, df, device
+
+
+def _print_production(df) -> None:
+    from . import production, render
+
+    table = production.summary(df)
+    if len(table):
+        print("worst verdict over o, x and the gradients, and the relative error of o, per case and policy:")
+        print(render.to_markdown(table))
+    print("rows: " + ", ".join(f"{v} {n}" for v, n in production.counts(df).items()))
+
+
+def _report_silent(df) -> None:
+    if df.attrs.get("missing"):
+        print(f"\n{df.attrs['missing']} run(s) missing: a parallel job died (its messages are above)", file=sys.stderr)
+    bad = df[df.verdict.isin(["FAIL", "error"])]
+    if len(bad):
+        print(f"\n{int((bad.verdict == 'FAIL').sum())} silent failure(s) (FAIL: above budget, not flagged) and "
+              f"{int((bad.verdict == 'error').sum())} error(s) (the op raised):", file=sys.stderr)
+        for r in bad.itertuples():
+            print(f"  {r.verdict} {r.case} {r.policy} {r.quantity}: measured {r.measured:.3g} > budget {r.budget:.3g} "
+                  f"{r.note if isinstance(r.note, str) else ''}".rstrip(), file=sys.stderr)
+
+
+def _cmd_guard_production(args: argparse.Namespace) -> int:
+    """``mesa guard --preset production``: the production grid; exit 1 on a FAIL (silent) or error row."""
+    from . import production
+
+    grid_name = {"production": "production", "production-smoke": "smoke"}[args.preset]
+    try:
+        golden_only = [("--cases", args.cases), ("--properties", args.properties is not None),
+                       ("--baseline", args.baseline), ("--write-baseline", args.write_baseline)]
+        used = [flag for flag, val in golden_only if val]
+        if used:
+            raise production.UsageError(f"{_flags(used)} to --preset golden, not to --preset {args.preset}")
+        if args.no_backward:
+            args.backward_max_T = 0
+        args.out = args.out or os.path.join("results", "production")
+        t0 = time.perf_counter()
+        grid, df, device = _run_production(args, grid_name, args.policy, args.families)
+    except production.UsageError as err:
+        print(f"mesa guard: error: {err}", file=sys.stderr)
+        return 2
+    print(f"grid {grid.name}, implementation {args.impl or 'kernels:mesa_chunk'}, device {device}, "
+          f"{time.perf_counter() - t0:.0f} s; results in {os.path.join(args.out, 'results.csv')}")
+    _print_production(df)
+    with open(os.path.join(args.out, "guard.md"), "w") as fh:
+        from . import render
+
+        fh.write(render.to_markdown(production.summary(df)) + "\n")
+    _report_silent(df)
+    return production.exit_status(df)
+
+
+def _cmd_stability_production(args: argparse.Namespace, preset) -> int:
+    """``mesa stability --preset gpu``: the production grid, then report.md and plots/ from every row of
+    --out/results.csv (a split run: the second part with --resume reports both)."""
+    import datetime
+
+    from . import production, production_report
+
+    t0 = time.perf_counter()
+    try:
+        grid, df, device = _run_production(args, preset.production, args.policies, args.families or args.cases)
+    except production.UsageError as err:
+        print(f"mesa stability: error: {err}", file=sys.stderr)
+        return 2
+    meta = {"grid": f"{grid.name} (preset {preset.name})", "description": grid.description,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "wall_s": time.perf_counter() - t0}
+    path = production_report.write_report(args.out, meta=meta, plots=not args.no_plots)
+    _print_production(df)
+    _report_silent(df)
+    print(f"report {path} ({meta['wall_s']:.0f} s)")
+    return 0
+
+
 def _parse_option(text: str):
     """``key=value`` with value parsed as int, float, bool, None or kept as a string."""
     key, sep, val = text.partition("=")
@@ -124,11 +255,21 @@ def _cmd_guard(args: argparse.Namespace) -> int:
 
     from . import guard
 
+    if args.preset != "golden":
+        return _cmd_guard_production(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise guard.UsageError("--device cuda but no CUDA device is available")
     try:
-        target = guard.resolve(args.impl, args.policy, device, args.steps, args.tol, dict(args.option or []))
+        golden_flags = [("--families", args.families), ("--T", args.T), ("--D", args.D), ("--resume", args.resume),
+                        ("--cache", args.cache), ("--backward-max-T", args.backward_max_T),
+                        ("--no-reference-check", args.no_reference_check), ("--jobs", args.jobs != 1)]
+        used = [flag for flag, val in golden_flags if val]
+        if used:
+            raise guard.UsageError(f"{_flags(used)} to --preset production, not to --preset golden")
+        policy = golden_policy(args.policy)
+        steps = 100 if args.steps is None else args.steps
+        target = guard.resolve(args.impl, policy, device, steps, args.tol, dict(args.option or []))
         df = guard.run(target, cases=args.cases, props=args.properties, backward=not args.no_backward,
                        progress=not args.no_progress)
         times = None
@@ -247,6 +388,25 @@ def _show(options: dict) -> str:
     return ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in options.items()) or "-"
 
 
+def _add_production_args(p: argparse.ArgumentParser, where: str) -> None:
+    """The selection and reference flags of a production grid (stability.production)."""
+    from .production import FAMILIES
+
+    p.add_argument("--families", nargs="+", metavar="FAMILY",
+                   help=f"{where}: only these families ({', '.join(FAMILIES)})")
+    p.add_argument("--T", type=int, nargs="+", metavar="T", help=f"{where}: only these sequence lengths of the grid")
+    p.add_argument("--D", type=int, nargs="+", metavar="D", help=f"{where}: only these head dims of the grid")
+    p.add_argument("--cache", metavar="DIR",
+                   help=f"{where}: folder of the cached float64 references (default --out/reference_cache)")
+    p.add_argument("--backward-max-T", type=int, metavar="T",
+                   help=f"{where}: run the backward up to this length (default: the grid's, 16384)")
+    p.add_argument("--no-reference-check", action="store_true",
+                   help=f"{where}: skip the mpmath check of the float64 reference on a prefix of every case")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help=f"{where}: run the policies in N processes sharing the device (default 1); on a bare "
+                        "machine most of the time is kernel compilation, once per policy and head dim")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesa", description="Numerical-stability verification and ablation suite for the Mesa layer.")
@@ -257,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("stability", help="stability report: solver x policy x case x size x setting grid",
                         description="Run the stability grid against the float64 exact reference and write "
                                     "results.csv, reference_check.csv, report.md and plots/ to --out.")
-    st.add_argument("--preset", default="quick", choices=sorted(PRESETS), help="grid size (default quick)")
+    st.add_argument("--preset", default="quick", choices=sorted(PRESETS),
+                    help="grid size (default quick; gpu: the production grid of stability.production, our op at "
+                         "T up to 65536 and every kernel policy on one GPU; gpu-smoke: its families at CPU sizes)")
     st.add_argument("--out", default="results/stability", help="output folder (default results/stability)")
     st.add_argument("--cases", nargs="+", metavar="CASE", help="only these stress cases")
     st.add_argument("--solvers", nargs="+", metavar="SOLVER", help=f"only these solvers ({', '.join(SOLVERS)})")
@@ -266,6 +428,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--resume", action="store_true", help="keep rows already in --out/results.csv, run the rest")
     st.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     st.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_production_args(st, "the gpu presets")
+    st.add_argument("--impl", metavar="MODULE:FUNCTION",
+                    help="gpu presets: the op to check, shaped like kernels.mesa_chunk (default kernels:mesa_chunk)")
+    st.add_argument("--steps", type=int, help="gpu presets: CG step cap (default 100)")
+    st.add_argument("--tol", type=float, help="gpu presets: CG relative tolerance (default: none, fixed steps)")
+    st.add_argument("--device", help="gpu presets: cpu or cuda (default: cuda when available)")
+    st.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
+                    help="gpu presets: extra keyword option for the op (repeatable), e.g. --option backend=torch")
     st.set_defaults(func=_cmd_stability)
     p = sub.add_parser("verify", help="self-check: exact vs mpmath, every solver and policy vs exact",
                        description=_cmd_verify.__doc__)
@@ -281,13 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     gd = sub.add_parser("guard", help="regression guard: golden cases and properties against error budgets",
                         description=_cmd_guard.__doc__)
+    gd.add_argument("--preset", default="golden", choices=["golden", "production", "production-smoke"],
+                    help="golden (default): the golden cases and properties; production: the production grid "
+                         "(stability.production: families x sizes up to T = 65536, every kernel policy, one GPU; "
+                         "exit 1 on a silent failure); production-smoke: its families at CPU sizes")
     gd.add_argument("--impl", metavar="MODULE:FUNCTION",
                     help="the implementation to check, any callable shaped like kernels.mesa_chunk (default: ours, "
                          "kernels:mesa_chunk; the peer: stability.peer:chunk_mesa_net with fla-core installed)")
-    gd.add_argument("--policy", default="bf16x3",
+    gd.add_argument("--policy", nargs="+", metavar="POLICY",
                     help="precision policy: passed to implementations that take one, and its unit roundoff sets "
-                         "the budgets (default bf16x3, our kernels' default)")
-    gd.add_argument("--steps", type=int, default=100,
+                         "the budgets (golden: one, default auto, the one default of the kernels, the layer and the "
+                         "guard; production: one or more, default every kernel policy)")
+    gd.add_argument("--steps", type=int,
                     help="CG step cap (default 100: the budgets bound rounding, so the solves must converge; in "
                          "fp32 and bf16x3 the golden cases, D = 16, reach the residual floor in 19 to 41 steps, "
                          "tiny_lambda in up to 90)")
@@ -307,6 +482,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="shape of the GPU timing (default 4 2048 16 128)")
     gd.add_argument("--out", metavar="DIR", help="also write guard.csv and guard.md here")
     gd.add_argument("--no-progress", action="store_true", help="no progress bar")
+    gd.add_argument("--resume", action="store_true", help="production: keep rows already in --out/results.csv")
+    gd.add_argument("--seed", type=int, default=0, help="production: seed of the cases (default 0)")
+    _add_production_args(gd, "--preset production")
     gd.set_defaults(func=_cmd_guard)
     from ablations.grid import PRESETS as ABLATE_PRESETS
 

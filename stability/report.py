@@ -58,6 +58,9 @@ class Preset:
     length_case: str = "strong_forgetting"
     floor_case: str = "well_conditioned"
     description: str = ""
+    # a production grid of stability.production.GRIDS: the preset runs that grid (our op, every kernel
+    # policy, against the float64 scale reference) instead of the solver grid above
+    production: str | None = None
 
 
 def _quick() -> Preset:
@@ -88,7 +91,18 @@ def _full() -> Preset:
     )
 
 
-PRESETS = {"quick": _quick, "full": _full}
+def _gpu() -> Preset:
+    return Preset("gpu", {}, [], {}, production="production",
+                  description="the production grid on one GPU (stability.production): families x T up to 65536 x "
+                              "every kernel policy against the float64 scale reference, certificates checked")
+
+
+def _gpu_smoke() -> Preset:
+    return Preset("gpu-smoke", {}, [], {}, production="smoke",
+                  description="the production families at CPU sizes (seconds): a smoke test of the gpu preset")
+
+
+PRESETS = {"quick": _quick, "full": _full, "gpu": _gpu, "gpu-smoke": _gpu_smoke}
 
 
 def get_preset(name: str) -> Preset:

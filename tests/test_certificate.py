@@ -98,12 +98,12 @@ def test_well_conditioned_fp32_passes_silently(backend):
     assert st.certificate.ok and st.certificate.max_bound < 1e-4
 
 
-@pytest.mark.triton
-def test_the_adjoint_solve_is_certified_in_the_backward():
+@pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
+def test_the_adjoint_solve_is_certified_in_the_backward(backend):
     p = cases.random_problem(1, 128, 2, 16, seed=2, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
                              lam_range=(0.25, 0.25), key_rank=2)
-    leaves = [t.requires_grad_() for t in _inputs(p, TRITON_DEVICE)]
-    o, st = mesa_chunk(*leaves, steps=40, policy="fp32", backend="triton", return_stats=True)
+    leaves = [t.requires_grad_() for t in _inputs(p, _device(backend))]
+    o, st = mesa_chunk(*leaves, steps=40, policy="fp32", backend=backend, return_stats=True)
     assert st.adjoint_certificate is None
     o.backward(torch.ones_like(o))
     a = st.adjoint_certificate
@@ -113,7 +113,7 @@ def test_the_adjoint_solve_is_certified_in_the_backward():
     leaves = [t.detach().requires_grad_() for t in leaves]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CertificateWarning)
-        o, st = mesa_chunk(*leaves, steps=40, policy="bf16-bf16state", backend="triton", return_stats=True)
+        o, st = mesa_chunk(*leaves, steps=40, policy="bf16-bf16state", backend=backend, return_stats=True)
     with pytest.warns(CertificateWarning, match="adjoint y"):
         o.backward(torch.ones_like(o))
 
@@ -191,10 +191,9 @@ def test_one_default_policy():
     assert DEFAULT_POLICY == "auto"
     assert kernels.mesa.mesa_chunk.__kwdefaults__["policy"] == DEFAULT_POLICY
     assert kernels.layer.MesaLayer(16, 2).solver["policy"] == DEFAULT_POLICY
-    parser = cli.build_parser() if hasattr(cli, "build_parser") else None
-    if parser is not None:
-        args = parser.parse_args(["guard"])
-        assert args.policy == DEFAULT_POLICY
+    # the guard: no --policy means the default (the golden preset checks one policy)
+    assert cli.build_parser().parse_args(["guard"]).policy is None
+    assert cli.golden_policy(None) == DEFAULT_POLICY
 
 
 def test_layer_rms_norm_survives_huge_values_and_propagates_nan():

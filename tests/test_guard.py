@@ -127,7 +127,7 @@ def test_baseline_limits():
 def test_cli_exit_codes_and_baseline(tmp_path, capsys):
     base = str(tmp_path / "baseline.json")
     args = ["guard", "--cases", "well_conditioned", "--properties", "scale_q", "--no-backward", "--device", "cpu",
-            "--no-progress", "--option", "backend=torch"]
+            "--no-progress", "--option", "backend=torch", "--policy", "bf16x3"]
     assert main(args + ["--write-baseline", base]) == 0
     stored = json.load(open(base))
     assert stored["policy"] == "bf16x3" and {r["quantity"] for r in stored["rows"]} == {"o", "scale_q"}
