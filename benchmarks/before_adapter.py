@@ -35,6 +35,9 @@ BEFORE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 PRIVATE = "_mesa_before"  # private root package of the old tree
 PACKAGES = ("solvers", "kernels")  # loaded in this order (kernels imports solvers)
 OLD_DEFAULT_POLICY = "bf16x3"  # the old kernels' default policy (they have no "auto")
+# The last commit before the accuracy certificate, the auto policy and the fp32 state fix: the
+# "before" of docs/trust-gpu and docs/production-gpu.
+BEFORE_REV = "4224cd4"
 DROPPED_OPTIONS = ("check", "check_tol")  # options of the new op that the old one lacks
 
 _real_import = builtins.__import__
@@ -90,11 +93,39 @@ def _module_names(package: str) -> list[str]:
     return [f"{PRIVATE}.{package}"] + [f"{PRIVATE}.{package}.{f}" for f in files]
 
 
+def snapshot(rev: str | None = None) -> str:
+    """``BEFORE_DIR``, first written from git if it is missing: ``git archive REV kernels solvers
+    stability`` unpacked there, REV = ``$MESA_BEFORE_REV`` or :data:`BEFORE_REV`. (A machine without the
+    repository's history, such as a GPU host that receives only the working tree, needs the folder
+    carried instead.)"""
+    if os.path.isdir(os.path.join(BEFORE_DIR, "kernels")):
+        return BEFORE_DIR
+    import io
+    import subprocess
+    import tarfile
+
+    rev = rev or os.environ.get("MESA_BEFORE_REV", BEFORE_REV)
+    repo = os.path.dirname(BEFORE_DIR)
+    try:
+        data = subprocess.run(["git", "archive", "--format=tar", rev, *PACKAGES, "stability"], cwd=repo,
+                              capture_output=True, check=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise ImportError(f"no snapshot of the earlier kernels at {BEFORE_DIR}/kernels, and git could not write "
+                          f"one from {rev} ({err}); carry the folder or set MESA_BEFORE_REV") from err
+    os.makedirs(BEFORE_DIR, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        try:
+            tar.extractall(BEFORE_DIR, filter="data")
+        except TypeError:  # Python without extraction filters (before 3.10.12 / 3.11.4): our own archive
+            tar.extractall(BEFORE_DIR)
+    return BEFORE_DIR
+
+
 def load(reload: bool = False) -> dict[str, types.ModuleType]:
     """Load the old ``solvers`` and ``kernels`` (once; ``reload=True`` loads them afresh) and return them
-    by their old public names (``"kernels.mesa"`` -> the old module)."""
-    if not os.path.isdir(os.path.join(BEFORE_DIR, "kernels")):
-        raise ImportError(f"no snapshot of the earlier kernels at {BEFORE_DIR}/kernels")
+    by their old public names (``"kernels.mesa"`` -> the old module); the snapshot is written from git
+    first when it is missing (:func:`snapshot`)."""
+    snapshot()
     if reload:
         for name in [n for n in sys.modules if n == PRIVATE or n.startswith(PRIVATE + ".")]:
             del sys.modules[name]

@@ -279,16 +279,17 @@ def test_fp32_states_carry_no_accumulated_rounding():
 
 @pytest.mark.gpu
 def test_fp32_policy_on_the_long_low_rank_case_gpu():
-    """The case where the fp32 kernel policy returned finite garbage (9.8e3 relative error of o at
-    T = 16384 on an H200): rank-2 keys, gamma = 1, beta = 1, lam = 0.25, D = 64, bf16 inputs, against
-    float64 Cholesky. The error must stay within the budget 8 u kappa."""
+    """The case of docs/trust-gpu (rank-2 keys, gamma = 1, beta = 1, lam = 0.25, D = 64, H = 4, bf16
+    inputs, T = 16384, seed 0) against float64 Cholesky. Measured on an H200: 2.3e-2 relative error of
+    o with the folded state accumulation, 4.7e-4 after the fix; fp32 CG at its floor is ~kappa 2^-24, so
+    the test asks for 2 kappa 2^-24 (7.8e-3 here), between the two."""
     import warnings
 
     from kernels import mesa_chunk
     from solvers.certificate import CertificateWarning
     from stability.metrics import rel_error
 
-    p = cases.random_problem(1, 16384, 2, 64, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
+    p = cases.random_problem(1, 16384, 4, 64, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
                              lam_range=(0.25, 0.25), key_rank=2)
     q, k, v = (t.to(torch.bfloat16).cuda() for t in (p.q, p.k, p.v))
     g, beta, lam = (t.float().cuda() for t in (p.g, p.beta, p.lam))
@@ -298,4 +299,4 @@ def test_fp32_policy_on_the_long_low_rank_case_gpu():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CertificateWarning)
         o = mesa_chunk(q, k, v, g, beta, lam, steps=30, policy="fp32")
-    assert rel_error(o.double(), ref.o) <= 8 * 2.0**-24 * kappa
+    assert rel_error(o.double(), ref.o) <= 2 * 2.0**-24 * kappa
