@@ -26,12 +26,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
 
 # (backend, policy) pairs: the torch backend emulates every policy, the kernels implement them natively
-IMPLS = [("torch", "fp32"), ("torch", "bf16-fp32state"),
+# (the interpreter is slow: three kernel policies, one per kind of state and product precision)
+IMPLS = [("torch", "fp32"), ("torch", "bf16-fp32state"), ("torch", "fp16-fp16state"),
          pytest.param("triton", "fp32", marks=pytest.mark.triton),
          pytest.param("triton", "auto", marks=pytest.mark.triton),
-         pytest.param("triton", "bf16x3", marks=pytest.mark.triton),
-         pytest.param("triton", "bf16-bf16state", marks=pytest.mark.triton),
-         pytest.param("triton", "fp16-fp16state", marks=pytest.mark.triton)]
+         pytest.param("triton", "bf16-bf16state", marks=pytest.mark.triton)]
 CASES = {"low_rank_keys": dict(T=80, H=2, D=16), "tiny_lambda": dict(T=64, H=2, D=16),
          "strong_forgetting": dict(T=64, H=2, D=16), "well_conditioned": dict(T=48, H=2, D=16)}
 
@@ -73,7 +72,7 @@ def test_bound_lies_above_the_measured_error(backend, policy, case):
                                             pytest.param("triton", "bf16-bf16state", marks=pytest.mark.triton)])
 def test_a_failing_token_warns_or_raises_with_the_worst_token_and_a_suggestion(backend, policy):
     # repeated keys, no forgetting: kappa grows with t and bf16 state storage cannot resolve it
-    p = cases.random_problem(1, 256, 2, 16, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
+    p = cases.random_problem(1, 128, 1, 16, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
                              lam_range=(0.25, 0.25), key_rank=2)
     inp = _inputs(p, _device(backend))
     with pytest.warns(CertificateWarning, match=r"worst token \d+ \(batch 0, head \d\).*would meet it|No kernel"):
@@ -100,7 +99,7 @@ def test_well_conditioned_fp32_passes_silently(backend):
 
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_the_adjoint_solve_is_certified_in_the_backward(backend):
-    p = cases.random_problem(1, 128, 2, 16, seed=2, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
+    p = cases.random_problem(1, 96, 1, 16, seed=2, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
                              lam_range=(0.25, 0.25), key_rank=2)
     leaves = [t.requires_grad_() for t in _inputs(p, _device(backend))]
     o, st = mesa_chunk(*leaves, steps=40, policy="fp32", backend=backend, return_stats=True)

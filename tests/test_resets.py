@@ -312,7 +312,7 @@ def test_sherman_morrison_refuses_a_reset(value):
 # the kernels -----------------------------------------------------------------------------------------
 
 @pytest.mark.triton
-@pytest.mark.parametrize("value", [-1e4, -1e8, float("-inf")])
+@pytest.mark.parametrize("value", [-1e8, float("-inf")])
 @pytest.mark.parametrize("where", list(PLACES))
 def test_kernels_are_exact_across_resets(value, where):
     """The Triton forward and backward (fp32 policy, chunk size 8: resets at a chunk start, at a chunk
