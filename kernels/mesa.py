@@ -221,7 +221,7 @@ def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk
         brk = brk8 > 0
         cert_buf = (brk8, cert_buf)
         if certify is not None:
-            stats.certificate = _kernel_certificate(cert_buf, (q, k, v, g, beta, lam, initial_state), x, pol, cfg,
+            stats.certificate = _kernel_certificate(cert_buf, (q, k, v, g, beta, lam, initial_state), x, pol,
                                                     threshold)
     if stats.certificate is not None:
         # the certificate bounds x; an output that overflowed (o = G x with a 16-bit product, say) fails too
@@ -237,7 +237,7 @@ def _problem(q, k, v, g, beta, lam, initial_state, cu_seqlens=None) -> MesaProbl
     return MesaProblem(q.detach(), k.detach(), v.detach(), g.detach(), beta.detach(), lam.detach(), init, cu_seqlens)
 
 
-def _kernel_certificate(buf, inputs, x, pol: PrecisionPolicy, cfg: SolveConfig, threshold: float, e=None,
+def _kernel_certificate(buf, inputs, x, pol: PrecisionPolicy, threshold: float, e=None,
                         what: str = "x") -> cert.Certificate:
     """Tier 1 from the kernels' outputs (``buf = (breakdown, [B,T,H,3] rho / kappa / bound)``), then, if
     it fails, tier 2 (float64 residual from the inputs) for a tight verdict (solvers/certificate.py).
@@ -288,7 +288,7 @@ class TritonMesa(torch.autograd.Function):
                                               x_fwd=x, scale=sc, certify=ctx.certify is not None)
         if ctx.certify is not None:
             mode, threshold = ctx.certify
-            c = _kernel_certificate(buf, (q, k, v, g, beta, lam, init), y, ctx.cfg.policy, ctx.cfg, threshold,
+            c = _kernel_certificate(buf, (q, k, v, g, beta, lam, init), y, ctx.cfg.policy, threshold,
                                     e=lambda: do.to(torch.float32) * sc[0], what="adjoint y")
             ctx.stats.adjoint_certificate = c
             c.check(mode, ctx.cfg.policy)
@@ -420,7 +420,7 @@ def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc
     N = Hc.shape[2]
     out = torch.empty(B, T, H, 3, dtype=torch.float32, device=x.device)
     acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
-    eps_S = cert.state_error(pol, None, N, pol.state == "fp32", _dtype_u(k_dtype) < UNIT_ROUNDOFF[pol.input])
+    eps_S = cert.state_error(pol, N, pol.state == "fp32", _dtype_u(k_dtype) < UNIT_ROUNDOFF[pol.input])
     codes = {v: n for n, v in chunk_cg.OP_CODES.items()}
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))

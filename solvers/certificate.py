@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .precision import POLICIES, UNIT_ROUNDOFF, PrecisionPolicy, auto_tier
+from .precision import POLICIES, UNIT_ROUNDOFF, PrecisionPolicy
 
 CHECK_MODES = ("warn", "raise", None)
 # Kernel policies in order of cost (cheapest first): the suggestion of a failed check is the first
@@ -133,9 +133,10 @@ def suggest(kappa: float, threshold: float, policy: PrecisionPolicy) -> str:
             f"{floor:.2g}; use backend='torch' with policy='fp64', or check=None to accept it.")
 
 
-def state_error(policy: PrecisionPolicy, kappa_c: torch.Tensor | None, chunks: int, compensated: bool,
-                k_rounded: bool) -> float | torch.Tensor:
-    """``eps_S`` of the module docstring (per chunk for ``auto``, whose states use bf16x3 products)."""
+def state_error(policy: PrecisionPolicy, chunks: int, compensated: bool, k_rounded: bool) -> float:
+    """``eps_S`` of the module docstring: the states' product precision (bf16x3 for ``auto``, whose
+    states use it; the input dtype's for the 16-bit policies) plus their storage rounding, plus twice
+    the input rounding of k when the caller's keys were finer than the policy's input dtype."""
     prod = {"fp32": "fp32", "tf32": "fp32", "bf16x3": "bf16x3", "auto": "bf16x3"}.get(policy.operand, policy.input)
     store = UNIT_ROUNDOFF[policy.state] * (1.0 if compensated else math.sqrt(max(chunks, 1)))
     eps = UNIT_ROUNDOFF[prod] + store
@@ -144,11 +145,10 @@ def state_error(policy: PrecisionPolicy, kappa_c: torch.Tensor | None, chunks: i
     return eps
 
 
-def cert_operand(policy: PrecisionPolicy, kappa: float | None = None) -> str:
-    """Product precision of the tier-1 residual: fp32 for fp32 / tf32 products (and auto's fp32 tier),
-    bf16x3 otherwise (enough to resolve a solve made with bf16 / fp16 products)."""
-    op = auto_tier(kappa if kappa is not None else math.inf) if policy.operand == "auto" else policy.operand
-    return "fp32" if op in ("fp32", "tf32") else "bf16x3"
+def cert_operand(policy: PrecisionPolicy) -> str:
+    """Product precision of a named policy's tier-1 residual: fp32 for fp32 / tf32 products, bf16x3
+    otherwise (enough to resolve a solve made with bf16 / fp16 products). ``auto`` picks per tier."""
+    return "fp32" if policy.operand in ("fp32", "tf32") else "bf16x3"
 
 
 def bound_from(rho, nu, trH, lam_min, lam_max, gamma_c, eps_S) -> torch.Tensor:
