@@ -27,6 +27,7 @@ from solvers.precision import (
     UNIT_ROUNDOFF,
     PrecisionPolicy,
     auto_tier_index,
+    unit_roundoff_of,
 )
 
 from . import chunk_cg, decode, residual
@@ -346,7 +347,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     # input policy) stay as they are: the CG kernel reads them without loss and half the bytes
     uq = None
     if not (in_dt == torch.float32 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)):
-        if certify and adjoint is None and _dtype_u(q.dtype) < UNIT_ROUNDOFF[pol.input]:
+        if certify and adjoint is None and unit_roundoff_of(q.dtype) < UNIT_ROUNDOFF[pol.input]:
             # the kernels solve for q rounded to the input dtype: its rounding, measured per token
             q32 = q.to(torch.float32)
             qn = q32.norm(dim=-1)
@@ -404,11 +405,6 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     return o, final, n_steps, res, x, (brk, cert_out)
 
 
-def _dtype_u(dtype: torch.dtype) -> float:
-    return UNIT_ROUNDOFF[{torch.float64: "fp64", torch.float32: "fp32", torch.bfloat16: "bf16",
-                          torch.float16: "fp16"}[dtype]]
-
-
 def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc, uq, k_dtype, C, interpreted):
     """The tier-1 certificate (:mod:`kernels.residual`): ``[B,T,H,3]`` float32 (rho, kappa, bound) of the
     solution ``x`` (or the adjoint's y with ``adjoint``), with the rounding terms of
@@ -420,7 +416,7 @@ def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc
     N = Hc.shape[2]
     out = torch.empty(B, T, H, 3, dtype=torch.float32, device=x.device)
     acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
-    eps_S = cert.state_error(pol, N, pol.state == "fp32", _dtype_u(k_dtype) < UNIT_ROUNDOFF[pol.input])
+    eps_S = cert.state_error(pol, N, pol.state == "fp32", unit_roundoff_of(k_dtype) < UNIT_ROUNDOFF[pol.input])
     codes = {v: n for n, v in chunk_cg.OP_CODES.items()}
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))

@@ -104,6 +104,11 @@ def dtype_name(dtype: torch.dtype) -> str:
         raise ValueError(f"unsupported dtype {dtype}; supported: {list(_NAME_DTYPE)}") from None
 
 
+def unit_roundoff_of(dtype: torch.dtype) -> float:
+    """Unit roundoff of a supported floating dtype (``UNIT_ROUNDOFF`` by :func:`dtype_name`)."""
+    return UNIT_ROUNDOFF[dtype_name(dtype)]
+
+
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 values to TF32 (10 explicit mantissa bits) with round-to-nearest-even.
 

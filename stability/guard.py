@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 import solvers
-from solvers.precision import UNIT_ROUNDOFF, PrecisionPolicy
+from solvers.precision import SUPPORTED_DTYPES, PrecisionPolicy, unit_roundoff_of
 
 from . import golden, properties
 from .metrics import rel_error
@@ -49,8 +49,7 @@ QUANTITIES = ("o", "dq", "dk", "dv", "dg", "dbeta", "dlam")
 PROPERTY_CASES = {"scale_q": "well_conditioned", "scale_v": "large_values", "chunk_size": "no_forgetting_long",
                   "continuation": "no_forgetting_long", "independence": "well_conditioned", "varlen": "varlen",
                   "scale_grad": "small_upstream_grad"}
-_DTYPE_U = {torch.float64: UNIT_ROUNDOFF["fp64"], torch.float32: UNIT_ROUNDOFF["fp32"],
-            torch.bfloat16: UNIT_ROUNDOFF["bf16"], torch.float16: UNIT_ROUNDOFF["fp16"]}
+_DTYPE_U = {dt: unit_roundoff_of(dt) for dt in SUPPORTED_DTYPES}
 
 
 class UsageError(ValueError):
