@@ -27,7 +27,7 @@ from solvers.precision import (
     UNIT_ROUNDOFF,
     PrecisionPolicy,
     auto_tier_index,
-    unit_roundoff_of,
+    converts_exactly,
 )
 
 from . import chunk_cg, decode, residual
@@ -347,7 +347,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     # input policy) stay as they are: the CG kernel reads them without loss and half the bytes
     uq = None
     if not (in_dt == torch.float32 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)):
-        if certify and adjoint is None and unit_roundoff_of(q.dtype) < UNIT_ROUNDOFF[pol.input]:
+        if certify and adjoint is None and not converts_exactly(q.dtype, in_dt):
             # the kernels solve for q rounded to the input dtype: its rounding, measured per token
             q32 = q.to(torch.float32)
             qn = q32.norm(dim=-1)
@@ -409,14 +409,14 @@ def _residual(pol, classes, cls, rhs, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc
     """The tier-1 certificate (:mod:`kernels.residual`): ``[B,T,H,3]`` float32 (rho, kappa, bound) of the
     solution ``x`` (or the adjoint's y with ``adjoint``), with the rounding terms of
     :mod:`solvers.certificate`: gamma_c of the residual's products, eps_S of the stored states (with the
-    input rounding of k when the caller's keys were finer than the policy's input dtype), and ``uq``
+    input rounding of k when the policy's input dtype does not hold the caller's keys exactly), and ``uq``
     (``[B,T,H]`` or None): the measured relative rounding of each token's q."""
     B, T, H, D = x.shape
     Dv = v.shape[3]
     N = Hc.shape[2]
     out = torch.empty(B, T, H, 3, dtype=torch.float32, device=x.device)
     acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
-    eps_S = cert.state_error(pol, N, pol.state == "fp32", unit_roundoff_of(k_dtype) < UNIT_ROUNDOFF[pol.input])
+    eps_S = cert.state_error(pol, N, pol.state == "fp32", not converts_exactly(k_dtype, pol.input_dtype))
     codes = {v: n for n, v in chunk_cg.OP_CODES.items()}
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))

@@ -224,15 +224,18 @@ def test_an_overflowing_output_is_flagged(policy):
 
 
 @pytest.mark.triton
-def test_a_tiny_q_rounded_to_fp16_subnormals_is_flagged():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tiny_q_rounded_to_fp16_subnormals_is_flagged(dtype):
     """q ~ 1e-6 is subnormal in fp16 (spacing 6e-8): rounding it costs ~8%, far more than 2^-11; the
-    certificate measures each token's rounding instead of assuming u."""
+    certificate measures each token's rounding instead of assuming u. bf16 inputs too: fp16's finer
+    mantissa does not hold bf16's exponent range (``solvers.precision.converts_exactly``)."""
     p = cases.make("small_upstream_grad", T=48, H=1, D=16)
+    p = p.replace(**{n: getattr(p, n).to(dtype).double() for n in ("q", "k", "v")})
     ref = solvers.solve(p, "exact")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        _, st = mesa_chunk(*_inputs(p, TRITON_DEVICE), steps=30, policy="fp16-fp32state", backend="triton",
-                           return_stats=True, return_x=True)
+        _, st = mesa_chunk(*_inputs(p, TRITON_DEVICE, dtype), steps=30, policy="fp16-fp32state",
+                           backend="triton", return_stats=True, return_x=True)
     err = _x_errors(st.x, ref.x)
     assert float(err.max()) > 1e-2
     assert bool((err <= st.certificate.bound.cpu()).all())
