@@ -5,7 +5,12 @@ One row per (implementation, policy, case, quantity): the peer's metric (relativ
 tolerance, the verdict, and for ours whether the accuracy certificate warned (forward or adjoint).
 Writes ``peer_cases.csv`` and prints pass counts per implementation.
 
-    python benchmarks/peer_cases_gpu.py --out $OUT [--policies auto fp32 ...] [--no-peer]
+The peer autotunes each kernel over its configurations at every new shape, which takes minutes per
+case; unless ``--peer-autotune`` is given, each of its autotuned kernels keeps only its first
+configuration (``triton.autotune`` is wrapped before fla is imported). That changes the peer's
+launch parameters, never its arithmetic: this is an accuracy check, not a timing.
+
+    python benchmarks/peer_cases_gpu.py --out $OUT [--policies auto fp32 ...] [--no-peer | --peer-only]
 """
 
 from __future__ import annotations
@@ -27,6 +32,22 @@ from solvers.certificate import CertificateWarning  # noqa: E402
 from stability.peer_cases import PEER_CASES, run_peer_case  # noqa: E402
 
 
+def first_config_autotune() -> None:
+    """Make ``triton.autotune`` keep only the first of its configurations (call before importing fla)."""
+    import triton
+
+    full = triton.autotune
+
+    def autotune(*args, **kwargs):
+        if "configs" in kwargs:
+            kwargs["configs"] = kwargs["configs"][:1]
+        elif args:
+            args = (args[0][:1], *args[1:])
+        return full(*args, **kwargs)
+
+    triton.autotune = autotune
+
+
 def main(argv=None) -> int:
     import pandas as pd
 
@@ -34,11 +55,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
     ap.add_argument("--policies", nargs="+", default=list(KERNEL_POLICIES))
     ap.add_argument("--cases", nargs="+", default=list(PEER_CASES))
-    ap.add_argument("--no-peer", action="store_true")
+    who = ap.add_mutually_exclusive_group()
+    who.add_argument("--no-peer", action="store_true", help="ours only")
+    who.add_argument("--peer-only", action="store_true", help="the peer only")
+    ap.add_argument("--peer-autotune", action="store_true",
+                    help="let the peer autotune every kernel (minutes per shape); default: first config")
     args = ap.parse_args(argv)
-    impls = [("ours", p, functools.partial(mesa_chunk, policy=p)) for p in args.policies]
+    impls = [] if args.peer_only else [("ours", p, functools.partial(mesa_chunk, policy=p)) for p in args.policies]
     peer_version = "not run"
     if not args.no_peer:
+        if not args.peer_autotune:
+            first_config_autotune()
         try:
             import fla
 
@@ -59,7 +86,8 @@ def main(argv=None) -> int:
             flagged = sum(issubclass(c.category, CertificateWarning) for c in caught)
             for r in case_rows:
                 rows.append(dict(r, impl=impl, policy=pol, flagged=flagged, wall_s=time.time() - t0,
-                                 device=torch.cuda.get_device_name(), torch=torch.__version__, fla_core=peer_version))
+                                 device=torch.cuda.get_device_name(), torch=torch.__version__, fla_core=peer_version,
+                                 peer_configs="autotuned" if args.peer_autotune else "first"))
             bad = [r["quantity"] for r in case_rows if r["verdict"] == "FAIL"]
             print(f"{name:28s} {impl:8s} {pol:15s} fails {bad} warned {flagged}", flush=True)
         pd.DataFrame(rows).to_csv(os.path.join(args.out, "peer_cases.csv"), index=False)

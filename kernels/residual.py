@@ -7,11 +7,12 @@ One program per (chunk c, batch entry b, head h) reads the solution X of the chu
     rho_t = ||r_t|| / ||q_t||,   nu_t = ||x_t|| / ||q_t||,
     tr H_t = zeta_t tr H_c + sum_j M_tj ||k_j||^2,   kappa_t = (tr H_t + max lam) / min lam,
     bound_t = E_t / max(nu_t - E_t, 1 / lmax_t),
-    E_t = (rho_t + u_q,t + gamma_c (1 + lmax_t nu_t) + eps_S tr H_t nu_t) / min lam,  lmax_t = tr H_t + max lam
+    E_t = (rho_t + gamma_c (1 + lmax_t nu_t) + eps_S tr H_t nu_t) / min lam,  lmax_t = tr H_t + max lam
 
-(the formulas of :mod:`solvers.certificate`; ``gamma_c``, ``eps_S`` and the measured input rounding
-of each token's q, ``u_q,t = ||q_t - round(q_t)|| / ||q_t||``, come from the host: the kernels solve
-for the rounded q, and a tiny q rounded to fp16's subnormal range loses far more than 2^-11).
+(the formulas of :mod:`solvers.certificate`; ``gamma_c`` and ``eps_S`` come from the host). It checks
+the caller's system: q, k and v as the caller gave them (any float dtype, read as fp32), not the
+policy's rounding of them, so the input rounding is measured in rho (a tiny q rounded into fp16's
+subnormals loses far more than 2^-11).
 The right-hand side Q is q, or for the adjoint ``G_t^T e_t = diag(zeta) E G_c + ((E V^T) * M) K``,
 recomputed here. The residual is formed ``BLOCK_J`` columns at a time (a
 ``[D, BLOCK_J]`` slice of H_c on chip, never the whole ``D x D`` state with its split parts), and
@@ -37,7 +38,6 @@ if triton is not None:
     @triton.heuristics({
         "ADJOINT": lambda a: a["e_ptr"] is not None,
         "HAS_CLASS": lambda a: a["cls_ptr"] is not None,
-        "HAS_UQ": lambda a: a["uq_ptr"] is not None,
     })
     @triton.jit
     def _residual_kernel(
@@ -49,13 +49,12 @@ if triton is not None:
         x_ptr,  # [B*T, H, D] float32 solution
         scale_ptr,  # ADJOINT: [1/s, s] float32
         cls_ptr,  # optional (sets HAS_CLASS): [B*H*N] int8 tier of each chunk (auto policy)
-        uq_ptr,  # optional (sets HAS_UQ): [B*T, H] float32 ||q - round(q)|| / ||q||, the input rounding of q
         out_ptr,  # [B*T, H, 3] float32: rho, kappa, bound
         T, N, gamma_c, eps_S,
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_J: tl.constexpr,
         OP: tl.constexpr, MY_CLASS: tl.constexpr, K_EXACT: tl.constexpr, SOFT: tl.constexpr,
-        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr, HAS_UQ: tl.constexpr,
+        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr,
     ):
         i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         if HAS_CLASS:
@@ -125,8 +124,6 @@ if triton is not None:
         trHc = tl.sum(tl.load(Hc_ptr + s_base + o_d * (D + 1), mask=m_d, other=0.0).to(tl.float32), axis=0)
         trH = eG * trHc + tl.sum(M * kk[None, :], axis=1)
         lmax = trH + lam_max
-        if HAS_UQ:
-            rho += tl.load(uq_ptr + row, mask=m_t, other=0.0)
         E_t = (rho + gamma_c * (1.0 + lmax * nu) + eps_S * trH * nu) / lam_min
         bound = E_t / tl.maximum(nu - E_t, 1.0 / lmax)
         base = row * 3

@@ -19,8 +19,10 @@ on the states *as stored* (tier 1, cheap), or here in float64 from states rebuil
   with ``eps_S = u_prod + u_store``: the states' products (each term ``beta k k^T`` rounded to
   ``u_prod`` relative; the terms are PSD, so their sum is off by at most ``u_prod tr H_t``) and
   their storage (one rounding ``u`` for compensated fp32 states; ``sqrt(chunks) u_state`` for 16-bit
-  states, which compound their rounding from chunk to chunk); plus twice the input rounding of k
-  when the caller's keys were finer than the policy's input dtype.
+  states, which compound their rounding from chunk to chunk). The residual is that of the caller's
+  system (its q, k, v, not the policy's rounding of them), and its states are the solve's only
+  where their products and storage are at least bf16x3 / fp32; the 16-bit policies' states are
+  formed once more for it (``kernels.mesa._residual``), so that their rounding shows in rho.
 
 With ``lambda_min >= min lam`` and ``e_t = x_t - x*_t = A_t^{-1} (residual)``:
 
@@ -133,16 +135,13 @@ def suggest(kappa: float, threshold: float, policy: PrecisionPolicy) -> str:
             f"{floor:.2g}; use backend='torch' with policy='fp64', or check=None to accept it.")
 
 
-def state_error(policy: PrecisionPolicy, chunks: int, compensated: bool, k_rounded: bool) -> float:
+def state_error(policy: PrecisionPolicy, chunks: int, compensated: bool) -> float:
     """``eps_S`` of the module docstring: the states' product precision (bf16x3 for ``auto``, whose
-    states use it; the input dtype's for the 16-bit policies) plus their storage rounding, plus twice
-    the input rounding of k when the caller's keys were finer than the policy's input dtype."""
+    states use it; the input dtype's for the 16-bit policies) plus their storage rounding (one
+    rounding per chunk, or one in all when the running state is ``compensated``)."""
     prod = {"fp32": "fp32", "tf32": "fp32", "bf16x3": "bf16x3", "auto": "bf16x3"}.get(policy.operand, policy.input)
     store = UNIT_ROUNDOFF[policy.state] * (1.0 if compensated else math.sqrt(max(chunks, 1)))
-    eps = UNIT_ROUNDOFF[prod] + store
-    if k_rounded:
-        eps += 2 * UNIT_ROUNDOFF[policy.input]
-    return eps
+    return UNIT_ROUNDOFF[prod] + store
 
 
 def cert_operand(policy: PrecisionPolicy) -> str:

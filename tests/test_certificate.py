@@ -240,3 +240,28 @@ def test_a_tiny_q_rounded_to_fp16_subnormals_is_flagged(dtype):
     assert float(err.max()) > 1e-2
     assert bool((err <= st.certificate.bound.cpu()).all())
     assert any(issubclass(x.category, CertificateWarning) for x in w)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("policy", ["bf16-fp32state", "bf16-bf16state", "fp16-fp32state", "fp16-fp16state"])
+def test_the_16bit_policies_certify_ordinary_inputs_at_tier_1(policy):
+    """On a trained layer's inputs (unit q and k, gamma = sigmoid(N(3, 1)), kappa ~ 18) the 16-bit
+    policies' own states would put eps_S tr H nu / min lam (~ kappa u_bf16 ~ 0.07) above the check
+    threshold and send every call to the float64 tier 2 (~40x the forward on an H200); the residual
+    against states formed with bf16x3 products certifies them at tier 1, with a bound that holds."""
+    gen = torch.Generator().manual_seed(0)
+    B, T, H, D = 1, 256, 1, 32
+    unit = [torch.nn.functional.normalize(torch.randn(B, T, H, D, generator=gen), dim=-1) for _ in range(2)]
+    v = torch.randn(B, T, H, D, generator=gen)
+    g = torch.nn.functional.logsigmoid(3 + torch.randn(B, T, H, generator=gen))
+    beta = torch.sigmoid(torch.rand(B, T, H, generator=gen))
+    lam = 0.25 + torch.nn.functional.softplus(torch.rand(H, D, generator=gen))
+    q, k, v = (t.bfloat16() for t in (*unit, v))
+    ref = solvers.solve(solvers.MesaProblem(*(t.double() for t in (q, k, v, g, beta, lam))), "exact")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        _, st = mesa_chunk(*(t.to(TRITON_DEVICE) for t in (q, k, v, g, beta, lam)), steps=30, policy=policy,
+                           backend="triton", return_stats=True, return_x=True)
+    assert st.certificate.tier == 1
+    assert not any(issubclass(x.category, CertificateWarning) for x in w)
+    assert bool((_x_errors(st.x, ref.x) <= st.certificate.bound.cpu()).all())
