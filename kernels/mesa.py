@@ -244,7 +244,8 @@ def _kernel_certificate(buf, inputs, x, pol: PrecisionPolicy, threshold: float, 
     ``e``: a callable giving the upstream gradient the adjoint solved for (only called for tier 2)."""
     brk, out = buf
     breakdown = brk > 0
-    c = cert.Certificate(out[..., 0], out[..., 1], out[..., 2], breakdown, threshold, 1, what)
+    c = cert.Certificate(out[..., 0], out[..., 1], out[..., 2], breakdown, threshold, 1, what,
+                         None if e is None else x.detach().norm(dim=-1))
     if c.ok:
         return c
     q, k, v, g, beta, lam, init = inputs

@@ -33,6 +33,19 @@ With ``lambda_min >= min lam`` and ``e_t = x_t - x*_t = A_t^{-1} (residual)``:
 Tier 2 has ``gamma_c ~ 2^-50`` and ``eps_S = 0``, so its bound is ``||A^-1 r|| <= ||r|| / lambda_min``
 at face value: tight when the error lies along the small eigenvalues, where rounding puts it.
 
+**The adjoint solve is checked normwise.** The backward's ``y_t = A_t^{-1} G_t^T e_t`` has a
+right-hand side that can cancel (``G_0^T e_0 = beta_0 k_0 (v_0 . e_0)`` is tiny when ``v_0`` and
+``e_0`` are nearly orthogonal): forming it in 16-bit products leaves an error ~ ``u ||G_t|| ||e_t||``
+that is large *relative to that token's y*, although it is negligible in the gradients, whose
+accuracy is judged normwise over a tensor (``stability/budgets.toml``, the peer's relative RMS). The
+adjoint's verdict is therefore the normwise relative error of each sequence's ``Y = (y_t)_t``, one
+per (batch, head), from the per-token bounds (which stay in the stats):
+
+    ||y_t - y*_t|| <= a_t = bound_t ||y_t|| / (1 - bound_t)      (||y*_t|| <= ||y_t|| / (1 - bound_t))
+    ||Y - Y*||_F / ||Y*||_F <= beta / (||Y||_F - beta),  beta = sqrt(sum_t a_t^2)
+
+(infinite if some ``bound_t >= 1``). dq is ``s y``, so this also bounds dq's normwise error.
+
 ``check`` (the ops' option): ``"warn"`` (default) issues a :class:`CertificateWarning`, ``"raise"``
 raises :class:`CertificateError`, ``None`` skips the certificate; either names the worst token and
 head, the bound, kappa, and the cheapest policy whose ``kappa u`` would pass. A NaN or inf bound
@@ -75,7 +88,9 @@ class Certificate:
     ``residual`` rho_t, ``kappa`` the free bound, ``bound`` the certified relative error of x_t
     (module docstring), ``breakdown`` where the iteration stopped on ``p.Ap <= 0`` or NaN,
     ``tier`` 1 (kernel residual on stored states) or 2 (float64 residual from the inputs),
-    ``threshold`` the check threshold, ``what`` the solve it certifies (``"x"`` or ``"adjoint y"``)."""
+    ``threshold`` the check threshold, ``what`` the solve it certifies (``"x"`` or ``"adjoint y"``).
+    ``solution_norms`` (``||y_t||``, the adjoint's): the verdict is normwise per (batch, head)
+    (:attr:`sequence_bound`, module docstring) instead of per token."""
 
     residual: torch.Tensor
     kappa: torch.Tensor
@@ -84,15 +99,33 @@ class Certificate:
     threshold: float
     tier: int
     what: str = "x"
+    solution_norms: torch.Tensor | None = None
+
+    @property
+    def sequence_bound(self) -> torch.Tensor | None:
+        """``[B,H]`` certified normwise relative error of each sequence's solution (module docstring),
+        or None for a per-token verdict."""
+        if self.solution_norms is None:
+            return None
+        b = self.bound.double()
+        w = self.solution_norms.to(device=b.device, dtype=torch.float64)
+        a = torch.where(b < 1, b * w / (1 - b), math.inf).nan_to_num(nan=math.inf)  # >= ||y_t - y*_t||
+        beta, norm = a.square().sum(1).sqrt(), w.square().sum(1).sqrt()
+        return torch.where(norm > beta, beta / (norm - beta), torch.where(beta == 0, 0.0, math.inf))
 
     @property
     def failed(self) -> torch.Tensor:
-        """Tokens whose bound exceeds the threshold or is not finite."""
-        return ~(self.bound <= self.threshold)
+        """Tokens whose bound exceeds the threshold or is not finite (normwise verdict: every token of a
+        failing sequence)."""
+        seq = self.sequence_bound
+        if seq is None:
+            return ~(self.bound <= self.threshold)
+        return (~(seq <= self.threshold))[:, None, :].expand_as(self.bound)
 
     @property
     def ok(self) -> bool:
-        return not bool(self.failed.any())
+        seq = self.sequence_bound
+        return not bool((~(self.bound <= self.threshold) if seq is None else ~(seq <= self.threshold)).any())
 
     @property
     def max_bound(self) -> float:
@@ -105,15 +138,25 @@ class Certificate:
         return flat // (T * H), (flat // H) % T, flat % H
 
     def message(self, policy: PrecisionPolicy) -> str:
-        b, t, h = self.worst()
+        seq = self.sequence_bound
+        if seq is None:
+            b, t, h = self.worst()
+            head = (f"{int(self.failed.sum())} of {self.bound.numel()} tokens exceed the threshold "
+                    f"{self.threshold:.3g}; worst token {t} (batch {b}, head {h}): certified relative error "
+                    f"{float(self.bound[b, t, h]):.3g}")
+        else:
+            flat = int(seq.nan_to_num(nan=math.inf).flatten().argmax())
+            b, h = flat // seq.shape[1], flat % seq.shape[1]
+            t = int(self.bound[b, :, h].nan_to_num(nan=math.inf).argmax())
+            head = (f"{int((~(seq <= self.threshold)).sum())} of {seq.numel()} sequences (batch, head) exceed the "
+                    f"threshold {self.threshold:.3g} in normwise relative error; worst batch {b}, head {h}: "
+                    f"certified {float(seq[b, h]):.3g}, its worst token {t}: {float(self.bound[b, t, h]):.3g}")
         bound, kappa = float(self.bound[b, t, h]), float(self.kappa[b, t, h])
-        n_bad, n = int(self.failed.sum()), self.bound.numel()
         why = "a breakdown of CG (p.Ap <= 0)" if bool(self.breakdown[b, t, h]) else (
             "a non-finite value" if not math.isfinite(bound) else f"kappa <= {kappa:.3g}")
-        return (f"accuracy certificate of {self.what}: {n_bad} of {n} tokens exceed the threshold "
-                f"{self.threshold:.3g}; worst token {t} (batch {b}, head {h}): certified relative error "
-                f"{bound:.3g} ({why}, relative residual {float(self.residual[b, t, h]):.3g}, tier {self.tier}) "
-                f"under policy {policy.name!r}. {suggest(kappa, self.threshold, policy)}")
+        return (f"accuracy certificate of {self.what}: {head} ({why}, relative residual "
+                f"{float(self.residual[b, t, h]):.3g}, tier {self.tier}) under policy {policy.name!r}. "
+                f"{suggest(kappa, self.threshold, policy)}")
 
     def check(self, mode, policy: PrecisionPolicy) -> None:
         """Warn or raise (``mode``) if any token fails; nothing for ``mode=None`` or a pass."""
@@ -196,7 +239,8 @@ def certify_exact(problem, x: torch.Tensor, policy: PrecisionPolicy, *, threshol
     bad_x = ~torch.isfinite(x).all(-1)
     bound = torch.where(bad_x, math.inf, bound)
     brk = torch.zeros_like(bound, dtype=torch.bool) if breakdown is None else breakdown.to(bound.device).bool()
-    return Certificate(rho, kappa, bound, brk, policy.check_tol if threshold is None else threshold, 2, what)
+    return Certificate(rho, kappa, bound, brk, policy.check_tol if threshold is None else threshold, 2, what,
+                       None if e is None else x.detach().double().norm(dim=-1).to(bound.device))
 
 
 __all__ = ["CHECK_MODES", "Certificate", "CertificateError", "CertificateWarning", "bound_from", "cert_operand",

@@ -18,7 +18,8 @@ import torch
 
 import solvers
 from kernels import mesa_chunk
-from solvers.certificate import CertificateError, CertificateWarning
+from solvers import get_policy
+from solvers.certificate import Certificate, CertificateError, CertificateWarning
 from stability import cases
 from stability.metrics import rel_error
 
@@ -265,3 +266,25 @@ def test_the_16bit_policies_certify_ordinary_inputs_at_tier_1(policy):
     assert st.certificate.tier == 1
     assert not any(issubclass(x.category, CertificateWarning) for x in w)
     assert bool((_x_errors(st.x, ref.x) <= st.certificate.bound.cpu()).all())
+
+
+def test_the_adjoint_verdict_is_normwise_per_sequence():
+    """One token of tiny y with a large relative bound does not fail a sequence whose normwise error
+    is small; the sequence bound follows sqrt(sum a_t^2) / (||Y|| - beta), a_t = b_t ||y_t|| / (1 - b_t)."""
+    B, T, H = 1, 4, 2
+    bound = torch.full((B, T, H), 1e-3, dtype=torch.float64)
+    norms = torch.ones(B, T, H, dtype=torch.float64)
+    bound[0, 0, 0], norms[0, 0, 0] = 0.5, 1e-3  # head 0: a tiny y_0, off by up to 50% of itself
+    bound[0, 2, 1] = 0.5  # head 1: a full-size y_2 off by 50%
+    c = Certificate(bound, torch.ones_like(bound), bound, torch.zeros_like(bound, dtype=torch.bool), 0.0625, 1,
+                    "adjoint y", norms)
+    a = bound * norms / (1 - bound)
+    beta, norm = a.square().sum(1).sqrt(), norms.square().sum(1).sqrt()
+    assert torch.allclose(c.sequence_bound, beta / (norm - beta))
+    assert float(c.sequence_bound[0, 0]) < 0.0625 < float(c.sequence_bound[0, 1])
+    assert not c.ok and bool(c.failed[0, :, 1].all()) and not bool(c.failed[0, :, 0].any())
+    assert "1 of 2 sequences" in c.message(get_policy("bf16-fp32state"))
+    token = Certificate(bound, torch.ones_like(bound), bound, torch.zeros_like(bound, dtype=torch.bool), 0.0625, 1)
+    assert int(token.failed.sum()) == 2  # the per-token verdict (x) fails both tokens
+    bound[0, 1, 0] = math.inf
+    assert math.isinf(float(c.sequence_bound[0, 0]))
