@@ -288,3 +288,23 @@ def test_the_adjoint_verdict_is_normwise_per_sequence():
     assert int(token.failed.sum()) == 2  # the per-token verdict (x) fails both tokens
     bound[0, 1, 0] = math.inf
     assert math.isinf(float(c.sequence_bound[0, 0]))
+
+
+def test_tier2_bounds_hold_on_the_adjoint():
+    """certify_exact's per-token bounds hold for a perturbed adjoint solution y, against dense float64
+    solves of A_t y_t = G_t^T e_t built from the problem's own states, and so does the normwise one."""
+    p = cases.make("low_rank_keys", T=48, H=2, D=8)
+    gen = torch.Generator().manual_seed(0)
+    e = torch.randn(p.B, p.T, p.H, p.Dv, dtype=torch.float64, generator=gen)
+    Hs, Gs = zip(*[(H, G) for _, _, H, G in p.iter_states(block=16)], strict=True)
+    H, G = torch.cat(Hs, 1), torch.cat(Gs, 1)  # [B,T,H,D,D], [B,T,H,Dv,D]
+    A = H + torch.diag_embed(p.lam.double().expand(p.B, p.T, -1, -1))
+    y_true = torch.linalg.solve(A, (G.transpose(-1, -2) @ e[..., None]))[..., 0]
+    y = y_true * (1 + 1e-3 * torch.randn(y_true.shape, dtype=torch.float64, generator=gen))
+    c = solvers.certificate.certify_exact(p, y, get_policy("fp32"), e=e, chunk_size=16, what="adjoint y")
+    err = (y - y_true).norm(dim=-1) / y_true.norm(dim=-1)
+    assert bool((err <= c.bound).all()) and c.solution_norms is not None
+    normwise = (y - y_true).square().sum((1, 3)).sqrt() / y_true.square().sum((1, 3)).sqrt()  # [B, H]
+    assert bool((normwise <= c.sequence_bound).all())
+    # and it is tight to within kappa (||r|| <= ||A|| ||y - y*||), up to the (1 - bound) terms
+    assert float(c.sequence_bound.max()) <= 2 * float(c.kappa.max()) * float(normwise.max())
