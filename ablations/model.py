@@ -1,5 +1,5 @@
 """The ablation language model: pre-norm blocks of :class:`kernels.MesaLayer` and a SwiGLU MLP over
-bytes, with tied input / output embeddings (DESIGN.md section 8).
+bytes, with tied input / output embeddings (docs/design.md section 8).
 
     h_0 = E[x]                                     (E: [256, d_model] byte embedding)
     h   = h + MesaLayer(RMSNorm(h))                (per block)
@@ -171,7 +171,7 @@ class MesaLM(nn.Module):
 
 def loss_per_token(logits: torch.Tensor, y: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Cross-entropy in nats per byte of the predictive distribution ``softmax(z / T)``, ``[B, T]``
-    (``T = temperature``; DESIGN.md section 9: the softmax temperature study trains with ``T != 1``)."""
+    (``T = temperature``; docs/design.md section 9: the softmax temperature study trains with ``T != 1``)."""
     if temperature != 1.0:
         logits = logits / temperature
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none").view(y.shape)

@@ -1,4 +1,4 @@
-"""The softmax temperature study (DESIGN.md section 9): rank deficit bias of byte-level Mesa LMs.
+"""The softmax temperature study (docs/design.md section 9): rank deficit bias of byte-level Mesa LMs.
 
 For every temperature ``T`` and seed the same model (size, solver, AdamW optimiser and schedule,
 steps, the seed's data stream) is trained with the loss ``cross-entropy(softmax(z / T), y)``

@@ -1,9 +1,9 @@
-"""Training and evaluation of one ablation model (DESIGN.md section 8).
+"""Training and evaluation of one ablation model (docs/design.md section 8).
 
 Training: AdamW (decoupled weight decay on matrices only), linear warm-up then cosine decay of the
 learning rate to ``min_lr_ratio`` of its peak, gradient clipping by global norm, bf16 autocast on
 CUDA, loss ``cross-entropy(softmax(logits / T))`` with the softmax temperature ``T`` of
-:class:`TrainConfig` (1 except in the softmax temperature study, DESIGN.md section 9), seeded data
+:class:`TrainConfig` (1 except in the softmax temperature study, docs/design.md section 9), seeded data
 stream (:class:`ablations.data.WindowSampler`: batch i depends only on the seed and i). A checkpoint
 (model, optimiser, step, RNG-free data position, loss history) is written atomically every
 ``ckpt_every`` steps and at the end, so :func:`train` with the same ``ckpt_path`` continues an

@@ -1,4 +1,4 @@
-"""Triton kernels of the Mesa layer (DESIGN.md section 7).
+"""Triton kernels of the Mesa layer (docs/design.md section 7).
 
 Kernels run on CUDA tensors, or on CPU tensors through the Triton interpreter: set the environment
 variable ``TRITON_INTERPRET=1`` before importing this package (triton decides at import time).

@@ -2,7 +2,7 @@
 
 One program per (chunk c, batch entry b, head h). It loads the chunk's start state ``H_c`` (from
 :func:`kernels.chunk_state.chunk_states`), its keys K, queries Q, gates, and keeps them on chip
-while it runs preconditioned CG (DESIGN.md section 3) for the C systems of the chunk together:
+while it runs preconditioned CG (docs/design.md section 3) for the C systems of the chunk together:
 
     A(P) = diag(exp(Gam)) P H_c + ((P K^T) * M) K + P diag(lam),
     M_ij = exp(Gam_i - Gam_j) beta_j   for i >= j, else 0 (selected away before exp),

@@ -1,4 +1,4 @@
-"""Triton kernel: chunk-boundary states of the Mesa recurrence (DESIGN.md sections 2 and 7).
+"""Triton kernel: chunk-boundary states of the Mesa recurrence (docs/design.md sections 2 and 7).
 
 Per batch entry b and head h, the sequence of T tokens is split into N = ceil(T / C) chunks of C
 tokens (the last chunk partial: its missing tokens are masked in the kernel, never padded in
@@ -53,7 +53,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-# Input dtypes the kernel reads for k and v (DESIGN.md section 4: fp32, bf16 or fp16 inputs).
+# Input dtypes the kernel reads for k and v (docs/design.md section 4: fp32, bf16 or fp16 inputs).
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Dtypes the states may be stored in (fp32 by default; bf16/fp16 for the low-precision-state policies).
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

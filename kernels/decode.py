@@ -1,6 +1,6 @@
 """Triton kernel: one decode step of the Mesa layer (state update, CG solve, output).
 
-One program per (batch entry b, head h), for one new token (DESIGN.md section 2):
+One program per (batch entry b, head h), for one new token (docs/design.md section 2):
 
     H' = gamma H + beta k k^T,   G' = gamma G + beta v k^T          (float32)
     x  = (H' + Lambda)^{-1} q    by CG on one vector with the same iteration code as

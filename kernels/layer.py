@@ -1,4 +1,4 @@
-"""The Mesa layer as a ``torch.nn.Module`` (DESIGN.md section 2, layer parametrisation).
+"""The Mesa layer as a ``torch.nn.Module`` (docs/design.md section 2, layer parametrisation).
 
 For input ``u [B,T,d_model]``, per head h:
 
@@ -29,7 +29,7 @@ from solvers.precision import DEFAULT_POLICY
 
 from .mesa import mesa_chunk
 
-# gamma cap of DESIGN.md: gamma = sigmoid(a) * (1 - (1 - 0.9975) beta^2)
+# gamma cap of docs/design.md: gamma = sigmoid(a) * (1 - (1 - 0.9975) beta^2)
 GATE_CAP = 0.9975
 # lam = LAM_FLOOR + softplus(theta), initialised to LAM_INIT
 LAM_FLOOR = 0.25

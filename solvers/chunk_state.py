@@ -165,7 +165,7 @@ class ChunkedSystem:
 
         (Rows of P are vectors: row i is (A_i p_i)^T = p_i^T A_i^T. H_c is symmetric, so H_c^T = H_c
         in value; writing the transpose keeps the derivative with respect to an initial state in the
-        convention dL/dH = -y x^T of DESIGN.md.)"""
+        convention dL/dH = -y x^T of docs/design.md.)"""
         mm = self._mm
         inter = self.zeta[..., None] * mm(P, self.Hc.transpose(-1, -2), 0)
         intra = mm(mm(P, self.K.transpose(-1, -2), 1) * self.M, self.K, 1)

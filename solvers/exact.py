@@ -6,7 +6,7 @@ For each block of tokens the states are materialised (:meth:`MesaProblem.iter_st
 
 with ``R_t = Lambda`` (the Mesa problem) or, for ``regularizer="decayed"``,
 ``R_t = zeta_{t,0} Lambda``, ``zeta_{t,0} = prod_{i<=t} gamma_i`` (the problem that the
-Sherman-Morrison recursion solves exactly, DESIGN.md section 3). Cost O(T D^3), memory
+Sherman-Morrison recursion solves exactly, docs/design.md section 3). Cost O(T D^3), memory
 O(block D^2) per (batch, head). States and decays are those of :meth:`MesaProblem.iter_states`,
 exact across hard resets (:mod:`solvers.gates`); after a reset ``zeta_{t,0} = 0``, so the decayed
 regulariser vanishes and ``H_t`` alone is singular until the keys since the reset span R^D.

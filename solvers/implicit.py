@@ -1,4 +1,4 @@
-"""Implicit differentiation of the Mesa layer through its linear solves (DESIGN.md section 2).
+"""Implicit differentiation of the Mesa layer through its linear solves (docs/design.md section 2).
 
 Forward: ``x_t = A_t^{-1} q_t`` (``A_t = H_t + Lambda``) by chunkwise CG, ``o_t = G_t x_t``.
 Backward, with ``e_t = dL/do_t``: one more SPD solve per token, the adjoint
@@ -12,7 +12,7 @@ and then every input gradient equals the gradient of the scalar surrogate
 
 at fixed (detached) x and y, taken by autograd through the chunkwise operators of
 :class:`~solvers.chunk_state.ChunkedSystem`. Differentiating s gives exactly the closed forms of
-DESIGN.md (``dq_t = y_t``, ``dlam = -sum_t x_t * y_t``, ``dv_s``, ``dk_s``, ``dbeta_s``,
+docs/design.md (``dq_t = y_t``, ``dlam = -sum_t x_t * y_t``, ``dv_s``, ``dk_s``, ``dbeta_s``,
 ``dg_s = gamma_s dgamma_s``) and the initial-state gradients, without writing each by hand.
 
 The contractions are written out chunkwise in :func:`chunked_gradients` (batched products and one
@@ -59,7 +59,7 @@ class SolveConfig:
 
 def chunked_gradients(S: ChunkedSystem, x: torch.Tensor, y: torch.Tensor, E: torch.Tensor,
                       dH_T: torch.Tensor | None = None, dG_T: torch.Tensor | None = None) -> dict:
-    """The closed-form gradients of DESIGN.md, chunkwise (layout ``[B,H,N,C,.]``, accumulation dtype).
+    """The closed-form gradients of docs/design.md, chunkwise (layout ``[B,H,N,C,.]``, accumulation dtype).
 
     With the chunk's reset-aware decays (:mod:`solvers.gates`, zero across a reset):
     ``Mz_ts = exp(Gam_t - Gam_s)`` (t >= s in one segment of a chunk, else 0), ``M = Mz beta_s``,

@@ -1,6 +1,6 @@
 """Precision policies: which precision every quantity of a Mesa solve lives in.
 
-A policy names, separately (DESIGN.md section 4):
+A policy names, separately (docs/design.md section 4):
 
 * ``input``    dtype q, k, v are rounded to before anything else (the gates g, beta and the
                regulariser lam are kept in ``accum``: cumulative log-gates are always at least fp32);

@@ -1,6 +1,6 @@
 """The Mesa problem: inputs of one Mesa layer call, validated, and its dense materialisation.
 
-Per batch entry and head (DESIGN.md section 2), for tokens t = 1..T:
+Per batch entry and head (docs/design.md section 2), for tokens t = 1..T:
 
     gamma_t = exp(g_t),  g_t <= 0            (forget gate, log-space; -inf allowed)
     H_t = gamma_t H_{t-1} + beta_t k_t k_t^T (D x D, symmetric PSD)

@@ -14,7 +14,7 @@
 Everything is drawn in float64 from a private ``torch.Generator`` seeded with ``seed`` (the
 global RNG is never touched), then cast to ``dtype``.
 
-:func:`make` builds a named stress case (DESIGN.md section 6); :data:`CASES` lists them with
+:func:`make` builds a named stress case (docs/design.md section 6); :data:`CASES` lists them with
 what each stresses and its default sizes. Every case accepts the sizes ``B, T, H, D, Dv`` and
 its own parameters; a case's output depends only on (name, seed, sizes).
 """

@@ -34,6 +34,10 @@ from .reference import mp_solve
 def _cmd_verify(args: argparse.Namespace) -> int:
     import pandas as pd
 
+    bad = [f"--{n} must be a positive integer, got {v}" for n, v in (("T", args.T), ("D", args.D)) if v < 1]
+    if bad:
+        print(f"mesa verify: error: {'; '.join(bad)}", file=sys.stderr)
+        return 2
     problem = random_problem(B=1, T=args.T, H=2, D=args.D, seed=args.seed)
     print(f"problem: {problem!r}, gamma in [0.9, 1], lam in [0.25, 1.25], seed {args.seed}")
     t0 = time.perf_counter()
@@ -344,7 +348,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"grid {grid.name}: {len(grid.train)} training x {len(grid.eval)} evaluation configs -> {out}")
         run_grid(grid, out, resume=args.resume, progress=not args.no_progress)
-    except (GridError, ValueError) as err:
+    except GridError as err:
         print(f"mesa ablate: error: {err}", file=sys.stderr)
         return 2
     from ablations.train import dist_info
@@ -355,7 +359,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 
 def _cmd_softmax(args: argparse.Namespace) -> int:
-    """Softmax temperature study (DESIGN.md section 9): train the same byte-level LM with the loss
+    """Softmax temperature study (docs/design.md section 9): train the same byte-level LM with the loss
     cross-entropy(softmax(z / T)) for each temperature T and seed, and measure the numerical and
     effective rank of its logits and last hidden representations (float64), bits per byte in and out
     of distribution, OOD-detection AUROC (MSP, energy) and the final training loss; results.csv (a
@@ -534,11 +538,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return args.func(args)
-    except (ValueError, TypeError) as err:
-        print(f"mesa {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    # each command reports its own usage errors (exit 2); anything else is a bug and propagates with
+    # its traceback (exit 1)
+    return args.func(args)
 
 
 if __name__ == "__main__":

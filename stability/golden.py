@@ -8,7 +8,7 @@ from exactly those rounded inputs:
 
 * the output ``o_t = G_t (H_t + Lambda)^{-1} q_t`` of the float64 exact solver, checked against
   the mpmath solution (50 digits): they agree to ~1e-15, far below any budget;
-* the input gradients of ``L = sum_t e_t . o_t``: the closed forms of DESIGN.md section 2
+* the input gradients of ``L = sum_t e_t . o_t``: the closed forms of docs/design.md section 2
   (:func:`stability.gradients.closed_form_gradients`, validated against mpmath in the tests);
 * ``kappa``, the largest condition number of ``H_t + Lambda`` over tokens (fp64 eigenvalues),
   which scales the error budgets (``budgets.toml``), and dg's cancellation factor

@@ -1,4 +1,4 @@
-"""Closed-form Mesa gradients (DESIGN.md section 2), evaluated densely in float64 from exact solves.
+"""Closed-form Mesa gradients (docs/design.md section 2), evaluated densely in float64 from exact solves.
 
 For a loss with upstream gradient ``e_t = dL/do_t`` and exact ``x_t = A_t^{-1} q_t``,
 ``y_t = A_t^{-1} G_t^T e_t`` (Cholesky per token), with ``zeta_{t,s} = prod_{i=s+1..t} gamma_i``

@@ -1,4 +1,4 @@
-"""Error metrics that say how wrong a solution is and why (DESIGN.md section 5).
+"""Error metrics that say how wrong a solution is and why (docs/design.md section 5).
 
 For a computed ``x`` and a reference ``x*`` (float64 exact or mpmath), all in float64:
 

@@ -1,4 +1,4 @@
-"""Metamorphic properties every Mesa implementation must satisfy (DESIGN.md section 6).
+"""Metamorphic properties every Mesa implementation must satisfy (docs/design.md section 6).
 
 An *implementation* is any callable with the op signature of ``kernels.mesa_chunk``::
 
@@ -156,7 +156,7 @@ def input_gradients(f: Impl, p: MesaProblem, e: torch.Tensor, **options) -> list
 
 def scale_grad(f: Impl, p: MesaProblem, e: torch.Tensor, scales=POW2_SCALES, **options) -> PropertyResult:
     """The backward is linear in the upstream gradient e: max over s and inputs of
-    ||grad(s e) / s - grad(e)|| / ||grad(e)|| (DESIGN.md section 6: scale equivariance in the upstream
+    ||grad(s e) / s - grad(e)|| / ||grad(e)|| (docs/design.md section 6: scale equivariance in the upstream
     gradient)."""
     base = input_gradients(f, p, e, **options)
     errs = {}

@@ -1,7 +1,7 @@
 """High-precision reference: the Mesa recurrence and solves in mpmath (the root of trust).
 
 For every batch entry and head, in ``dps`` decimal digits, directly from the definitions of
-DESIGN.md section 2 (no chunking, no closed forms, nothing shared with the float solvers):
+docs/design.md section 2 (no chunking, no closed forms, nothing shared with the float solvers):
 
     gamma_t = exp(g_t)
     H_t = gamma_t H_{t-1} + beta_t k_t k_t^T,   G_t = gamma_t G_{t-1} + beta_t v_t k_t^T

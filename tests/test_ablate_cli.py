@@ -135,3 +135,22 @@ def test_torchrun_two_processes(tmp_path):
     df = pd.read_csv(out / "results.csv")
     assert len(df) == 4 and df.bpb_validation.notna().all() and (df.train_steps_done == 16).all()
     assert (out / "report.md").exists()
+
+
+def test_resume_with_another_seed_adds_its_replicate(tmp_path):
+    """--seed S --resume on a finished seed-0 run trains and evaluates seed S (its own checkpoint), and
+    keeps the seed-0 rows; a second identical call has nothing left to do."""
+    out = tmp_path / "run"
+    args = ["ablate", "--preset", "smoke", "--out", str(out), "--no-plots", "--no-progress"]
+    assert main(args) == 0
+    first = pd.read_csv(out / "results.csv")
+    assert main([*args, "--seed", "1", "--resume"]) == 0
+    both = pd.read_csv(out / "results.csv")
+    assert sorted(both.seed.unique()) == [0, 1] and len(both) == 2 * len(first)
+    key = ["train", "eval"]
+    seed0 = both[both.seed == 0].sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(seed0[METRICS], first.sort_values(key).reset_index(drop=True)[METRICS])
+    assert any(p.name.endswith("_seed1.pt") for p in (out / "ckpt").iterdir())
+    mtime = os.path.getmtime(out / "results.csv")
+    assert main([*args, "--seed", "1", "--resume"]) == 0
+    assert os.path.getmtime(out / "results.csv") == mtime  # nothing was re-measured

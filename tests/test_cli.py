@@ -33,3 +33,16 @@ def test_bad_arguments_exit_2(capsys):
     assert exc.value.code == 2
     assert main(["verify", "--T", "0"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_an_internal_error_is_not_reported_as_a_usage_error(monkeypatch):
+    """A ValueError from inside a command is a bug: it propagates with its traceback (exit 1 from the
+    command line), it is not turned into 'error: ...' and exit 2."""
+    import stability.cli as cli
+
+    def broken(args):
+        raise ValueError("an internal inconsistency")
+
+    monkeypatch.setattr(cli, "_cmd_verify", broken)
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        main(["verify"])

@@ -1,6 +1,6 @@
 """The committed CPU-preset run of the softmax temperature study (docs/softmax-cpu, computed by
 ``mesa softmax --preset cpu``): that it is the current preset's data, internally consistent, and that
-the rank deficit effect holds in it (DESIGN.md section 9)."""
+the rank deficit effect holds in it (docs/design.md section 9)."""
 
 from __future__ import annotations
 
