@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -57,6 +59,14 @@ def test_lr_schedule():
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
     assert lr_at(0, cfg) == pytest.approx(0.1) and lr_at(9, cfg) == pytest.approx(1.0)
     assert lr_at(10, cfg) == pytest.approx(1.0) and lr_at(100, cfg) == pytest.approx(0.1)
+    # the decay is a cosine, not a line: at a quarter of it, 0.5 (1 + cos(pi / 4)) of the way from
+    # min_lr_ratio to 1 (a linear decay would give 0.75); it is concave, then convex
+    assert lr_at(10 + 90 // 4, cfg) != pytest.approx(0.1 + 0.9 * 0.75, abs=1e-3)
+    t = (90 // 4) / 90
+    assert lr_at(10 + 90 // 4, cfg) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+    lr = [lr_at(i, cfg) for i in range(10, 101)]
+    d2 = [lr[i - 1] - 2 * lr[i] + lr[i + 1] for i in range(1, len(lr) - 1)]
+    assert all(a <= 1e-12 for a in d2[:40]) and all(a >= -1e-12 for a in d2[50:])
 
 
 def test_tiny_training_reduces_loss_and_solver_quality_shows(corpus):

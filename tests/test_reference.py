@@ -61,3 +61,28 @@ def test_mp_solve_rejects_bad_arguments():
         mp_solve(p, regularizer="bogus")
     with pytest.raises(TypeError, match="MesaProblem"):
         mp_solve(p.q)
+
+
+def test_backward_error_is_the_normwise_backward_error():
+    """``backward_error`` is ||q - A x|| / (||A||_2 ||x|| + ||q||): at the exact solution it is at the
+    float64 rounding level; at x = 0 it is exactly 1; it is invariant under scaling q and x by a
+    power of two; and for x* + eps v (v the top eigenvector of A_t) it equals
+    lambda_max eps / (lambda_max ||x|| + ||q||)."""
+    from stability.metrics import backward_error, systems
+
+    p = random_problem(1, 24, 2, 8, seed=5).to(torch.float64)
+    x = solve(p, "exact").x
+    assert float(backward_error(p, x).max()) < 64 * 2.0**-53
+    assert torch.equal(backward_error(p, torch.zeros_like(x)), torch.ones(1, 24, 2, dtype=torch.float64))
+    s = 2.0**20
+    assert torch.allclose(backward_error(p.replace(q=p.q * s), x * s), backward_error(p, x), rtol=1e-12, atol=0)
+    (_, _, A), = systems(p, block=24)
+    ev, vecs = torch.linalg.eigh(A)
+    eps = 1e-3
+    xp = x + eps * vecs[..., -1]
+    want = ev[..., -1] * eps / (ev[..., -1] * xp.norm(dim=-1) + p.q.norm(dim=-1))
+    assert torch.allclose(backward_error(p, xp), want, rtol=1e-8)
+    bad = x.clone()
+    bad[0, 3, 1, 0] = float("nan")  # a non-finite solution is infinitely wrong, the others unchanged
+    be = backward_error(p, bad)
+    assert torch.isinf(be[0, 3, 1]) and torch.equal(be[0, 3, 0], backward_error(p, x)[0, 3, 0])
