@@ -12,7 +12,8 @@ from stability.metrics import condition_numbers, rel_error
 
 
 def test_named_policies_and_aliases():
-    for name in ("fp64", "fp32", "tf32", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state", "fp16-fp16state"):
+    for name in ("fp64", "fp32", "tf32", "bf16x3", "auto", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state",
+                 "fp16-fp16state"):
         assert get_policy(name).name == name
     assert get_policy("bf16").name == "bf16-fp32state"
     assert get_policy(POLICIES["fp32"]) is POLICIES["fp32"]
@@ -57,14 +58,17 @@ def test_policy_errors_follow_unit_roundoff():
     ref = solve(p, "exact")
     kappa = float(condition_numbers(p).max())
     errs = {}
-    for name in ("fp64", "fp32", "tf32", "fp16-fp32state", "bf16-fp32state"):
+    for name in ("fp64", "fp32", "bf16x3", "auto", "tf32", "fp16-fp32state", "bf16-fp32state"):
         pol = get_policy(name)
         res = solve(p, "cg", pol, steps=60)
         assert res.x.dtype == pol.accum_dtype
         errs[name] = rel_error(res.x, ref.x)
-        # growth factor 10 * sqrt(D) for the accumulated rounding of a D-term inner product
-        assert errs[name] <= 10 * 4 * kappa * pol.u, (name, errs[name], kappa)
+        # growth factor 10 * sqrt(D) for the accumulated rounding of a D-term inner product; auto's
+        # u is that of the tier its kappa selects (u_at)
+        assert errs[name] <= 10 * 4 * kappa * pol.u_at(kappa), (name, errs[name], kappa)
     assert errs["fp64"] < 1e-3 * errs["fp32"] < 1e-3 * errs["tf32"]
+    # bf16x3 (~16 bits) sits between fp32 (24) and tf32 (11)
+    assert errs["fp32"] < errs["bf16x3"] < errs["tf32"]
     assert errs["tf32"] < errs["bf16-fp32state"] and errs["fp16-fp32state"] < errs["bf16-fp32state"]
 
 
