@@ -283,7 +283,7 @@ def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = 
     if progress and pending:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(pending), desc=f"softmax study {study.name}", unit="run")
+        bar = tqdm(total=len(pending), desc=f"softmax study {study.name}", unit="run", disable=None)
     log(f"softmax study {study.name}: {len(pending)} of {len(pending) + len(have)} (T, seed) runs to do -> {out}")
     for t, s in pending:
         name = run_name(t, s)

@@ -154,7 +154,8 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
     if progress and rank == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=res.steps_done, desc=f"train {model.solver.label}", leave=False)
+        bar = tqdm(total=cfg.steps, initial=res.steps_done, desc=f"train {model.solver.label}", leave=False,
+                   disable=None)
     t0, done_here = time.perf_counter(), 0
     wall0 = res.wall_s
 

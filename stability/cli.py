@@ -91,7 +91,11 @@ def _cmd_stability(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     case_names = args.cases or list(preset.sizes)
-    report._select("case", case_names, [], report.cases.CASES)
+    try:
+        report.check_selection(args.cases, args.solvers, args.policies)
+    except report.UsageError as err:
+        print(f"mesa stability: error: {err}", file=sys.stderr)
+        return 2
     df = report.run_grid(preset, args.out, seed=args.seed, cases_sel=args.cases, solvers_sel=args.solvers,
                          policies_sel=args.policies, resume=args.resume, progress=not args.no_progress)
     ref = report.reference_check(case_names, seed=args.seed)

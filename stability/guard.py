@@ -294,7 +294,7 @@ def _progress(total: int, enabled: bool):
         try:
             from tqdm import tqdm
 
-            state["bar"] = tqdm(total=total, file=sys.stderr, leave=False, desc="guard")
+            state["bar"] = tqdm(total=total, file=sys.stderr, leave=False, desc="guard", disable=None)
         except ImportError:
             pass
 

@@ -751,7 +751,7 @@ def _run_units(units: list, grid: Grid, csv: str, cache_dir: str, device: str, l
     cfg = guard.load_budgets()
     meta = provenance(device)
     bar = tqdm(total=len(todo), desc="production grid", unit="run", file=sys.stderr,
-               disable=not progress or log is not None)
+               disable=True if not progress or log is not None else None)
     by_case: dict[ProductionCase, list] = {}
     for c, t in todo:
         by_case.setdefault(c, []).append(t)

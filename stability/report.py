@@ -235,7 +235,7 @@ def run_grid(preset: Preset, out_dir: str, *, seed: int = 0, cases_sel=None, sol
             for solver in solver_names for opts in preset.settings[solver]]
     todo = [j for j in jobs if (j[3], j[2], j[0], size_label(j[0], j[1]), setting_label(j[4])) not in have]
     rows = [done] if len(done) else []
-    bar = tqdm(total=len(todo), desc="stability grid", unit="solve", disable=not progress)
+    bar = tqdm(total=len(todo), desc="stability grid", unit="solve", disable=None if progress else True)
     by_group: dict[tuple, list] = {}
     for j in todo:
         by_group.setdefault((j[0], size_label(j[0], j[1])), []).append(j)
@@ -253,13 +253,24 @@ def run_grid(preset: Preset, out_dir: str, *, seed: int = 0, cases_sel=None, sol
     return df
 
 
+class UsageError(ValueError):
+    """An unknown case, solver or policy name: the caller's mistake (the CLI exits 2)."""
+
+
 def _select(what: str, chosen, default: list, known) -> list:
     if not chosen:
         return list(default)
     unknown = [c for c in chosen if c not in known]
     if unknown:
-        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
+        raise UsageError(f"unknown {what}(s) {unknown}; known: {sorted(known)}")
     return list(chosen)
+
+
+def check_selection(cases_sel=None, solvers_sel=None, policies_sel=None) -> None:
+    """Raise :class:`UsageError` for an unknown case, solver or policy name, before any work."""
+    _select("case", cases_sel, [], cases.CASES)
+    _select("solver", solvers_sel, [], solvers.METHODS)
+    _select("policy", policies_sel, [], solvers.POLICIES)
 
 
 # findings ----------------------------------------------------------------------------------------
