@@ -319,6 +319,12 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_golden(args: argparse.Namespace) -> int:
+    from .golden import check_or_write
+
+    return check_or_write(write=args.write)
+
+
 def _cmd_ablate(args: argparse.Namespace) -> int:
     """Train models under training-time solver configs and evaluate each under evaluation-time
     configs (a preset or a TOML grid file): results.csv (a row per pair, appended as measured),
@@ -445,6 +451,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
                     help="gpu presets: extra keyword option for the op (repeatable), e.g. --option backend=torch")
     st.set_defaults(func=_cmd_stability)
+    gl = sub.add_parser("golden", help="check the golden cases against their committed fingerprints",
+                        description="Regenerate the regression guard's golden cases (stability/golden.py) and "
+                                    "compare their input digests and reference fingerprints with "
+                                    "stability/golden.json; exit 1 on a difference, each named.")
+    gl.add_argument("--write", action="store_true",
+                    help="rewrite stability/golden.json instead (after a deliberate change of the cases or "
+                         "of the reference solvers)")
+    gl.set_defaults(func=_cmd_golden)
     p = sub.add_parser("verify", help="self-check: exact vs mpmath, every solver and policy vs exact",
                        description=_cmd_verify.__doc__)
     p.add_argument("--T", type=int, default=48, help="sequence length (default 48)")

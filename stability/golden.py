@@ -18,12 +18,12 @@ Nothing large is committed: ``golden.json`` next to this module holds, per case,
 regenerated inputs (exact bytes: a change in generation is caught) and *fingerprints* of each
 reference (its norm, its sum and its dot product with a fixed +-1 pattern, float64; compared to
 relative 1e-9: a change of the reference is caught while last-bit differences between BLAS builds
-are not). ``python -m stability.golden --write`` regenerates the file (after a deliberate change).
+are not). ``mesa golden`` checks them and ``mesa golden --write`` regenerates the file (after a
+deliberate change).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
@@ -199,23 +199,19 @@ def check_reference(ref: GoldenReference, committed: dict) -> list[str]:
     return bad
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="regenerate or check the golden cases' committed fingerprints")
-    ap.add_argument("--write", action="store_true", help=f"rewrite {GOLDEN_FILE}")
-    args = ap.parse_args(argv)
+def check_or_write(write: bool = False, path: str = GOLDEN_FILE, log=print) -> int:
+    """``mesa golden``: regenerate the golden cases and compare them with ``path`` (default
+    :data:`GOLDEN_FILE`; exit 1 on a difference, each named), or with ``write`` rewrite it (after a
+    deliberate change)."""
     refs = [reference(gc) for gc in GOLDEN]
-    if args.write:
+    if write:
         data = {r.case.name: record(r) for r in refs}
-        with open(GOLDEN_FILE, "w") as fh:
+        with open(path, "w") as fh:
             json.dump(data, fh, indent=1)
             fh.write("\n")
-        print(f"wrote {len(data)} cases to {GOLDEN_FILE}")
+        log(f"wrote {len(data)} cases to {path}")
         return 0
-    committed = load_committed()
+    committed = load_committed(path)
     bad = [m for r in refs for m in check_reference(r, committed)]
-    print("\n".join(bad) if bad else f"all {len(refs)} golden cases match {GOLDEN_FILE}")
+    log("\n".join(bad) if bad else f"all {len(refs)} golden cases match {path}")
     return 1 if bad else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

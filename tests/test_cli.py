@@ -46,3 +46,22 @@ def test_an_internal_error_is_not_reported_as_a_usage_error(monkeypatch):
     monkeypatch.setattr(cli, "_cmd_verify", broken)
     with pytest.raises(ValueError, match="internal inconsistency"):
         main(["verify"])
+
+
+def test_golden_checks_the_committed_fingerprints_and_names_a_changed_case(tmp_path, capsys):
+    import json
+
+    from stability import golden
+
+    assert main(["golden"]) == 0
+    assert "golden cases match" in capsys.readouterr().out
+    copy = tmp_path / "golden.json"
+    assert golden.check_or_write(write=True, path=str(copy)) == 0
+    # a regenerated file has the committed cases, and passes the check
+    assert set(json.loads(copy.read_text())) == set(golden.load_committed())
+    assert golden.check_or_write(path=str(copy)) == 0
+    data = json.loads(copy.read_text())
+    data["tiny_lambda"]["fingerprints"]["o"][0] *= 1 + 1e-6
+    copy.write_text(json.dumps(data))
+    assert golden.check_or_write(path=str(copy)) == 1
+    assert "tiny_lambda" in capsys.readouterr().out
