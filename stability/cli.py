@@ -352,8 +352,15 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         if args.seed is not None:
             grid.run["seed"] = args.seed
         if args.train_steps is not None:
+            steps0, warm0 = grid.train_config.steps, grid.train_config.warmup
             grid.run["train_steps"] = args.train_steps
-            grid.train_config  # noqa: B018 - validates
+            if args.warmup is None and args.train_steps >= 1 and warm0 > args.train_steps:
+                grid.run["warmup"] = max(1, round(warm0 * args.train_steps / steps0))
+                print(f"--train-steps {args.train_steps}: warm-up {warm0} -> {grid.run['warmup']} steps "
+                      f"(the grid's ratio; set it with --warmup)")
+        if args.warmup is not None:
+            grid.run["warmup"] = args.warmup
+        grid.train_config  # noqa: B018 - validates
         out = args.out or os.path.join("results", "ablate", grid.name)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"grid {grid.name}: {len(grid.train)} training x {len(grid.eval)} evaluation configs -> {out}")
@@ -517,7 +524,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--grid", metavar="FILE", help="a TOML grid file ([run], [[train]], [[eval]]) instead of a preset")
     ab.add_argument("--out", metavar="DIR", help="output folder (default results/ablate/<grid name>)")
     ab.add_argument("--resume", action="store_true", help="keep finished rows and checkpoints in --out, run the rest")
-    ab.add_argument("--train-steps", type=int, help="override the grid's training steps")
+    ab.add_argument("--train-steps", type=int, help="override the grid's training steps (a warm-up longer than "
+                                                    "them shrinks in proportion unless --warmup is given)")
+    ab.add_argument("--warmup", type=int, help="override the grid's learning-rate warm-up steps")
     ab.add_argument("--seed", type=int, help="override the grid's seed (model init and data order): replicates")
     ab.add_argument("--only-train", type=int, nargs="+", metavar="I",
                     help="only these training configs of the grid (0-based): split a grid across GPUs or sessions")

@@ -154,3 +154,14 @@ def test_resume_with_another_seed_adds_its_replicate(tmp_path):
     mtime = os.path.getmtime(out / "results.csv")
     assert main([*args, "--seed", "1", "--resume"]) == 0
     assert os.path.getmtime(out / "results.csv") == mtime  # nothing was re-measured
+
+
+def test_short_runs_scale_the_warmup_and_warmup_is_a_flag(tmp_path, capsys):
+    """--train-steps below the grid's warm-up shrinks the warm-up in proportion (and says so); an
+    explicit --warmup longer than the run is a usage error that names it."""
+    common = ["ablate", "--preset", "smoke", "--no-plots", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "short"), "--train-steps", "1"]) == 0
+    assert "warm-up 2 -> 1 steps" in capsys.readouterr().out
+    assert pd.read_csv(tmp_path / "short" / "results.csv").train_steps_done.eq(1).all()
+    assert main([*common, "--out", str(tmp_path / "bad"), "--train-steps", "4", "--warmup", "9"]) == 2
+    assert "warmup" in capsys.readouterr().err
