@@ -69,10 +69,13 @@ class MesaStats:
         return float(self.steps.double().mean())
 
 
-def _require_triton(fn) -> bool:
+def _require_triton(module, kernel: str) -> bool:
+    """Whether ``module.kernel`` runs in the interpreter; ImportError (with the install command) when
+    triton is missing, in which case the kernel modules define no kernels."""
     if triton is None:
-        raise ImportError("kernels need triton (pip install triton); it is not installed")
-    return _is_interpreted(fn)
+        raise ImportError("the Triton kernels need triton (pip install triton==3.6.0; on a CPU, run them with "
+                          "TRITON_INTERPRET=1), and it is not installed; backend='torch' runs without it")
+    return _is_interpreted(getattr(module, kernel))
 
 
 def _check_device(name: str, x: torch.Tensor, interpreted: bool) -> None:
@@ -183,7 +186,7 @@ def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if backend == "triton":
         pol = _kernel_policy(policy)
-        interpreted = _require_triton(chunk_cg._chunk_cg_kernel)
+        interpreted = _require_triton(chunk_cg, "_chunk_cg_kernel")
         for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
             _check_device(name, x, interpreted)
         D, Dv = q.shape[3], v.shape[3]
@@ -534,7 +537,7 @@ def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | Non
     ``q - (H' + Lambda) x`` is formed in float64 from the given state (``B H D^2`` operations), the
     threshold is that of the fp32 policy (the kernel computes in fp32).
     """
-    interpreted = _require_triton(decode._decode_kernel)
+    interpreted = _require_triton(decode, "_decode_kernel")
     cert.check_mode(check)
     check_iteration_options(steps, tol, x0)
     if precond not in PRECOND_CHOICES:

@@ -118,3 +118,22 @@ def test_sherman_morrison_overflows_under_forgetting_in_fp32():
     assert 40 < first < 120 and -80 < log2_zeta < -60
     assert bool(torch.isfinite(solvers.solve(p, "exact", "fp32").o).all())
     assert bool(torch.isfinite(solvers.solve(p, "sherman_morrison", "fp64").o).all())
+
+
+def test_the_kernels_without_triton_say_how_to_get_it(monkeypatch):
+    """Without triton the kernel modules define no kernels; mesa_step and backend='triton' raise an
+    ImportError with the install command (not an AttributeError). Where triton is installed, its
+    absence is simulated."""
+    import kernels.mesa as km
+    from stability import cases
+
+    if km.triton is not None:
+        monkeypatch.setattr(km, "triton", None)
+        monkeypatch.delattr(km.decode, "_decode_kernel")
+        monkeypatch.delattr(km.chunk_cg, "_chunk_cg_kernel")
+    p = cases.make("well_conditioned", T=8, H=1, D=4).to(torch.float32)
+    state = (torch.zeros(1, 1, 4, 4), torch.zeros(1, 1, 4, 4))
+    with pytest.raises(ImportError, match="pip install triton"):
+        km.mesa_step(p.q[:, 0], p.k[:, 0], p.v[:, 0], p.g[:, 0], p.beta[:, 0], p.lam, state)
+    with pytest.raises(ImportError, match="pip install triton"):
+        km.mesa_chunk(p.q, p.k, p.v, p.g, p.beta, p.lam, backend="triton")
