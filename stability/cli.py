@@ -266,9 +266,9 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     if args.preset != "golden":
         return _cmd_guard_production(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise guard.UsageError("--device cuda but no CUDA device is available")
     try:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise guard.UsageError("--device cuda but no CUDA device is available")
         golden_flags = [("--families", args.families), ("--T", args.T), ("--D", args.D), ("--resume", args.resume),
                         ("--cache", args.cache), ("--backward-max-T", args.backward_max_T),
                         ("--no-reference-check", args.no_reference_check), ("--jobs", args.jobs != 1)]

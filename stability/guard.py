@@ -188,6 +188,8 @@ def check_case(target: Target, ref: golden.GoldenReference, cfg: dict, backward:
         out = target.fn(*leaves, initial_state=init, cu_seqlens=cu, **target.options)
     except NotImplementedError as err:
         return [_row("golden", name, "o", float("nan"), verdict="n/a", note=f"unsupported: {err}"[:200])]
+    except ImportError as err:  # a missing dependency is not a regression: stop and say what is missing
+        raise UsageError(f"the implementation cannot run here: {err}") from err
     except Exception as err:  # a crash is a failure, with its message
         return [_row("golden", name, "o", float("inf"), verdict="FAIL", note=f"raised {err!r}"[:200])]
     o = out[0] if isinstance(out, tuple) else out
@@ -230,6 +232,8 @@ def check_property(target: Target, prop: str, ref: golden.GoldenReference, cfg: 
             res = properties.ALL[prop](target.fn, p, **opts)
     except NotImplementedError as err:
         return _row("property", ref.case.name, prop, float("nan"), verdict="n/a", note=f"unsupported: {err}"[:200])
+    except ImportError as err:
+        raise UsageError(f"the implementation cannot run here: {err}") from err
     except Exception as err:
         return _row("property", ref.case.name, prop, float("inf"), b, how, verdict="FAIL", note=f"raised {err!r}"[:200],
                     kappa=kappa)

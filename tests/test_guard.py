@@ -163,3 +163,21 @@ def test_peer_adapter_reads_both_return_shapes_of_the_peer():
         from stability.peer import chunk_mesa_net
 
         chunk_mesa_net(*(torch.zeros(1),) * 6, tol=1e-4)
+
+
+def test_a_missing_dependency_is_a_usage_error_not_a_regression(monkeypatch, capsys):
+    """The guard on kernels that cannot run here (no triton) stops with exit 2 and the install hint,
+    instead of reporting every check as a budget violation."""
+    import kernels.mesa as km
+
+    if km.triton is not None:
+        monkeypatch.setattr(km, "triton", None)
+        monkeypatch.delattr(km.chunk_cg, "_chunk_cg_kernel")
+    assert main(["guard", "--device", "cpu", "--no-progress", "--cases", "well_conditioned", "--properties",
+                 "--option", "backend=triton"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot run here" in err and "pip install triton" in err
+    if torch.cuda.is_available():
+        return
+    assert main(["guard", "--device", "cuda", "--no-progress"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
