@@ -565,9 +565,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    out = getattr(args, "out", None)
+    if isinstance(out, str) and os.path.exists(out) and not os.path.isdir(out):
+        print(f"mesa {args.command}: error: --out {out} is a file; --out names a folder", file=sys.stderr)
+        return 2
     # each command reports its own usage errors (exit 2); anything else is a bug and propagates with
     # its traceback (exit 1)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        hint = "; rerun with --resume to continue where it stopped" if hasattr(args, "resume") else ""
+        print(f"\nmesa {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

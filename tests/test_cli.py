@@ -65,3 +65,19 @@ def test_golden_checks_the_committed_fingerprints_and_names_a_changed_case(tmp_p
     copy.write_text(json.dumps(data))
     assert golden.check_or_write(path=str(copy)) == 1
     assert "tiny_lambda" in capsys.readouterr().out
+
+
+def test_a_file_as_out_and_an_interrupt_are_reported_without_a_traceback(tmp_path, monkeypatch, capsys):
+    import stability.cli as cli
+
+    f = tmp_path / "a-file"
+    f.write_text("")
+    assert main(["stability", "--out", str(f)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_ablate", interrupted)
+    assert main(["ablate", "--preset", "smoke", "--out", str(tmp_path / "run")]) == 130
+    assert "rerun with --resume" in capsys.readouterr().err
