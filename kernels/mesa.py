@@ -346,7 +346,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     D, Dv = q.shape[3], v.shape[3]
     in_dt = pol.input_dtype
     # the caller's system, which the certificate checks (the policy may round it to its input dtype)
-    given = tuple(t.contiguous() for t in (q, k, v))
+    given = (q, k, v)
     # inputs already in a format the policy's input dtype holds exactly (bf16 or fp16 under an fp32
     # input policy) stay as they are: the CG kernel reads them without loss and half the bytes
     if not (in_dt == torch.float32 and q.dtype == k.dtype == v.dtype and q.dtype in (torch.bfloat16, torch.float16)):
@@ -414,7 +414,7 @@ def _residual(pol, classes, cls, adjoint, given, g, beta, lam, Hc, Gc, initial_s
     exceed the check threshold on ordinary inputs (kappa u_bf16 ~ 0.07 at kappa ~ 18). ``gamma_c``:
     the residual's own products; ``eps_S``: the rounding of the states it reads
     (:func:`solvers.certificate.state_error`)."""
-    q, k, v = given
+    q, k, v = (t.contiguous() for t in given)
     B, T, H, D = x.shape
     Dv = v.shape[3]
     N = Hc.shape[2]

@@ -124,8 +124,7 @@ class Certificate:
 
     @property
     def ok(self) -> bool:
-        seq = self.sequence_bound
-        return not bool((~(self.bound <= self.threshold) if seq is None else ~(seq <= self.threshold)).any())
+        return not bool(self.failed.any())
 
     @property
     def max_bound(self) -> float:

@@ -109,15 +109,6 @@ def unit_roundoff_of(dtype: torch.dtype) -> float:
     return UNIT_ROUNDOFF[dtype_name(dtype)]
 
 
-def converts_exactly(src: torch.dtype, dst: torch.dtype) -> bool:
-    """Whether every finite value of ``src`` is a finite value of ``dst``: ``dst`` has at least the
-    mantissa bits and the exponent range of ``src`` (``torch.finfo``). bf16 -> fp16 is not exact
-    although fp16 has the finer mantissa: values below 2^-14 lose bits in its subnormals (q ~ 1e-6
-    keeps about one digit) and values above 65504 overflow."""
-    a, b = torch.finfo(src), torch.finfo(dst)
-    return b.eps <= a.eps and b.smallest_normal * b.eps <= a.smallest_normal * a.eps and b.max >= a.max
-
-
 def round_tf32(x: torch.Tensor) -> torch.Tensor:
     """Round fp32 values to TF32 (10 explicit mantissa bits) with round-to-nearest-even.
 

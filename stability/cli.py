@@ -91,13 +91,12 @@ def _cmd_stability(args: argparse.Namespace) -> int:
         return 2
     t0 = time.perf_counter()
     case_names = args.cases or list(preset.sizes)
-    try:
-        report.check_selection(args.cases, args.solvers, args.policies)
+    try:  # run_grid checks the selected names before any work
+        df = report.run_grid(preset, args.out, seed=args.seed, cases_sel=args.cases, solvers_sel=args.solvers,
+                             policies_sel=args.policies, resume=args.resume, progress=not args.no_progress)
     except report.UsageError as err:
         print(f"mesa stability: error: {err}", file=sys.stderr)
         return 2
-    df = report.run_grid(preset, args.out, seed=args.seed, cases_sel=args.cases, solvers_sel=args.solvers,
-                         policies_sel=args.policies, resume=args.resume, progress=not args.no_progress)
     ref = report.reference_check(case_names, seed=args.seed)
     ref.to_csv(os.path.join(args.out, "reference_check.csv"), index=False)
     findings = {"sm_vs_cg": report.sm_vs_cg(df, preset.length_case), "floors": report.cg_floors(df, preset.floor_case),

@@ -151,7 +151,7 @@ def import_impl_module(name: str):
         return importlib.import_module(name)
 
 
-def unit_roundoff_of(dtype: torch.dtype) -> float:
+def output_roundoff(dtype: torch.dtype) -> float:
     """The unit roundoff of a returned value's dtype (the ``u_out`` of the budgets; 0 for others)."""
     return _DTYPE_U.get(dtype, 0.0)
 
@@ -196,7 +196,7 @@ def check_case(target: Target, ref: golden.GoldenReference, cfg: dict, backward:
     if tuple(o.shape) != tuple(ref.o.shape):
         return [_row("golden", name, "o", float("inf"), verdict="FAIL",
                      note=f"output shape {tuple(o.shape)}, expected {tuple(ref.o.shape)}")]
-    b, how = budget_of(cfg, "quantities", "o", u, kappa, _DTYPE_U.get(o.dtype, 0.0))
+    b, how = budget_of(cfg, "quantities", "o", u, kappa, output_roundoff(o.dtype))
     rows = [_row("golden", name, "o", rel_error(o.detach().cpu(), ref.o), b, how, kappa=kappa,
                  note=_nonfinite_note(o.detach()))]
     if not backward:
@@ -210,7 +210,7 @@ def check_case(target: Target, ref: golden.GoldenReference, cfg: dict, backward:
         if t.grad is None:
             rows.append(_row("golden", name, f"d{n}", float("nan"), verdict="n/a", note="no gradient returned"))
             continue
-        b, how = budget_of(cfg, "quantities", f"d{n}", u, kappa, _DTYPE_U.get(t.grad.dtype, 0.0),
+        b, how = budget_of(cfg, "quantities", f"d{n}", u, kappa, output_roundoff(t.grad.dtype),
                            ref.dg_amplification)
         rows.append(_row("golden", name, f"d{n}", rel_error(t.grad.cpu(), ref.grads[n]), b, how, kappa=kappa,
                          note=_nonfinite_note(t.grad)))

@@ -556,7 +556,7 @@ def measure(case: ProductionCase, target: guard.Target, ref: Reference, run: OpR
             continue
         amp = ref.dg_amplification if q == "dg" else 1.0
         b, how = capped(guard.budget_of(cfg, "quantities", q if q in cfg["quantities"] else "o", u, kappa,
-                                        guard.unit_roundoff_of(got.dtype), amp))
+                                        guard.output_roundoff(got.dtype), amp))
         err = metrics.rel_error(got, want)
         v = verdict(err, b, bool(by))
         bad = int((~torch.isfinite(got)).sum())

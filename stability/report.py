@@ -266,12 +266,6 @@ def _select(what: str, chosen, default: list, known) -> list:
     return list(chosen)
 
 
-def check_selection(cases_sel=None, solvers_sel=None, policies_sel=None) -> None:
-    """Raise :class:`UsageError` for an unknown case, solver or policy name, before any work."""
-    _select("case", cases_sel, [], cases.CASES)
-    _select("solver", solvers_sel, [], solvers.METHODS)
-    _select("policy", policies_sel, [], solvers.POLICIES)
-
 
 # findings ----------------------------------------------------------------------------------------
 

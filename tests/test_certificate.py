@@ -229,7 +229,7 @@ def test_an_overflowing_output_is_flagged(policy):
 def test_a_tiny_q_rounded_to_fp16_subnormals_is_flagged(dtype):
     """q ~ 1e-6 is subnormal in fp16 (spacing 6e-8): rounding it costs ~8%, far more than 2^-11; the
     certificate measures each token's rounding instead of assuming u. bf16 inputs too: fp16's finer
-    mantissa does not hold bf16's exponent range (``solvers.precision.converts_exactly``)."""
+    mantissa does not hold bf16's exponent range (the residual is that of the caller's q)."""
     p = cases.make("small_upstream_grad", T=48, H=1, D=16)
     p = p.replace(**{n: getattr(p, n).to(dtype).double() for n in ("q", "k", "v")})
     ref = solvers.solve(p, "exact")
