@@ -29,6 +29,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kernels import mesa_chunk  # noqa: E402
 from kernels.mesa import KERNEL_POLICIES  # noqa: E402
 from solvers.certificate import CertificateWarning  # noqa: E402
+from solvers.verdict import flush as flush_checks  # noqa: E402
 from stability.peer_cases import PEER_CASES, run_peer_case  # noqa: E402
 
 
@@ -83,6 +84,7 @@ def main(argv=None) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CertificateWarning)
                 case_rows = run_peer_case(fn, name, device="cuda")
+                flush_checks()  # the certificate verdicts still pending, inside the capture
             flagged = sum(issubclass(c.category, CertificateWarning) for c in caught)
             for r in case_rows:
                 rows.append(dict(r, impl=impl, policy=pol, flagged=flagged, wall_s=time.time() - t0,

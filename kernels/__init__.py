@@ -11,11 +11,16 @@ Importing works without triton installed; calling a kernel then raises ``ImportE
   one-token decode with a :class:`MesaCache`).
 
 ``mesa_chunk`` is differentiable on both backends (``"triton"``, ``"torch"``) through the implicit
-backward of :mod:`solvers.implicit`.
+backward of :mod:`solvers.implicit`. On CUDA, the accuracy certificate's ``check="warn"`` verdicts are
+read without a host sync (:mod:`solvers.verdict`): a warning comes at the latest when the call's
+stats are read, at a later call, or at :func:`flush_checks`.
 """
+
+from solvers.verdict import flush as flush_checks
 
 from .chunk_state import chunk_states
 from .layer import MesaCache, MesaLayer
 from .mesa import DEFAULT_POLICY, MesaStats, mesa_chunk, mesa_step
 
-__all__ = ["DEFAULT_POLICY", "MesaCache", "MesaLayer", "MesaStats", "chunk_states", "mesa_chunk", "mesa_step"]
+__all__ = ["DEFAULT_POLICY", "MesaCache", "MesaLayer", "MesaStats", "chunk_states", "flush_checks", "mesa_chunk",
+           "mesa_step"]

@@ -25,7 +25,7 @@ Given the forward solution x, the adjoint y and the upstream gradient e (all ``[
    blocks (those of ``K DG^T``), ``V DG`` and ``K (DH + DH^T)`` are accumulated over row blocks.
 
 Precision: gates, vectors and accumulators are float32; the products round their operands to the
-policy's operand precision ``OP`` (the codes and the split-bf16 scheme of :mod:`kernels.chunk_cg`:
+policy's operand precision ``OP`` (the codes and the split-bf16 scheme of :mod:`kernels.operands`:
 ``fp32`` = IEEE products, ``bf16x3`` ~16 bits, ``tf32``, ``bf16``, ``fp16``), accumulating in fp32.
 The kernels read e (and the final-state gradients) divided by a power of two s that brings the
 largest entry into [1, 2) (``scale = [1/s, s]``, :func:`kernels.mesa._upstream_scale`) and store
@@ -47,24 +47,25 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 from .chunk_state import MIN_DOT_BLOCK
 
 if triton is not None:
-    from .chunk_cg import _chunk_tile, _dot, _gates, _mm, _operand, _split
+    from .chunk_cg import _chunk_tile, _gates
     from .chunk_state import decay_add
     from .gates import chunk_log_decay, end_decays, pair_decay, start_decay
+    from .operands import dot, mm, operand, split
 
     @triton.jit
     def _mmp(a, b, OP: tl.constexpr, SOFT: tl.constexpr, B_EXACT: tl.constexpr, A_EXACT: tl.constexpr = False):
         """a @ b for fp32 tiles, operands rounded (or split) to precision OP, fp32 accumulation.
 
-        bf16x3 (see :func:`kernels.chunk_cg._mm`): a factor that is exactly bf16 (A_EXACT, B_EXACT:
+        bf16x3 (see :func:`kernels.operands.mm`): a factor that is exactly bf16 (A_EXACT, B_EXACT:
         bf16 keys and values) has no lo part, and its products with lo parts are skipped."""
-        b_hi, b_lo = _split(b, OP, SOFT)
+        b_hi, b_lo = split(b, OP, SOFT)
         if OP == 4 and A_EXACT:
-            a_hi = _operand(a, 2, SOFT)
-            c = _dot(a_hi, b_hi, 2, SOFT)
+            a_hi = operand(a, 2, SOFT)
+            c = dot(a_hi, b_hi, 2, SOFT)
             if not B_EXACT:
-                c += _dot(a_hi, b_lo, 2, SOFT)
+                c += dot(a_hi, b_lo, 2, SOFT)
         else:
-            c = _mm(a, b_hi, b_lo, OP, SOFT, B_EXACT)
+            c = mm(a, b_hi, b_lo, OP, SOFT, B_EXACT)
         return c
 
     @triton.jit
@@ -221,8 +222,9 @@ def _op_code(policy) -> tuple[int, bool]:
     """(operand precision code, interpreted) for a policy (name or object; default fp32)."""
     from solvers import get_policy
 
-    from .chunk_cg import OP_CODES, _chunk_cg_kernel
+    from .chunk_cg import _chunk_cg_kernel
     from .chunk_state import _is_interpreted
+    from .operands import OP_CODES
 
     return OP_CODES[get_policy(policy).operand], _is_interpreted(_chunk_cg_kernel)
 

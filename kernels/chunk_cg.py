@@ -23,16 +23,15 @@ as no token of the chunk is active, and at ``STEPS`` at the latest. Then
 is formed in the same program. Per-token step counts and final relative residuals are written.
 
 Precision (the policy of :mod:`solvers.precision`, natively): cumulative log-gates, M, the vectors
-x, r, p and all scalars are float32; the three products of A(P) round their operands to the
-operand precision ``OP``: ``ieee`` (true fp32), ``tf32`` (tensor cores, 10-bit mantissa), ``bf16``
-or ``fp16`` (tensor cores), or ``bf16x3`` (operands split into bf16 ``hi + lo`` parts,
-``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi``: three bf16 MMAs, ~16 significant bits; a factor that
-is exactly bf16, such as bf16 keys, has ``lo = 0`` and costs two), accumulating in float32. The
-stored states ``H_c``, ``G_c`` arrive in the policy's state dtype. The products with the states and
-those with the chunk's keys may differ in precision (``OP_H``, ``OP_K``: the ``auto`` policy's fp32
-tier multiplies the state in IEEE fp32 and the keys in bf16x3); with ``HAS_CLASS`` a launch solves
-only the chunks of one precision tier. The accuracy certificate of the result is
-:mod:`kernels.residual`.
+x, r, p and all scalars are float32; the three products of A(P) round their operands to an operand
+precision of :mod:`kernels.operands` (``fp32``, ``tf32``, ``bf16``, ``fp16`` or ``bf16x3``),
+accumulating in float32. The stored states ``H_c``, ``G_c`` arrive in the policy's state dtype. The
+products with the states and those with the chunk's keys may differ in precision (``OP_H``,
+``OP_K``: the ``auto`` policy's fp32 tier multiplies the state in IEEE fp32 and the keys in
+bf16x3); with ``HAS_CLASS`` a launch solves only the chunks of one precision tier
+(:mod:`kernels.chunk_tier`). With ``CERTIFY`` the program ends with the accuracy certificate of its
+chunk (:func:`kernels.residual.certify_chunk`: the true residual of the caller's systems and the
+bound it gives), in the same launch: no second pass over the chunks.
 """
 
 from __future__ import annotations
@@ -44,8 +43,6 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-# Operand precisions of the products (solvers.precision names -> kernel codes).
-OP_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "bf16x3": 4}
 # A row also leaves CG once ||r_k|| <= 2^-48 ||r_0||: the square of fp32's unit roundoff (the
 # vectors' accumulation precision), far below any attainable accuracy, so x cannot improve any
 # more; iterating on would only work on r.z ~ 2^-96 ||r_0||^2, which reaches fp32's subnormal range
@@ -54,75 +51,12 @@ OP_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "bf16x3": 4}
 RESIDUAL_FLOOR = 2.0**-48
 
 if triton is not None:
-    from .chunk_state import _round
     from .gates import chunk_log_decay, pair_decay, start_decay
+    from .operands import mm, split
+    from .residual import certify_chunk
 
     # jit functions may only read globals that are constexpr
     _FLOOR = tl.constexpr(RESIDUAL_FLOOR)
-
-    @triton.jit
-    def _operand(x, OP: tl.constexpr, SOFT: tl.constexpr):
-        """An fp32 tile as a product operand of precision OP (SOFT: interpreter, rounded fp32 values)."""
-        if OP == 2:
-            if SOFT:
-                y = _round(x, tl.bfloat16, True)
-            else:
-                y = x.to(tl.bfloat16)
-        elif OP == 3:
-            if SOFT:
-                y = _round(x, tl.float16, False)
-            else:
-                y = x.to(tl.float16)
-        elif OP == 1 and SOFT:
-            # interpreter: tf32 dots run in fp32 there, so round to tf32 (10 explicit mantissa bits,
-            # round-to-nearest-even on the bit pattern, as solvers.precision.round_tf32 does)
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & 0xFFFFE000
-            y = bits.to(tl.float32, bitcast=True)
-        else:
-            y = x
-        return y
-
-    @triton.jit
-    def _dot(a, b, OP: tl.constexpr, SOFT: tl.constexpr):
-        """a @ b with operands already in precision OP, accumulated in fp32."""
-        if OP == 0:
-            # ieee: true fp32 products (the GPU default would be tf32)
-            c = tl.dot(a, b, input_precision="ieee")
-        elif OP == 1 and not SOFT:
-            c = tl.dot(a, b, input_precision="tf32")
-        elif SOFT:
-            # interpreter: tf32/bf16/fp16 operands were rounded in fp32 tiles; a product of two such
-            # values is exact in fp32, so an ieee fp32 dot equals the low-precision MMA
-            c = tl.dot(a, b, input_precision="ieee")
-        else:
-            c = tl.dot(a, b)
-        return c
-
-    @triton.jit
-    def _split(x, OP: tl.constexpr, SOFT: tl.constexpr):
-        """(hi, lo) operand parts of an fp32 tile: bf16 hi and lo for bf16x3, else (operand, unused)."""
-        if OP == 4:
-            hi = _operand(x, 2, SOFT)
-            lo = _operand(x - hi.to(tl.float32), 2, SOFT)
-        else:
-            hi = _operand(x, OP, SOFT)
-            lo = hi
-        return hi, lo
-
-    @triton.jit
-    def _mm(a, b_hi, b_lo, OP: tl.constexpr, SOFT: tl.constexpr, B_EXACT: tl.constexpr):
-        """a @ b for an fp32 tile a and a prepared operand b = (b_hi, b_lo) (see :func:`_split`).
-
-        bf16x3: a_hi b_hi + a_lo b_hi (+ a_hi b_lo unless b is exactly bf16, B_EXACT)."""
-        if OP == 4:
-            a_hi, a_lo = _split(a, OP, SOFT)
-            c = _dot(a_hi, b_hi, 2, SOFT) + _dot(a_lo, b_hi, 2, SOFT)
-            if not B_EXACT:
-                c += _dot(a_hi, b_lo, 2, SOFT)
-        else:
-            c = _dot(_operand(a, OP, SOFT), b_hi, OP, SOFT)
-        return c
 
     @triton.jit
     def _matvec(p, H_hi, H_lo, K_hi, K_lo, Kt_hi, Kt_lo, M, eG, lam, OP_H: tl.constexpr, OP_K: tl.constexpr,
@@ -134,9 +68,9 @@ if triton is not None:
         ``inter + (intra + P lam)``: a bare dot added to a tile is folded by Triton into a dot that
         accumulates into that tile, which must not be the large inter-chunk term (its rounding would
         then be paid once per key instead of once)."""
-        inter = eG[:, None] * _mm(p, H_hi, H_lo, OP_H, SOFT, False)
-        s = _mm(p, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
-        intra = _mm(s, K_hi, K_lo, OP_K, SOFT, K_EXACT)
+        inter = eG[:, None] * mm(p, H_hi, H_lo, OP_H, SOFT, False)
+        s = mm(p, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
+        intra = mm(s, K_hi, K_lo, OP_K, SOFT, K_EXACT)
         return inter + (intra + p * lam[None, :])
 
     @triton.jit
@@ -222,6 +156,7 @@ if triton is not None:
     @triton.heuristics({
         "ADJOINT": lambda a: a["xf_ptr"] is not None,
         "HAS_CLASS": lambda a: a["cls_ptr"] is not None,
+        "CERTIFY": lambda a: a["cert_ptr"] is not None,
     })
     @triton.jit
     def _chunk_cg_kernel(
@@ -236,7 +171,11 @@ if triton is not None:
         scale_ptr,  # ADJOINT only: [1/s, s] float32, e is read as e / s (see kernels.mesa._upstream_scale)
         cls_ptr,  # optional (sets HAS_CLASS): [B*H*N] int8 precision class of every chunk (the auto policy)
         brk_ptr,  # [B*T, H] int8: 1 where CG stopped on a breakdown (p.Ap <= 0 or not finite)
+        cert_ptr,  # optional (sets CERTIFY): [B*T, H, 3] float32 certificate (kernels.residual), written
+        qg_ptr, kg_ptr, vg_ptr,  # CERTIFY: the caller's q (forward), k, v (adjoint), any float dtype
+        Hs_ptr, Gs_ptr,  # CERTIFY: the certificate's states [B, H, N, D, D], [B, H, N, Dv, D] (fp32)
         T, N, tol, steps,  # tokens per sequence, chunks, relative tolerance (<= 0: none), step cap
+        gamma_c, eps_S,  # CERTIFY: rounding of the certificate's residual and of its states (solvers.certificate)
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         OP_H: tl.constexpr,  # operand precision (OP_CODES) of the products with the states H_c, G_c
@@ -244,8 +183,11 @@ if triton is not None:
         MY_CLASS: tl.constexpr,  # HAS_CLASS: the class of chunks this launch solves (others return at once)
         K_EXACT: tl.constexpr,  # k and v are bf16 tensors: exact bf16 operands (bf16x3 skips their lo part)
         X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr,
+        OP_CERT: tl.constexpr,  # CERTIFY: operand precision of the certificate's products
+        KG_EXACT: tl.constexpr,  # CERTIFY: the caller's k and v are bf16 tensors
+        BLOCK_J: tl.constexpr,  # CERTIFY: columns of H_c per block of the certificate's residual
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
-        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr,  # set by the heuristics
+        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr, CERTIFY: tl.constexpr,  # set by the heuristics
     ):
         i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         if HAS_CLASS:
@@ -263,7 +205,7 @@ if triton is not None:
         lam = tl.load(lam_ptr + i_h * D + o_d, mask=m_d, other=1.0).to(tl.float32)
 
         K = tl.load(k_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
-        K_hi, K_lo = _split(K, OP_K, SOFT)
+        K_hi, K_lo = split(K, OP_K, SOFT)
         Kt_hi = tl.trans(K_hi)
         Kt_lo = tl.trans(K_lo)
         m_tv = m_t[:, None] & m_v[None, :]
@@ -276,10 +218,10 @@ if triton is not None:
                          other=0.0).to(tl.float32)  # [BLOCK_DV, BLOCK_C] = V^T
             Gc = tl.load(Gc_ptr + g_base + o_v[:, None] * D + o_d[None, :], mask=m_v[:, None] & m_d[None, :],
                          other=0.0).to(tl.float32)  # [BLOCK_DV, BLOCK_D]
-            G_hi, G_lo = _split(Gc, OP_H, SOFT)
-            Vt_hi, Vt_lo = _split(Vt, OP_K, SOFT)
-            Q = eG[:, None] * _mm(E, G_hi, G_lo, OP_H, SOFT, False)
-            Q += _mm(_mm(E, Vt_hi, Vt_lo, OP_K, SOFT, K_EXACT) * M, K_hi, K_lo, OP_K, SOFT, K_EXACT)
+            G_hi, G_lo = split(Gc, OP_H, SOFT)
+            Vt_hi, Vt_lo = split(Vt, OP_K, SOFT)
+            Q = eG[:, None] * mm(E, G_hi, G_lo, OP_H, SOFT, False)
+            Q += mm(mm(E, Vt_hi, Vt_lo, OP_K, SOFT, K_EXACT) * M, K_hi, K_lo, OP_K, SOFT, K_EXACT)
         else:
             Q = tl.load(q_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0).to(tl.float32)
         # per-token power-of-two scaling of the right-hand side (exact; undone on x below)
@@ -288,7 +230,7 @@ if triton is not None:
         s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
         m_dd = m_d[:, None] & m_d[None, :]
         Hc = tl.load(Hc_ptr + s_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0).to(tl.float32)
-        H_hi, H_lo = _split(Hc, OP_H, SOFT)
+        H_hi, H_lo = split(Hc, OP_H, SOFT)
 
         diag = lam[None, :] + tl.zeros([BLOCK_C, BLOCK_D], dtype=tl.float32)
         if PRECOND or X0_JACOBI:
@@ -329,21 +271,28 @@ if triton is not None:
             # (r is CG's recursive residual, in units of 1/q_scale)
             Xf = tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0)
             tl.store(o_ptr + row, tl.sum((x * lam[None, :] + r * q_scale[:, None]) * Xf, axis=1), mask=m_t)
+            o_ok = m_t | True
         else:
-            _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo, D, Dv,
-                    OP_H, OP_K, SOFT, K_EXACT)
+            o_ok = _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo,
+                           D, Dv, OP_H, OP_K, SOFT, K_EXACT)
+        if CERTIFY:
+            tl.debug_barrier()  # x, stored above by all threads, is read back by column blocks
+            certify_chunk(x, q_scale, o_ok, qg_ptr, q_ptr, scale_ptr, kg_ptr, vg_ptr, Hs_ptr, Gs_ptr, x_ptr,
+                          cert_ptr, row, m_t, m_d, m_v, o_d, o_v, s_base, g_base, eG, M, lam_ptr, i_h, gamma_c,
+                          eps_S, D, Dv, BLOCK_C, BLOCK_J, OP_CERT, KG_EXACT, SOFT, ADJOINT)
 
     @triton.jit
     def _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo,
                 D: tl.constexpr, Dv: tl.constexpr, OP_H: tl.constexpr, OP_K: tl.constexpr, SOFT: tl.constexpr,
                 K_EXACT: tl.constexpr):
-        """O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V, stored as float32."""
+        """O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V, stored as float32; returns whether each row is finite."""
         V = tl.load(v_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         GcT = tl.load(Gc_ptr + g_base + o_v[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_DV] = G_c^T
-        G_hi, G_lo = _split(GcT, OP_H, SOFT)
-        V_hi, V_lo = _split(V, OP_K, SOFT)
-        inter = eG[:, None] * _mm(x, G_hi, G_lo, OP_H, SOFT, False)
-        s = _mm(x, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
-        out = inter + _mm(s, V_hi, V_lo, OP_K, SOFT, K_EXACT)
+        G_hi, G_lo = split(GcT, OP_H, SOFT)
+        V_hi, V_lo = split(V, OP_K, SOFT)
+        inter = eG[:, None] * mm(x, G_hi, G_lo, OP_H, SOFT, False)
+        s = mm(x, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
+        out = inter + mm(s, V_hi, V_lo, OP_K, SOFT, K_EXACT)
         tl.store(o_ptr + row[:, None] * Dv + o_v[None, :], out, mask=m_tv)
+        return tl.sum((~(tl.abs(out) < float("inf"))).to(tl.int32), axis=1) == 0  # inf or NaN: not finite

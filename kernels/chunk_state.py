@@ -308,7 +308,8 @@ def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, chunk_size: int = 64,
                  initial_state: tuple[torch.Tensor, torch.Tensor] | None = None,
-                 state_dtype: torch.dtype = torch.float32, check_values: bool = True, split: bool = False):
+                 state_dtype: torch.dtype = torch.float32, check_values: bool = True, split: bool = False,
+                 values: bool = True):
     """Chunk-boundary states of the Mesa recurrence (see the module docstring for the math).
 
     Args:
@@ -325,6 +326,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
         split: bf16x3 products: every factor (the w-weighted one in fp32) is split into bf16
             ``hi + lo`` parts and three bf16 MMAs replace one product: ~16 significant bits at
             tensor-core speed, whatever the input dtype (the ``bf16x3`` precision policy).
+        values: also compute the value states G (False: only H, one launch; G_c and G_T are None).
 
     Returns:
         ``(Hc [B,H,N,D,D], Gc [B,H,N,Dv,D], (H_T [B,H,D,D], G_T [B,H,Dv,D]))`` in ``state_dtype``,
@@ -346,16 +348,16 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
     k, v, g, beta = k.contiguous(), v.contiguous(), g.contiguous(), beta.contiguous()
     dev = k.device
     Hc = torch.empty(B, Hh, N, D, D, dtype=state_dtype, device=dev)
-    Gc = torch.empty(B, Hh, N, Dv, D, dtype=state_dtype, device=dev)
+    Gc = torch.empty(B, Hh, N, Dv, D, dtype=state_dtype, device=dev) if values else None
     H_T = torch.empty(B, Hh, D, D, dtype=state_dtype, device=dev)
-    G_T = torch.empty(B, Hh, Dv, D, dtype=state_dtype, device=dev)
+    G_T = torch.empty(B, Hh, Dv, D, dtype=state_dtype, device=dev) if values else None
     if initial_state is None:
         H0 = G0 = None
     else:
         H0, G0 = (s.contiguous() for s in initial_state)
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_K = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(D)))
-    for left, s0, s, sT, w_left in ((k, H0, Hc, H_T, True), (v, G0, Gc, G_T, False)):
+    for left, s0, s, sT, w_left in ((k, H0, Hc, H_T, True), (v, G0, Gc, G_T, False))[:2 if values else 1]:
         DL = left.shape[3]
         BLOCK_L = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(DL)))
         grid = (triton.cdiv(DL, BLOCK_L), triton.cdiv(D, BLOCK_K), B * Hh)

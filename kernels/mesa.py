@@ -10,12 +10,14 @@ the peer op: ``q, k: [B,T,H,D]``, ``v: [B,T,H,Dv]``, ``g, beta: [B,T,H]`` (g = l
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 
-from solvers import MesaProblem, get_policy, validate_inputs
+from solvers import MesaProblem, get_policy, validate_inputs, verdict
 from solvers import certificate as cert
 from solvers.cg import PRECOND_CHOICES, check_iteration_options
 from solvers.gates import segmented_cumsum_grad
@@ -26,11 +28,11 @@ from solvers.precision import (
     DEFAULT_POLICY,
     UNIT_ROUNDOFF,
     PrecisionPolicy,
-    auto_tier_index,
 )
 
-from . import chunk_cg, decode, residual
+from . import chunk_cg, chunk_tier, decode
 from .chunk_state import MIN_DOT_BLOCK, _is_interpreted, chunk_states
+from .operands import OP_CODES
 
 try:
     import triton
@@ -55,14 +57,37 @@ class MesaStats:
 
     ``certificate`` (:class:`solvers.certificate.Certificate`, when ``check`` is not None): the true
     relative residual, the free condition bound and the certified forward-error bound of every token;
-    ``adjoint_certificate`` the same for the backward's adjoint solve, filled in by the backward."""
+    ``adjoint_certificate`` the same for the backward's adjoint solve, filled in by the backward.
+    Reading either waits for the call's verdicts (:mod:`solvers.verdict`: on CUDA they are read
+    without a host sync, once computed), so it is final: tier 2 where tier 1 failed."""
 
     steps: torch.Tensor  # [B,T,H] int32 CG iterations per token
     residual: torch.Tensor  # [B,T,H] float32 final relative residual ||r_k|| / ||r_0|| (the recursive one)
     x: torch.Tensor | None = None  # [B,T,H,D] float32 q-star
     breakdown: torch.Tensor | None = None  # [B,T,H] bool: CG stopped on p.Ap <= 0 or NaN
-    certificate: cert.Certificate | None = None
-    adjoint_certificate: cert.Certificate | None = None
+    _certificate: cert.Certificate | None = field(default=None, repr=False)
+    _adjoint_certificate: cert.Certificate | None = field(default=None, repr=False)
+    # the certificate's refinement (tier 2, or None), and the verdicts not yet read
+    _refine: Callable[[], cert.Certificate | None] | None = field(default=None, repr=False)
+    _pending: list = field(default_factory=list, repr=False)
+
+    @property
+    def certificate(self) -> cert.Certificate | None:
+        verdict.wait(self._pending)
+        return self._certificate
+
+    @certificate.setter
+    def certificate(self, c: cert.Certificate | None) -> None:
+        self._certificate = c
+
+    @property
+    def adjoint_certificate(self) -> cert.Certificate | None:
+        verdict.wait(self._pending)
+        return self._adjoint_certificate
+
+    @adjoint_certificate.setter
+    def adjoint_certificate(self, c: cert.Certificate | None) -> None:
+        self._adjoint_certificate = c
 
     @property
     def mean_steps(self) -> float:
@@ -147,17 +172,21 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         ``return_stats``.
     """
     cert.check_mode(check)
+    verdict.poll()  # the warnings of earlier calls whose verdicts the GPU has computed by now
     if check_tol is not None and not (isinstance(check_tol, (int, float)) and check_tol > 0):
         raise ValueError(f"check_tol must be a positive float or None, got {check_tol!r}")
     dev_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
+    where = verdict.call_site() if check is not None else None  # named by the warnings, also the backward's
     with torch.autocast(dev_type, enabled=False):  # the policy decides the precision, not autocast
         out, stats, pol = _mesa_chunk(
             q, k, v, g, beta, lam, steps=steps, tol=tol, x0=x0, precond=precond, policy=policy,
             chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens, validate=validate,
             num_warps=num_warps, backend=backend, bwd_steps=bwd_steps, bwd_tol=bwd_tol,
-            bwd_contractions=bwd_contractions, check=check, check_tol=check_tol)
-    if stats.certificate is not None:
-        stats.certificate.check(check, pol)
+            bwd_contractions=bwd_contractions, check=check, check_tol=check_tol, where=where)
+    if stats._certificate is not None:
+        stats._pending.append(verdict.submit(stats._certificate, check, pol, refine=stats._refine,
+                                             store=functools.partial(setattr, stats, "_certificate"), where=where))
+        stats._refine = None
     res = [out[0]]
     if output_final_state:
         res.append(out[1])
@@ -169,9 +198,10 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
 
 
 def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk_size, initial_state, cu_seqlens,
-                validate, num_warps, backend, bwd_steps, bwd_tol, bwd_contractions, check, check_tol):
+                validate, num_warps, backend, bwd_steps, bwd_tol, bwd_contractions, check, check_tol, where=None):
     """mesa_chunk without the final check: ``((o, (H_T, G_T)), stats, policy)``; the stats hold x and,
-    when ``check`` is not None, the certificate."""
+    when ``check`` is not None, the certificate (and its refinement, ``stats._refine``). The backward
+    checks the adjoint's certificate itself, naming the call site ``where``."""
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -200,36 +230,37 @@ def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk
         return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state,
                        dict(steps=steps, tol=tol, x0=x0, precond=precond, policy=pol, chunk_size=chunk_size,
                             validate=False, num_warps=num_warps, backend=backend, bwd_steps=bwd_steps,
-                            bwd_tol=bwd_tol, bwd_contractions=bwd_contractions, check=check, check_tol=threshold))
+                            bwd_tol=bwd_tol, bwd_contractions=bwd_contractions, check=check, check_tol=threshold,
+                            where=where))
     cfg = SolveConfig(pol, steps, tol, x0, precond, chunk_size, bwd_steps, bwd_tol)
     H0, G0 = (None, None) if initial_state is None else initial_state
     stats = MesaStats(None, None)
-    certify = (check, threshold) if check is not None else None
+    certify = (check, threshold, where) if check is not None else None
     if backend == "torch":
         hook = None
         if certify is not None:
             def hook(y, do):
+                verdict.poll()
                 c = cert.certify_exact(_problem(q, k, v, g, beta, lam, initial_state), y, pol, threshold=threshold,
                                        e=do, chunk_size=cfg.chunk_size, what="adjoint y")
                 stats.adjoint_certificate = c
-                c.check(check, pol)
+                stats._pending.append(verdict.submit(c, check, pol, where=where))
         o, H_T, G_T, x, n_steps, res = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg, hook)
         brk = None
         if certify is not None:
-            stats.certificate = cert.certify_exact(_problem(q, k, v, g, beta, lam, initial_state), x.detach(), pol,
-                                                   threshold=threshold, chunk_size=cfg.chunk_size)
+            c = cert.certify_exact(_problem(q, k, v, g, beta, lam, initial_state), x.detach(), pol,
+                                   threshold=threshold, chunk_size=cfg.chunk_size)
+            # the certificate bounds x; an output that overflowed fails too
+            c.bound = torch.where(torch.isfinite(o.detach()).all(-1), c.bound, math.inf)
+            stats.certificate = c
     else:
         o, H_T, G_T, x, n_steps, res, brk8, cert_buf = TritonMesa.apply(q, k, v, g, beta, lam, H0, G0, cfg,
                                                                        num_warps, bwd_contractions, certify, stats)
         brk = brk8 > 0
-        cert_buf = (brk8, cert_buf)
         if certify is not None:
-            stats.certificate = _kernel_certificate(cert_buf, (q, k, v, g, beta, lam, initial_state), x, pol,
-                                                    threshold)
-    if stats.certificate is not None:
-        # the certificate bounds x; an output that overflowed (o = G x with a 16-bit product, say) fails too
-        c = stats.certificate
-        c.bound = torch.where(torch.isfinite(o.detach()).all(-1), c.bound, math.inf)
+            # tier 1 from the kernel (an output row that is not finite fails there); tier 2 if it fails
+            stats.certificate = _tier1(brk, cert_buf, threshold, "x")
+            stats._refine = _refiner((q, k, v, g, beta, lam, initial_state), x, pol, threshold, brk, o=o)
     stats.steps, stats.residual, stats.x, stats.breakdown = n_steps, res, x, brk
     return (o, (H_T, G_T)), stats, pol
 
@@ -240,20 +271,33 @@ def _problem(q, k, v, g, beta, lam, initial_state, cu_seqlens=None) -> MesaProbl
     return MesaProblem(q.detach(), k.detach(), v.detach(), g.detach(), beta.detach(), lam.detach(), init, cu_seqlens)
 
 
-def _kernel_certificate(buf, inputs, x, pol: PrecisionPolicy, threshold: float, e=None,
-                        what: str = "x") -> cert.Certificate:
-    """Tier 1 from the kernels' outputs (``buf = (breakdown, [B,T,H,3] rho / kappa / bound)``), then, if
-    it fails, tier 2 (float64 residual from the inputs) for a tight verdict (solvers/certificate.py).
-    ``e``: a callable giving the upstream gradient the adjoint solved for (only called for tier 2)."""
-    brk, out = buf
-    breakdown = brk > 0
-    c = cert.Certificate(out[..., 0], out[..., 1], out[..., 2], breakdown, threshold, 1, what,
-                         None if e is None else x.detach().norm(dim=-1))
-    if c.ok:
-        return c
+def _tier1(brk, buf, threshold: float, what: str, y=None) -> cert.Certificate:
+    """The kernels' tier-1 certificate: ``buf`` ``[B,T,H,3]`` (rho, kappa, bound) and the breakdown
+    flags ``brk``; ``y``: the adjoint's solution, whose norms make its verdict normwise."""
+    return cert.Certificate(buf[..., 0], buf[..., 1], buf[..., 2], brk > 0, threshold, 1, what,
+                            None if y is None else y.detach().norm(dim=-1))
+
+
+def _refiner(inputs, x, pol: PrecisionPolicy, threshold: float, brk, e=None, what: str = "x", o=None, watch=()):
+    """The tier-2 refinement of a failed tier 1 (solvers/certificate.py: float64 residual from the
+    inputs), as a closure for :func:`solvers.verdict.submit`; it gives None (the verdict stays tier 1)
+    when one of the inputs, x or ``e`` was modified in place since (version counters), as it may have
+    been by the time a deferred verdict is read (also ``watch``). ``e``: a callable giving the upstream
+    gradient the adjoint solved for; ``o``: the forward's output, whose non-finite rows fail tier 2 too."""
     q, k, v, g, beta, lam, init = inputs
-    return cert.certify_exact(_problem(q, k, v, g, beta, lam, init), x.detach(), pol, threshold=threshold,
-                              e=None if e is None else e(), breakdown=breakdown, chunk_size=64, what=what)
+    tensors = [t for t in (q, k, v, g, beta, lam, x, o, *(init or ()), *watch) if t is not None]
+    versions = [t._version for t in tensors]
+
+    def refine():
+        if [t._version for t in tensors] != versions:
+            return None
+        c = cert.certify_exact(_problem(q, k, v, g, beta, lam, init), x.detach(), pol, threshold=threshold,
+                               e=None if e is None else e(), breakdown=brk > 0, chunk_size=64, what=what)
+        if o is not None:
+            c.bound = torch.where(torch.isfinite(o.detach()).all(-1), c.bound, math.inf)
+        return c
+
+    return refine
 
 
 class TritonMesa(torch.autograd.Function):
@@ -287,15 +331,20 @@ class TritonMesa(torch.autograd.Function):
         none = (None,) * 5
         # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode), on e / s;
         # it also forms a0 = e.o - y.(H x) of the log-decay gradient
+        verdict.poll()
         sc = _upstream_scale(do, dH_T, dG_T)
         a0, final, _, _, y, buf = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do,
                                               x_fwd=x, scale=sc, certify=ctx.certify is not None)
         if ctx.certify is not None:
-            mode, threshold = ctx.certify
-            c = _kernel_certificate(buf, (q, k, v, g, beta, lam, init), y, ctx.cfg.policy, threshold,
-                                    e=lambda: do.to(torch.float32) * sc[0], what="adjoint y")
-            ctx.stats.adjoint_certificate = c
-            c.check(mode, ctx.cfg.policy)
+            mode, threshold, where = ctx.certify
+            brk, out = buf
+            st = ctx.stats
+            st.adjoint_certificate = _tier1(brk, out, threshold, "adjoint y", y=y)
+            refine = _refiner((q, k, v, g, beta, lam, init), y, ctx.cfg.policy, threshold, brk,
+                              e=lambda: do.to(torch.float32) * sc[0], what="adjoint y", watch=(do,))
+            st._pending.append(verdict.submit(st._adjoint_certificate, mode, ctx.cfg.policy, refine=refine,
+                                              store=functools.partial(setattr, st, "_adjoint_certificate"),
+                                              where=where))
         if ctx.bwd_contractions == "triton":
             return (*_triton_backward(inputs, needs, x, y, a0, final, sc, ctx.cfg, do, dH_T, dG_T), *none)
         dH_T, dG_T = (None if t is None else t.to(torch.float32) * sc[0] for t in (dH_T, dG_T))
@@ -307,26 +356,12 @@ def _launch_classes(pol: PrecisionPolicy):
     """``[(class, (OP_H, OP_K, OP_CERT))]`` kernel codes of a policy's products: named policies have one
     class (None: every chunk in one launch); ``auto`` one per tier of AUTO_TIERS, with AUTO_OPS's
     products and the certificate in fp32 for the fp32 tier, bf16x3 otherwise."""
-    codes = chunk_cg.OP_CODES
+    codes = OP_CODES
     if pol.operand == "auto":
         return [(c, (codes[AUTO_OPS[t][0]], codes[AUTO_OPS[t][1]], codes["fp32" if t == "fp32" else "bf16x3"]))
                 for c, t in enumerate(AUTO_TIERS)]
     op = codes[pol.operand]
     return [(None, (op, op, codes[cert.cert_operand(pol)]))]
-
-
-def chunk_classes(Hc: torch.Tensor, k: torch.Tensor, beta: torch.Tensor, lam: torch.Tensor, C: int) -> torch.Tensor:
-    """The ``auto`` tier of every chunk, ``[B*H*N]`` int8 (0, 1, 2 = AUTO_TIERS), from the free bound
-    ``kappa_c = (tr H_c + sum_{j in c} beta_j ||k_j||^2 + max lam) / min lam`` >= kappa of each of its
-    systems (tr H_t <= tr H_c + the chunk's sum, gamma <= 1). Elementwise torch, no host sync."""
-    B, T, H, D = k.shape
-    N = Hc.shape[2]
-    w = beta.to(torch.float32) * k.to(torch.float32).square().sum(-1)  # [B,T,H]
-    w = torch.nn.functional.pad(w, (0, 0, 0, N * C - T)).reshape(B, N, C, H).sum(2).transpose(1, 2)  # [B,H,N]
-    tr = torch.diagonal(Hc, dim1=-2, dim2=-1).to(torch.float32).sum(-1)  # [B,H,N]
-    lam32 = lam.to(torch.float32)
-    kappa = (tr + w + lam32.amax(-1)[None, :, None]) / lam32.amin(-1)[None, :, None]
-    return auto_tier_index(kappa).reshape(-1).contiguous()
 
 
 def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None,
@@ -340,7 +375,9 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
     of the output, the per-token ``a0_t = e_t.o_t - y_t.(H_t x_t)`` ``[B,T,H]`` of the log-decay
     gradient. With ``scale = [1/s, s]`` (:func:`_upstream_scale`) it reads e / s: y and a0 are then
     those of e / s. The ``auto`` policy launches the CG kernel once per tier; each program whose
-    chunk (:func:`chunk_classes`) is of another tier returns at once."""
+    chunk (:mod:`kernels.chunk_tier`) is of another tier returns at once. With ``certify`` each
+    program ends with its chunk's certificate (:mod:`kernels.residual`): the residual of the caller's
+    system ``given = (q, k, v)``, not the policy's rounding of it."""
     interpreted = _is_interpreted(chunk_cg._chunk_cg_kernel)
     pol = cfg.policy
     D, Dv = q.shape[3], v.shape[3]
@@ -383,63 +420,51 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         rhs = adjoint.to(torch.float32).contiguous()
         xf = x_fwd.to(torch.float32).contiguous()
     classes = _launch_classes(pol)
-    cls = chunk_classes(Hc, k, beta, lam, C) if classes[0][0] is not None else None
-    for my_class, (op_h, op_k, _) in classes:
-        wide = BLOCK_D >= 128 and chunk_cg.OP_CODES["bf16"] not in (op_h, op_k)
+    cls = chunk_tier.chunk_tiers(Hc, k, g, beta, lam, C) if classes[0][0] is not None else None
+    cert_out, qg, kg, vg, Hs, Gs, eps_S = None, None, None, None, None, None, 0.0
+    if certify:
+        qg, kg, vg = (t.contiguous() for t in given)
+        Hs, Gs, eps_S = _certificate_states(pol, kg, vg, g, beta, Hc, Gc, initial_state, C, adjoint is not None)
+        cert_out = torch.empty(B, T, H, 3, dtype=torch.float32, device=dev)
+    for my_class, (op_h, op_k, op_cert) in classes:
+        wide = BLOCK_D >= 128 and OP_CODES["bf16"] not in (op_h, op_k)
         kernel = chunk_cg._chunk_cg_kernel[(N, B * H)](
-            rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, sc, cls, brk,
-            T, N, float(tol) if tol is not None else -1.0, steps,
+            rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, sc, cls, brk, cert_out,
+            None if adjoint is not None else qg, kg, vg, Hs, Gs,
+            T, N, float(tol) if tol is not None else -1.0, steps, _residual_rounding(op_cert, D, C), eps_S,
             H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             OP_H=op_h, OP_K=op_k, MY_CLASS=my_class or 0, K_EXACT=k.dtype == torch.bfloat16,
             X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi", HAS_TOL=tol is not None,
-            SOFT=interpreted, num_warps=num_warps or (8 if wide else 4),
+            OP_CERT=op_cert, KG_EXACT=certify and kg.dtype == vg.dtype == torch.bfloat16,
+            BLOCK_J=min(32, BLOCK_D), SOFT=interpreted, num_warps=num_warps or (8 if wide else 4),
         )
         name = "chunk_cg" if adjoint is None else "chunk_cg_adjoint"
         LAST_LAUNCH[name if my_class is None else f"{name}_{AUTO_TIERS[my_class]}"] = kernel
-    cert_out = None
-    if certify:
-        cert_out = _residual(pol, classes, cls, None if adjoint is None else rhs, given, g, beta, lam, Hc, Gc,
-                             initial_state, x, sc, C, interpreted)
     return o, final, n_steps, res, x, (brk, cert_out)
 
 
-def _residual(pol, classes, cls, adjoint, given, g, beta, lam, Hc, Gc, initial_state, x, sc, C, interpreted):
-    """The tier-1 certificate (:mod:`kernels.residual`): ``[B,T,H,3]`` float32 (rho, kappa, bound) of the
-    solution ``x`` (or, with ``adjoint = e``, of the adjoint's y), as the residual of the caller's
-    system: the caller's ``given = (q, k, v)``, not the policy's rounding of them, and states with
-    products at least as accurate as bf16x3 and fp32 storage. The solve's states ``Hc, Gc`` are those
-    under the fp32-input policies; the 16-bit policies' states (16-bit products, or 16-bit storage)
-    are computed again with bf16x3 products (one launch of :func:`chunk_states`), so that their
-    rounding shows in the measured residual rather than in the a-priori term eps_S, which would
-    exceed the check threshold on ordinary inputs (kappa u_bf16 ~ 0.07 at kappa ~ 18). ``gamma_c``:
-    the residual's own products; ``eps_S``: the rounding of the states it reads
-    (:func:`solvers.certificate.state_error`)."""
-    q, k, v = (t.contiguous() for t in given)
-    B, T, H, D = x.shape
-    Dv = v.shape[3]
-    N = Hc.shape[2]
+def _residual_rounding(op_cert: int, D: int, C: int) -> float:
+    """``gamma_c`` of :mod:`solvers.certificate` for the kernel's residual: operands of precision
+    ``op_cert`` rounded once each, fp32 accumulation over D + C terms."""
+    name = {v: n for n, v in OP_CODES.items()}[op_cert]
+    return 2 * UNIT_ROUNDOFF[name] + math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
+
+
+def _certificate_states(pol, k, v, g, beta, Hc, Gc, initial_state, C, values: bool):
+    """``(H_c, G_c, eps_S)`` that the tier-1 certificate (:mod:`kernels.residual`) reads: states with
+    products at least as accurate as bf16x3 and fp32 storage, and the rounding ``eps_S`` they carry
+    (:func:`solvers.certificate.state_error`). The solve's own under the fp32-input policies; the
+    16-bit policies' states (16-bit products, or 16-bit storage) are formed again from the caller's k,
+    v with bf16x3 products (:func:`chunk_states`; G only for the adjoint, ``values``, whose right-hand
+    side needs it), so that their rounding shows in the measured residual rather than in the a-priori
+    term eps_S, which would exceed the check threshold on ordinary inputs (kappa u_bf16 ~ 0.07 at
+    kappa ~ 18)."""
     if pol.state != "fp32" or pol.input in ("bf16", "fp16"):
         kk, vv = (k, v) if k.dtype == v.dtype else (k.float(), v.float())
-        Hc, Gc, _ = chunk_states(kk, vv, g, beta, chunk_size=C, initial_state=initial_state,
-                                 state_dtype=torch.float32, check_values=False, split=True)
-        eps_S = cert.state_error(get_policy("bf16x3"), N, compensated=True)
-    else:
-        eps_S = cert.state_error(pol, N, compensated=pol.state == "fp32")
-    out = torch.empty(B, T, H, 3, dtype=torch.float32, device=x.device)
-    acc = math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
-    codes = {v: n for n, v in chunk_cg.OP_CODES.items()}
-    BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
-    BLOCK_D = max(MIN_DOT_BLOCK, triton.next_power_of_2(D))
-    BLOCK_DV = max(MIN_DOT_BLOCK, triton.next_power_of_2(Dv))
-    for my_class, (_, _, op_cert) in classes:
-        gamma_c = 2 * UNIT_ROUNDOFF[codes[op_cert]] + acc
-        LAST_LAUNCH["residual" if my_class is None else f"residual_{AUTO_TIERS[my_class]}"] = \
-            residual._residual_kernel[(N, B * H)](
-                None if adjoint is not None else q, adjoint, k, v, g, beta, lam, Hc, Gc, x, sc, cls, out,
-                T, N, gamma_c, eps_S, H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D,
-                BLOCK_DV=BLOCK_DV, BLOCK_J=min(32, BLOCK_D), OP=op_cert, MY_CLASS=my_class or 0,
-                K_EXACT=k.dtype == torch.bfloat16, SOFT=interpreted, num_warps=4)
-    return out
+        Hs, Gs, _ = chunk_states(kk, vv, g, beta, chunk_size=C, initial_state=initial_state,
+                                 state_dtype=torch.float32, check_values=False, split=True, values=values)
+        return Hs, Gs, cert.state_error(get_policy("bf16x3"), Hc.shape[2], compensated=True)
+    return Hc, Gc, cert.state_error(pol, Hc.shape[2], compensated=pol.state == "fp32")
 
 
 def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolveConfig, do, dH_T, dG_T):
@@ -510,11 +535,22 @@ def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, opts):
         vals = [getattr(s, field) for s in stats]
         return None if vals[0] is None else torch.cat(vals, 1)
 
-    certs = [s.certificate for s in stats]
-    certificate = None if certs[0] is None else cert.Certificate(
-        *(torch.cat([getattr(c, f) for c in certs], 1) for f in ("residual", "kappa", "bound", "breakdown")),
-        certs[0].threshold, max(c.tier for c in certs), certs[0].what)
-    merged = MesaStats(cat("steps"), cat("residual"), cat("x"), cat("breakdown"), certificate)
+    def merge(certs):
+        return cert.Certificate(
+            *(torch.cat([getattr(c, f) for c in certs], 1) for f in ("residual", "kappa", "bound", "breakdown")),
+            certs[0].threshold, max(c.tier for c in certs), certs[0].what)
+
+    certs = [s._certificate for s in stats]
+    merged = MesaStats(cat("steps"), cat("residual"), cat("x"), cat("breakdown"))
+    if certs[0] is not None:
+        merged.certificate = merge(certs)
+        refines = [s._refine for s in stats]
+        if all(r is not None for r in refines):
+            def refine():  # tier 2 of every sequence, or None if one cannot be formed
+                parts = [r() for r in refines]
+                return None if any(c is None for c in parts) else merge(parts)
+
+            merged._refine = refine
     final = tuple(torch.cat([f[i] for f in finals]) for i in range(2))
     return (torch.cat(outs, dim=1), final), merged, pol
 
@@ -539,6 +575,7 @@ def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | Non
     """
     interpreted = _require_triton(decode, "_decode_kernel")
     cert.check_mode(check)
+    verdict.poll()
     check_iteration_options(steps, tol, x0)
     if precond not in PRECOND_CHOICES:
         raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
@@ -572,7 +609,7 @@ def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | Non
     stats = MesaStats(n_steps, res, x)
     if check is not None:
         stats.certificate = _step_certificate(q, k, g, beta, lam, state, x, check_tol)
-        stats.certificate.check(check, get_policy("fp32"))
+        stats._pending.append(verdict.submit(stats._certificate, check, get_policy("fp32")))
     if squeeze:
         o = o[:, None]
     out = (o, (Hn, Gn))

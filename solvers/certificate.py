@@ -48,14 +48,14 @@ per (batch, head), from the per-token bounds (which stay in the stats):
 
 ``check`` (the ops' option): ``"warn"`` (default) issues a :class:`CertificateWarning`, ``"raise"``
 raises :class:`CertificateError`, ``None`` skips the certificate; either names the worst token and
-head, the bound, kappa, and the cheapest policy whose ``kappa u`` would pass. A NaN or inf bound
+head, the bound, kappa, and the cheapest policy whose ``kappa u`` would pass. The verdict is
+delivered by :mod:`solvers.verdict` (on CUDA, without a host sync). A NaN or inf bound
 (non-finite output, a breakdown of the iteration) always fails.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -156,14 +156,6 @@ class Certificate:
         return (f"accuracy certificate of {self.what}: {head} ({why}, relative residual "
                 f"{float(self.residual[b, t, h]):.3g}, tier {self.tier}) under policy {policy.name!r}. "
                 f"{suggest(kappa, self.threshold, policy)}")
-
-    def check(self, mode, policy: PrecisionPolicy) -> None:
-        """Warn or raise (``mode``) if any token fails; nothing for ``mode=None`` or a pass."""
-        if mode is None or self.ok:
-            return
-        if mode == "raise":
-            raise CertificateError(self.message(policy))
-        warnings.warn(self.message(policy), CertificateWarning, stacklevel=3)
 
 
 def suggest(kappa: float, threshold: float, policy: PrecisionPolicy) -> str:

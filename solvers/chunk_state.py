@@ -26,7 +26,7 @@ restarts there, inside a chunk or at its first token.
 
 Every product goes through :meth:`PrecisionPolicy.mm` (operands rounded to the policy's operand
 precision, accumulated in ``accum``). Under the ``auto`` policy each chunk's products are in its tier
-(``tier``, from ``kappa_c = (tr H_c + sum_{j in c} beta_j ||k_j||^2 + max lam) / min lam``;
+(``tier``, from the largest free condition bound of its systems, :func:`chunk_tier`;
 :data:`solvers.precision.AUTO_OPS`), its states' products in bf16x3. Layout inside: ``[B, H, N, C, D]``.
 """
 
@@ -61,6 +61,18 @@ def _decay_add(hi: torch.Tensor, lo: torch.Tensor, d: torch.Tensor, upd: torch.T
     b = s - p
     es = (p - (s - b)) + (upd - b)
     return s, d * lo + (ep + es)
+
+
+def chunk_tier(Hc: torch.Tensor, K: torch.Tensor, M: torch.Tensor, zeta: torch.Tensor,
+               lam: torch.Tensor) -> torch.Tensor:
+    """The ``auto`` policy's tier of every chunk, ``[B,H,N]`` int8 (AUTO_TIERS): that of
+    ``kappa_c = max_{t in c} (tr H_t + max lam) / min lam``, the largest free condition bound of the
+    chunk's systems, with the per-token trace ``tr H_t = zeta_t tr H_c + sum_j M_tj ||k_j||^2``
+    (``M`` includes beta). The same definition as :mod:`kernels.chunk_tier`."""
+    kk = (K * K).sum(-1)  # [B,H,N,C]
+    trH = zeta * torch.diagonal(Hc, dim1=-2, dim2=-1).sum(-1)[..., None] + (M * kk[..., None, :]).sum(-1)
+    kappa = (trH.amax(-1) + lam.amax(-1)[None, :, None]) / lam.amin(-1)[None, :, None]
+    return auto_tier_index(kappa.detach())
 
 
 @dataclass
@@ -137,12 +149,7 @@ class ChunkedSystem:
         Hc = torch.stack(Hs, dim=2)
         tier = None
         if policy.operand == "auto":
-            # kappa_c = (tr H_c + sum_{j in c} beta_j ||k_j||^2 + max lam) / min lam bounds every system of chunk c
-            lam_h = problem.lam.to(acc)
-            wsum = (beta * (K * K).sum(-1)).sum(-1)
-            kappa = (torch.diagonal(Hc, dim1=-2, dim2=-1).sum(-1) + wsum + lam_h.amax(-1)[None, :, None]) \
-                / lam_h.amin(-1)[None, :, None]
-            tier = auto_tier_index(kappa.detach())
+            tier = chunk_tier(Hc, K, M, zeta, problem.lam.to(acc))
         return cls(policy, T, C, Q, K, V, Gam, seg, zeta, M, Hc, torch.stack(Gs, dim=2), h, gs, lam, tier)
 
     # operators -----------------------------------------------------------------------------------

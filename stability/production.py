@@ -80,6 +80,7 @@ import solvers
 from solvers import MesaProblem
 from solvers.certificate import CertificateWarning
 from solvers.precision import UNIT_ROUNDOFF
+from solvers.verdict import flush as flush_checks
 
 from . import cases, golden, guard, metrics, scale_reference
 
@@ -403,8 +404,11 @@ def targets(impl: str | None, policies: list[str], device: str, steps: int, tol:
 
 
 def _sync(device: str) -> None:
+    """Wait for the device, and deliver the certificate verdicts still pending (solvers.verdict), so
+    that their warnings land in the caller's capture."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
+    flush_checks()
 
 
 def _stats_of(out):

@@ -38,3 +38,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(pytest.mark.skip(reason="triton is not installed"))
             elif not (has_cuda or interpret):
                 item.add_marker(pytest.mark.skip(reason="needs CUDA or TRITON_INTERPRET=1"))
+
+
+@pytest.fixture(autouse=True)
+def _read_pending_verdicts():
+    """Each test's deferred certificate verdicts (solvers.verdict, CUDA only) are read at its end, so a
+    warning never lands in a later test."""
+    yield
+    from solvers.verdict import flush
+
+    flush()

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 import solvers
-from kernels import mesa_chunk
+from kernels import flush_checks, mesa_chunk
 from solvers import get_policy
 from solvers.certificate import Certificate, CertificateError, CertificateWarning
 from stability import cases
@@ -78,6 +78,7 @@ def test_a_failing_token_warns_or_raises_with_the_worst_token_and_a_suggestion(b
     inp = _inputs(p, _device(backend))
     with pytest.warns(CertificateWarning, match=r"worst token \d+ \(batch 0, head \d\).*would meet it|No kernel"):
         mesa_chunk(*inp, steps=30, policy=policy, backend=backend)
+        flush_checks()  # on CUDA the verdict is read without a sync: here, at the latest
     with pytest.raises(CertificateError, match="certified relative error"):
         mesa_chunk(*inp, steps=30, policy=policy, backend=backend, check="raise")
     with warnings.catch_warnings():
@@ -116,6 +117,7 @@ def test_the_adjoint_solve_is_certified_in_the_backward(backend):
         o, st = mesa_chunk(*leaves, steps=40, policy="bf16-bf16state", backend=backend, return_stats=True)
     with pytest.warns(CertificateWarning, match="adjoint y"):
         o.backward(torch.ones_like(o))
+        flush_checks()
 
 
 @pytest.mark.parametrize("backend,policy", [("torch", "fp32"), pytest.param("triton", "fp32", marks=pytest.mark.triton),
@@ -126,6 +128,7 @@ def test_overflowing_keys_are_not_a_silent_zero(backend, policy):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         o = mesa_chunk(q, k * 1e20, v, g, beta, lam, steps=20, policy=policy, backend=backend)
+        flush_checks()
     flagged = any(issubclass(x.category, CertificateWarning) for x in w)
     assert flagged or not bool(torch.isfinite(o).all())
 
@@ -220,6 +223,7 @@ def test_an_overflowing_output_is_flagged(policy):
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         o = mesa_chunk(*_inputs(p, TRITON_DEVICE), steps=30, policy=policy, backend="triton")
+        flush_checks()
     assert not bool(torch.isfinite(o).all())  # the case does overflow
     assert any(issubclass(x.category, CertificateWarning) for x in w)
 
@@ -237,6 +241,7 @@ def test_a_tiny_q_rounded_to_fp16_subnormals_is_flagged(dtype):
         warnings.simplefilter("always")
         _, st = mesa_chunk(*_inputs(p, TRITON_DEVICE, dtype), steps=30, policy="fp16-fp32state",
                            backend="triton", return_stats=True, return_x=True)
+        flush_checks()
     err = _x_errors(st.x, ref.x)
     assert float(err.max()) > 1e-2
     assert bool((err <= st.certificate.bound.cpu()).all())
@@ -263,6 +268,7 @@ def test_the_16bit_policies_certify_ordinary_inputs_at_tier_1(policy):
         warnings.simplefilter("always")
         _, st = mesa_chunk(*(t.to(TRITON_DEVICE) for t in (q, k, v, g, beta, lam)), steps=30, policy=policy,
                            backend="triton", return_stats=True, return_x=True)
+        flush_checks()
     assert st.certificate.tier == 1
     assert not any(issubclass(x.category, CertificateWarning) for x in w)
     assert bool((_x_errors(st.x, ref.x) <= st.certificate.bound.cpu()).all())

@@ -258,6 +258,11 @@ def test_split_bf16x3_matches_policy_emulation_and_float64(in_dtype):
     assert_states_close("vs bf16x3 emulation", got[:2] + got[2], (emu.Hc, emu.Gc, emu.H_final, emu.G_final), scale,
                         TOL_FP32)
     assert_states_close("vs float64", got[:2] + got[2], ref, scale, 170 * UNIT_ROUNDOFF["bf16x3"])
+    # values=False: the key states alone (one launch), bit for bit those of the full call
+    Hc, Gc, (H_T, G_T) = chunk_states(problem.k, problem.v, problem.g, problem.beta, chunk_size=16,
+                                      initial_state=problem.initial_state, split=True, values=False)
+    assert Gc is None and G_T is None
+    assert torch.equal(Hc, got[0]) and torch.equal(H_T, got[2][0])
 
 
 def test_fp32_states_carry_no_accumulated_rounding():

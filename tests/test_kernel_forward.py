@@ -271,3 +271,23 @@ def test_cg_far_past_convergence_stays_converged(backend):
         # fp32, kappa < 4: the 30-step error is ~2e-7; allow 1e-6
         assert rel_error(o.cpu(), ref.o) <= 1e-6, (steps, rel_error(o.cpu(), ref.o))
         assert int(stats.steps.max()) < 30
+
+
+def test_the_auto_tier_of_every_chunk_matches_the_emulation():
+    """kernels.chunk_tier against solvers.chunk_state.chunk_tier: the same tier for every chunk, on a
+    case whose kappa grows through all three tiers (gamma near 1, one head with small lam, a reset)."""
+    from kernels.chunk_state import chunk_states
+    from kernels.chunk_tier import chunk_tiers
+    from solvers.chunk_state import ChunkedSystem
+
+    p = cases.random_problem(2, 1500, 2, 8, seed=3, gamma_range=(0.999, 1.0), beta_range=(0.2, 0.4),
+                             lam_range=(1.0, 1.5))
+    g, lam = p.g.clone(), p.lam.clone()
+    g[0, 700, 1] = float("-inf")  # a reset: the trace restarts inside a chunk
+    lam[1] *= 0.02  # head 1: kappa past 4096 (the fp32 tier); head 0 starts below 16 (bf16)
+    p = _dev(p.replace(g=g, lam=lam))
+    Hc, _, _ = chunk_states(p.k, p.v, p.g, p.beta, chunk_size=32, split=True, check_values=False)
+    got = chunk_tiers(Hc, p.k, p.g, p.beta, p.lam, 32).cpu()
+    want = ChunkedSystem.build(p.to(torch.float32, device="cpu"), solvers.get_policy("auto"), 32).tier.reshape(-1)
+    assert set(want.tolist()) == {0, 1, 2}
+    assert torch.equal(got, want.to(got.dtype))

@@ -1,0 +1,95 @@
+"""Triton helpers: the kernels' one vocabulary of product precisions.
+
+Every product of a kernel rounds its operands to an operand precision ``OP`` (a constexpr code of
+:data:`OP_CODES`, named as in :mod:`solvers.precision`) and accumulates in float32:
+
+* ``fp32`` (0): true IEEE fp32 products (``input_precision="ieee"``; the GPU default would be TF32);
+* ``tf32`` (1): tensor cores with a 10-bit mantissa;
+* ``bf16`` (2), ``fp16`` (3): tensor cores;
+* ``bf16x3`` (4): operands split into bf16 ``hi + lo`` parts (``hi = bf16(a)``, ``lo = bf16(a - hi)``),
+  ``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi``: three bf16 MMAs, about 16 significant bits. A factor
+  that is exactly bf16 (bf16 keys, say) has ``lo = 0``, and the product with it costs two.
+
+``SOFT`` (the interpreter, whose dots run in fp32 and whose fp32 -> bf16 cast truncates): operands
+are rounded in software to fp32 values exactly representable in the operand precision, and a dot of
+two such tiles in IEEE fp32 equals the low-precision MMA (their products are exact in fp32).
+"""
+
+from __future__ import annotations
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised only where triton is missing
+    triton = None
+    tl = None
+
+# Operand precisions of the products (solvers.precision names -> kernel codes).
+OP_CODES = {"fp32": 0, "tf32": 1, "bf16": 2, "fp16": 3, "bf16x3": 4}
+
+if triton is not None:
+    from .chunk_state import _round
+
+    @triton.jit
+    def operand(x, OP: tl.constexpr, SOFT: tl.constexpr):
+        """An fp32 tile as a product operand of precision OP (SOFT: interpreter, rounded fp32 values)."""
+        if OP == 2:
+            if SOFT:
+                y = _round(x, tl.bfloat16, True)
+            else:
+                y = x.to(tl.bfloat16)
+        elif OP == 3:
+            if SOFT:
+                y = _round(x, tl.float16, False)
+            else:
+                y = x.to(tl.float16)
+        elif OP == 1 and SOFT:
+            # interpreter: tf32 dots run in fp32 there, so round to tf32 (10 explicit mantissa bits,
+            # round-to-nearest-even on the bit pattern, as solvers.precision.round_tf32 does)
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & 0xFFFFE000
+            y = bits.to(tl.float32, bitcast=True)
+        else:
+            y = x
+        return y
+
+    @triton.jit
+    def dot(a, b, OP: tl.constexpr, SOFT: tl.constexpr):
+        """a @ b with operands already in precision OP, accumulated in fp32."""
+        if OP == 0:
+            # ieee: true fp32 products (the GPU default would be tf32)
+            c = tl.dot(a, b, input_precision="ieee")
+        elif OP == 1 and not SOFT:
+            c = tl.dot(a, b, input_precision="tf32")
+        elif SOFT:
+            # interpreter: tf32/bf16/fp16 operands were rounded in fp32 tiles; a product of two such
+            # values is exact in fp32, so an ieee fp32 dot equals the low-precision MMA
+            c = tl.dot(a, b, input_precision="ieee")
+        else:
+            c = tl.dot(a, b)
+        return c
+
+    @triton.jit
+    def split(x, OP: tl.constexpr, SOFT: tl.constexpr):
+        """(hi, lo) operand parts of an fp32 tile: bf16 hi and lo for bf16x3, else (operand, unused)."""
+        if OP == 4:
+            hi = operand(x, 2, SOFT)
+            lo = operand(x - hi.to(tl.float32), 2, SOFT)
+        else:
+            hi = operand(x, OP, SOFT)
+            lo = hi
+        return hi, lo
+
+    @triton.jit
+    def mm(a, b_hi, b_lo, OP: tl.constexpr, SOFT: tl.constexpr, B_EXACT: tl.constexpr):
+        """a @ b for an fp32 tile a and a prepared operand b = (b_hi, b_lo) (see :func:`split`).
+
+        bf16x3: a_hi b_hi + a_lo b_hi (+ a_hi b_lo unless b is exactly bf16, B_EXACT)."""
+        if OP == 4:
+            a_hi, a_lo = split(a, OP, SOFT)
+            c = dot(a_hi, b_hi, 2, SOFT) + dot(a_lo, b_hi, 2, SOFT)
+            if not B_EXACT:
+                c += dot(a_hi, b_lo, 2, SOFT)
+        else:
+            c = dot(operand(a, OP, SOFT), b_hi, OP, SOFT)
+        return c
