@@ -47,8 +47,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 from .chunk_state import MIN_DOT_BLOCK
 
 if triton is not None:
-    from .chunk_cg import _chunk_tile, _gates
     from .chunk_state import decay_add
+    from .chunk_tile import _chunk_tile, _gates
     from .gates import chunk_log_decay, end_decays, pair_decay, start_decay
     from .operands import dot, mm, operand, split
 

@@ -51,7 +51,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 RESIDUAL_FLOOR = 2.0**-48
 
 if triton is not None:
-    from .gates import chunk_log_decay, pair_decay, start_decay
+    from .chunk_tile import _chunk_tile, _gates, _pow2_row_scale
+    from .gates import pair_decay, start_decay
     from .operands import mm, split
     from .residual import certify_chunk
 
@@ -72,37 +73,6 @@ if triton is not None:
         s = mm(p, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
         intra = mm(s, K_hi, K_lo, OP_K, SOFT, K_EXACT)
         return inter + (intra + p * lam[None, :])
-
-    @triton.jit
-    def _chunk_tile(T, H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
-                    BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
-        """Indices of a program on grid (chunk, batch * head): its chunk and head, the offsets and masks
-        of the chunk's tokens and of the D and Dv columns, and each token's row in ``[B*T, H]``
-        (int64: B*T*H*D can exceed 2^31 elements)."""
-        i_c = tl.program_id(0)
-        i_bh = tl.program_id(1)
-        i_b = i_bh // H
-        i_h = i_bh % H
-        o_c = tl.arange(0, BLOCK_C)
-        o_d = tl.arange(0, BLOCK_D)
-        o_v = tl.arange(0, BLOCK_DV)
-        t = i_c * C + o_c
-        m_t = (o_c < C) & (t < T)
-        row = (i_b.to(tl.int64) * T + t) * H + i_h
-        return i_c, i_bh, i_h, o_c, o_d, o_v, o_d < D, o_v < Dv, m_t, row
-
-    @triton.jit
-    def _gates(g_ptr, beta_ptr, row, m_t):
-        """(Gam, seg, beta) of a chunk (:mod:`kernels.gates`); masked tokens read g = 0, beta = 0."""
-        gam, seg = chunk_log_decay(g_ptr, row, m_t)
-        return gam, seg, tl.load(beta_ptr + row, mask=m_t, other=0.0).to(tl.float32)
-
-    @triton.jit
-    def _pow2_row_scale(Q):
-        """Per row, the power of two s with max |Q_row| / s in [1, 2) (1 for an all-zero row): CG on
-        Q / s then x s is exact in binary floating point and keeps r.z of order 1 at any scale of q."""
-        amax = tl.max(tl.abs(Q), axis=1)
-        return tl.where(amax > 0, tl.exp2(tl.floor(tl.log2(tl.where(amax > 0, amax, 1.0)))), 1.0)
 
     @triton.jit
     def _cg_init(r, diag, valid, tol, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr):

@@ -37,7 +37,7 @@ TIER_LIMITS = tuple(AUTO_TARGET / UNIT_ROUNDOFF[t] for t in AUTO_TIERS[:-1])
 assert len(TIER_LIMITS) == 2, "the kernel below selects among three tiers"
 
 if triton is not None:
-    from .chunk_cg import _chunk_tile, _gates
+    from .chunk_tile import _chunk_tile, _gates
     from .gates import pair_decay, start_decay
 
     @triton.jit

@@ -22,7 +22,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 if triton is not None:
-    from .chunk_cg import _cg_init, _cg_step, _pow2_row_scale
+    from .chunk_cg import _cg_init, _cg_step
+    from .chunk_tile import _pow2_row_scale
 
     @triton.jit
     def _decode_kernel(

@@ -35,6 +35,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     tl = None
 
 if triton is not None:
+    from .chunk_tile import _chunk_tile, _gates, _pow2_row_scale
+    from .gates import pair_decay, start_decay
     from .operands import mm, split
 
     @triton.jit
@@ -110,3 +112,50 @@ if triton is not None:
         tl.store(cert_ptr + base, rho, mask=m_t)
         tl.store(cert_ptr + base + 1, lmax / lam_min, mask=m_t)
         tl.store(cert_ptr + base + 2, bound, mask=m_t)
+
+    @triton.heuristics({
+        "ADJOINT": lambda a: a["e_ptr"] is not None,
+        "HAS_CLASS": lambda a: a["cls_ptr"] is not None,
+    })
+    @triton.jit
+    def _certify_kernel(
+        qg_ptr,  # forward: [B*T, H, D] the caller's q
+        e_ptr, scale_ptr,  # optional (sets ADJOINT): [B*T, H, Dv] upstream gradient, read times scale_ptr[0]
+        kg_ptr, vg_ptr,  # [B*T, H, D], [B*T, H, Dv] the caller's k and v
+        g_ptr, beta_ptr, lam_ptr,  # [B*T, H] float32, [B*T, H] float32, [H, D] float32
+        Hs_ptr, Gs_ptr,  # the certificate's states [B, H, N, D, D], [B, H, N, Dv, D] (fp32)
+        x_ptr,  # [B*T, H, D] float32 solution
+        o_ptr,  # forward: [B*T, H, Dv] float32 output (a row that is not finite fails)
+        cls_ptr,  # optional (sets HAS_CLASS): [B*H*N] int8 tier of each chunk (auto policy)
+        cert_ptr,  # [B*T, H, 3] float32 output: rho, kappa, bound
+        T, N, gamma_c, eps_S,
+        H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_J: tl.constexpr,
+        OP: tl.constexpr, MY_CLASS: tl.constexpr, KG_EXACT: tl.constexpr, SOFT: tl.constexpr,
+        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr,
+    ):
+        """:func:`certify_chunk` as a kernel of its own, one program per (chunk, batch * head), after the
+        CG kernel (the right-hand side's power of two formed again: q, or for the adjoint e)."""
+        i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
+        if HAS_CLASS:
+            if tl.load(cls_ptr + i_bh.to(tl.int64) * N + i_c) != MY_CLASS:
+                return
+        gam, seg, beta = _gates(g_ptr, beta_ptr, row, m_t)
+        eG = start_decay(gam, seg)
+        M = pair_decay(gam, seg, o_c[:, None] >= o_c[None, :]) * beta[None, :]
+        X = tl.load(x_ptr + row[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
+        m_tv = m_t[:, None] & m_v[None, :]
+        if ADJOINT:
+            E = tl.load(e_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
+            q_scale = _pow2_row_scale(E * tl.load(scale_ptr))
+            o_ok = m_t | True
+        else:
+            q_scale = _pow2_row_scale(tl.load(qg_ptr + row[:, None] * D + o_d[None, :],
+                                              mask=m_t[:, None] & m_d[None, :], other=0.0).to(tl.float32))
+            O = tl.load(o_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0)
+            o_ok = tl.sum((~(tl.abs(O) < float("inf"))).to(tl.int32), axis=1) == 0
+        s_base = (i_bh.to(tl.int64) * N + i_c) * D * D
+        g_base = (i_bh.to(tl.int64) * N + i_c) * Dv * D
+        certify_chunk(X, q_scale, o_ok, qg_ptr, e_ptr, scale_ptr, kg_ptr, vg_ptr, Hs_ptr, Gs_ptr, x_ptr, cert_ptr,
+                      row, m_t, m_d, m_v, o_d, o_v, s_base, g_base, eG, M, lam_ptr, i_h, gamma_c, eps_S, D, Dv,
+                      BLOCK_C, BLOCK_J, OP, KG_EXACT, SOFT, ADJOINT)
