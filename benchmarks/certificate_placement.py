@@ -1,9 +1,8 @@
-"""GPU benchmark: where the accuracy certificate runs, and its launch shape (``kernels.mesa.CERTIFY_*``).
+"""GPU benchmark: the launch shape of the accuracy certificate's kernel (``kernels.mesa.CERTIFY_*``).
 
 For each policy and setting of ``bench_certificate.py`` (its inputs and shape), the median forward
-time (``triton.testing.do_bench``) without the certificate, and with it at the end of the CG program
-(``CERTIFY_IN_CG = True``) or in a kernel of its own with 4 or 8 warps and 16 or 32 columns of H_c
-on chip; also the registers and spills of the kernels that ran. Writes
+time (``triton.testing.do_bench``) without the certificate, and with it at 4 or 8 warps and 16 or 32
+columns of H_c on chip; also the registers and spills of the kernels that ran. Writes
 ``certificate_placement.csv`` (one row per measurement) and prints it.
 """
 
@@ -23,8 +22,7 @@ from benchmarks.bench_certificate import SETTINGS, make_inputs  # noqa: E402
 from kernels import mesa as km  # noqa: E402
 from kernels import mesa_chunk  # noqa: E402
 
-VARIANTS = {"off": None, "in_cg": (True, 4, 32), "own_w4_j32": (False, 4, 32), "own_w8_j32": (False, 8, 32),
-            "own_w4_j16": (False, 4, 16), "own_w8_j16": (False, 8, 16)}
+VARIANTS = {"off": None, "w4_j32": (4, 32), "w8_j32": (8, 32), "w4_j16": (4, 16), "w8_j16": (8, 16)}
 
 
 def main(argv=None) -> int:
@@ -44,7 +42,7 @@ def main(argv=None) -> int:
         for sname, sopts in SETTINGS.items():
             for vname, var in VARIANTS.items():
                 if var is not None:
-                    km.CERTIFY_IN_CG, km.CERTIFY_WARPS, km.CERTIFY_BLOCK_J = var
+                    km.CERTIFY_WARPS, km.CERTIFY_BLOCK_J = var
                 km.LAST_LAUNCH.clear()
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -59,7 +57,7 @@ def main(argv=None) -> int:
                                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
                 print(rows[-1], flush=True)
                 pd.DataFrame(rows).to_csv(os.path.join(args.out, "certificate_placement.csv"), index=False)
-    km.CERTIFY_IN_CG, km.CERTIFY_WARPS, km.CERTIFY_BLOCK_J = False, 4, 32
+    km.CERTIFY_WARPS, km.CERTIFY_BLOCK_J = 4, 32
     df = pd.DataFrame(rows)
     off = df[df.variant == "off"].set_index(["policy", "setting"]).fwd_ms
     df["cost"] = [r.fwd_ms / off[(r.policy, r.setting)] - 1 for r in df.itertuples()]

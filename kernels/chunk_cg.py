@@ -29,9 +29,7 @@ accumulating in float32. The stored states ``H_c``, ``G_c`` arrive in the policy
 products with the states and those with the chunk's keys may differ in precision (``OP_H``,
 ``OP_K``: the ``auto`` policy's fp32 tier multiplies the state in IEEE fp32 and the keys in
 bf16x3); with ``HAS_CLASS`` a launch solves only the chunks of one precision tier
-(:mod:`kernels.chunk_tier`). With ``CERTIFY`` the program ends with the accuracy certificate of its
-chunk (:func:`kernels.residual.certify_chunk`: the true residual of the caller's systems and the
-bound it gives), in the same launch: no second pass over the chunks.
+(:mod:`kernels.chunk_tier`). The accuracy certificate of the result is :mod:`kernels.residual`.
 """
 
 from __future__ import annotations
@@ -54,7 +52,6 @@ if triton is not None:
     from .chunk_tile import _chunk_tile, _gates, _pow2_row_scale
     from .gates import pair_decay, start_decay
     from .operands import mm, split
-    from .residual import certify_chunk
 
     # jit functions may only read globals that are constexpr
     _FLOOR = tl.constexpr(RESIDUAL_FLOOR)
@@ -126,7 +123,6 @@ if triton is not None:
     @triton.heuristics({
         "ADJOINT": lambda a: a["xf_ptr"] is not None,
         "HAS_CLASS": lambda a: a["cls_ptr"] is not None,
-        "CERTIFY": lambda a: a["cert_ptr"] is not None,
     })
     @triton.jit
     def _chunk_cg_kernel(
@@ -141,11 +137,7 @@ if triton is not None:
         scale_ptr,  # ADJOINT only: [1/s, s] float32, e is read as e / s (see kernels.mesa._upstream_scale)
         cls_ptr,  # optional (sets HAS_CLASS): [B*H*N] int8 precision class of every chunk (the auto policy)
         brk_ptr,  # [B*T, H] int8: 1 where CG stopped on a breakdown (p.Ap <= 0 or not finite)
-        cert_ptr,  # optional (sets CERTIFY): [B*T, H, 3] float32 certificate (kernels.residual), written
-        qg_ptr, kg_ptr, vg_ptr,  # CERTIFY: the caller's q (forward), k, v (adjoint), any float dtype
-        Hs_ptr, Gs_ptr,  # CERTIFY: the certificate's states [B, H, N, D, D], [B, H, N, Dv, D] (fp32)
         T, N, tol, steps,  # tokens per sequence, chunks, relative tolerance (<= 0: none), step cap
-        gamma_c, eps_S,  # CERTIFY: rounding of the certificate's residual and of its states (solvers.certificate)
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr, C: tl.constexpr,
         BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
         OP_H: tl.constexpr,  # operand precision (OP_CODES) of the products with the states H_c, G_c
@@ -153,11 +145,8 @@ if triton is not None:
         MY_CLASS: tl.constexpr,  # HAS_CLASS: the class of chunks this launch solves (others return at once)
         K_EXACT: tl.constexpr,  # k and v are bf16 tensors: exact bf16 operands (bf16x3 skips their lo part)
         X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr,
-        OP_CERT: tl.constexpr,  # CERTIFY: operand precision of the certificate's products
-        KG_EXACT: tl.constexpr,  # CERTIFY: the caller's k and v are bf16 tensors
-        BLOCK_J: tl.constexpr,  # CERTIFY: columns of H_c per block of the certificate's residual
         SOFT: tl.constexpr,  # interpreter: low-precision rounding and dots in software
-        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr, CERTIFY: tl.constexpr,  # set by the heuristics
+        ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr,  # set by the heuristics
     ):
         i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         if HAS_CLASS:
@@ -241,21 +230,15 @@ if triton is not None:
             # (r is CG's recursive residual, in units of 1/q_scale)
             Xf = tl.load(xf_ptr + row[:, None] * D + o_d[None, :], mask=m_td, other=0.0)
             tl.store(o_ptr + row, tl.sum((x * lam[None, :] + r * q_scale[:, None]) * Xf, axis=1), mask=m_t)
-            o_ok = m_t | True
         else:
-            o_ok = _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo,
-                           D, Dv, OP_H, OP_K, SOFT, K_EXACT)
-        if CERTIFY:
-            tl.debug_barrier()  # x, stored above by all threads, is read back by column blocks
-            certify_chunk(x, q_scale, o_ok, qg_ptr, q_ptr, scale_ptr, kg_ptr, vg_ptr, Hs_ptr, Gs_ptr, x_ptr,
-                          cert_ptr, row, m_t, m_d, m_v, o_d, o_v, s_base, g_base, eG, M, lam_ptr, i_h, gamma_c,
-                          eps_S, D, Dv, BLOCK_C, BLOCK_J, OP_CERT, KG_EXACT, SOFT, ADJOINT)
+            _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo, D, Dv,
+                    OP_H, OP_K, SOFT, K_EXACT)
 
     @triton.jit
     def _output(x, v_ptr, Gc_ptr, o_ptr, row, o_v, o_d, m_tv, m_d, m_v, g_base, eG, M, Kt_hi, Kt_lo,
                 D: tl.constexpr, Dv: tl.constexpr, OP_H: tl.constexpr, OP_K: tl.constexpr, SOFT: tl.constexpr,
                 K_EXACT: tl.constexpr):
-        """O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V, stored as float32; returns whether each row is finite."""
+        """O = diag(exp(Gam)) X G_c^T + ((X K^T) * M) V, stored as float32."""
         V = tl.load(v_ptr + row[:, None] * Dv + o_v[None, :], mask=m_tv, other=0.0).to(tl.float32)
         GcT = tl.load(Gc_ptr + g_base + o_v[None, :] * D + o_d[:, None], mask=m_d[:, None] & m_v[None, :],
                       other=0.0).to(tl.float32)  # [BLOCK_D, BLOCK_DV] = G_c^T
@@ -265,4 +248,3 @@ if triton is not None:
         s = mm(x, Kt_hi, Kt_lo, OP_K, SOFT, K_EXACT) * M
         out = inter + mm(s, V_hi, V_lo, OP_K, SOFT, K_EXACT)
         tl.store(o_ptr + row[:, None] * Dv + o_v[None, :], out, mask=m_tv)
-        return tl.sum((~(tl.abs(out) < float("inf"))).to(tl.int32), axis=1) == 0  # inf or NaN: not finite

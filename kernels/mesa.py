@@ -46,13 +46,12 @@ KERNEL_POLICIES = ("auto", "fp32", "tf32", "bf16x3", "bf16-fp32state", "bf16-bf1
 BACKENDS = ("auto", "triton", "torch")
 # Largest head dims the fused CG kernel holds on chip (H_c is a D x D tile).
 MAX_D = 128
-# Where the certificate runs (kernels/residual.py): in its own kernel after the CG kernel (False), or
-# at the end of the CG program (True), and its launch shape. On an H200 at (4, 2048, 16, 128) the
-# program end raised the CG kernel's spills ~10x (60 -> 654 at bf16x3) and cost more than a kernel of
-# its own (docs/certificate-gpu/).
-CERTIFY_IN_CG = False
+# Launch shape of the certificate's kernel (kernels/residual.py), the fastest of 4 / 8 warps and 16 /
+# 32 columns of H_c on chip on an H200 at (4, 2048, 16, 128) (benchmarks/certificate_placement.py;
+# run at the end of the CG program instead, it raised that kernel's spills ~10x and cost 2 to 8
+# times as much: docs/certificate-gpu/).
 CERTIFY_WARPS = 4
-CERTIFY_BLOCK_J = 32  # columns of H_c on chip at a time: a [D, 32] fp32 slice
+CERTIFY_BLOCK_J = 32
 # The compiled kernels of the latest launches (name -> triton CompiledKernel): a diagnostic hook
 # for benchmarks (registers, spills); nothing in the library reads it.
 LAST_LAUNCH: dict = {}
@@ -433,22 +432,19 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         qg, kg, vg = (t.contiguous() for t in given)
         Hs, Gs, eps_S = _certificate_states(pol, kg, vg, g, beta, Hc, Gc, initial_state, C, adjoint is not None)
         cert_out = torch.empty(B, T, H, 3, dtype=torch.float32, device=dev)
-    fused = cert_out is not None and CERTIFY_IN_CG
-    for my_class, (op_h, op_k, op_cert) in classes:
+    for my_class, (op_h, op_k, _) in classes:
         wide = BLOCK_D >= 128 and OP_CODES["bf16"] not in (op_h, op_k)
         kernel = chunk_cg._chunk_cg_kernel[(N, B * H)](
-            rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, sc, cls, brk, cert_out if fused else None,
-            None if adjoint is not None else qg, kg, vg, Hs, Gs,
-            T, N, float(tol) if tol is not None else -1.0, steps, _residual_rounding(op_cert, D, C), eps_S,
+            rhs, k, v, g, beta, lam, Hc, Gc, o, x, n_steps, res, xf, sc, cls, brk,
+            T, N, float(tol) if tol is not None else -1.0, steps,
             H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             OP_H=op_h, OP_K=op_k, MY_CLASS=my_class or 0, K_EXACT=k.dtype == torch.bfloat16,
             X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi", HAS_TOL=tol is not None,
-            OP_CERT=op_cert, KG_EXACT=certify and kg.dtype == vg.dtype == torch.bfloat16,
-            BLOCK_J=min(CERTIFY_BLOCK_J, BLOCK_D), SOFT=interpreted, num_warps=num_warps or (8 if wide else 4),
+            SOFT=interpreted, num_warps=num_warps or (8 if wide else 4),
         )
         name = "chunk_cg" if adjoint is None else "chunk_cg_adjoint"
         LAST_LAUNCH[name if my_class is None else f"{name}_{AUTO_TIERS[my_class]}"] = kernel
-    if cert_out is not None and not fused:
+    if cert_out is not None:
         for my_class, (_, _, op_cert) in classes:
             LAST_LAUNCH["certify" if my_class is None else f"certify_{AUTO_TIERS[my_class]}"] = \
                 residual._certify_kernel[(N, B * H)](

@@ -1,8 +1,8 @@
-"""Triton helper: the accuracy certificate of a chunk's solve (tier 1 of :mod:`solvers.certificate`).
+"""Triton kernel: the accuracy certificate of a solve (tier 1 of :mod:`solvers.certificate`).
 
-:func:`certify_chunk` runs at the end of the CG kernel's program (:mod:`kernels.chunk_cg`), for the
-chunk c (one batch entry b, head h) whose solution X of C systems it has just stored, and forms per
-token
+:func:`_certify_kernel` runs after the CG kernel (:mod:`kernels.chunk_cg`), one program per chunk c
+(one batch entry b, head h), and :func:`certify_chunk` forms, for the solution X of the chunk's C
+systems, per token
 
     R = Q - A(X),  A(X) = diag(zeta) X H_c + ((X K^T) * M) K + X diag(lam)
     rho_t = ||r_t|| / ||q_t||,   nu_t = ||x_t|| / ||q_t||,
@@ -21,7 +21,7 @@ formed again here. The residual is formed ``BLOCK_J`` columns at a time (a ``[D,
 H_c on chip, never the whole ``D x D`` state with its split parts), and only its row norms are kept.
 Products are in precision ``OP`` (:mod:`kernels.operands`: ``bf16x3`` for solves made with bf16 /
 fp16 / bf16x3 products, IEEE ``fp32`` for fp32 / tf32 products), accumulated in fp32; rows are
-divided by the power of two of the solve's right-hand side first (exact), so that squares neither
+divided by the power of two of q (for the adjoint, of e) first (exact), so that squares neither
 overflow nor underflow.
 """
 
@@ -41,7 +41,7 @@ if triton is not None:
 
     @triton.jit
     def certify_chunk(
-        X,  # [BLOCK_C, BLOCK_D] float32 solution of the chunk, also stored at x_ptr (read back by column block)
+        X,  # [BLOCK_C, BLOCK_D] float32 solution of the chunk, also at x_ptr (read by column block)
         q_scale,  # [BLOCK_C] the power of two of each row's right-hand side
         o_ok,  # [BLOCK_C] whether each token's output row is finite
         qg_ptr,  # forward: [B*T, H, D] the caller's q
@@ -134,8 +134,8 @@ if triton is not None:
         OP: tl.constexpr, MY_CLASS: tl.constexpr, KG_EXACT: tl.constexpr, SOFT: tl.constexpr,
         ADJOINT: tl.constexpr, HAS_CLASS: tl.constexpr,
     ):
-        """:func:`certify_chunk` as a kernel of its own, one program per (chunk, batch * head), after the
-        CG kernel (the right-hand side's power of two formed again: q, or for the adjoint e)."""
+        """:func:`certify_chunk` for the chunk of this program (rows scaled by the power of two of q, or
+        for the adjoint of e)."""
         i_c, i_bh, i_h, o_c, o_d, o_v, m_d, m_v, m_t, row = _chunk_tile(T, H, D, Dv, C, BLOCK_C, BLOCK_D, BLOCK_DV)
         if HAS_CLASS:
             if tl.load(cls_ptr + i_bh.to(tl.int64) * N + i_c) != MY_CLASS:
