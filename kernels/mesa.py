@@ -23,11 +23,11 @@ from solvers.cg import PRECOND_CHOICES, check_iteration_options
 from solvers.gates import segmented_cumsum_grad
 from solvers.implicit import MesaImplicit, SolveConfig, implicit_backward
 from solvers.precision import (
-    AUTO_OPS,
     AUTO_TIERS,
     DEFAULT_POLICY,
     UNIT_ROUNDOFF,
     PrecisionPolicy,
+    auto_ops,
 )
 
 from . import chunk_cg, chunk_tier, decode, residual
@@ -358,13 +358,14 @@ class TritonMesa(torch.autograd.Function):
         return (*(None if t is None else t * sc[1] for t in grads), *none)
 
 
-def _launch_classes(pol: PrecisionPolicy):
+def _launch_classes(pol: PrecisionPolicy, adjoint: bool = False):
     """``[(class, (OP_H, OP_K, OP_CERT))]`` kernel codes of a policy's products: named policies have one
-    class (None: every chunk in one launch); ``auto`` one per tier of AUTO_TIERS, with AUTO_OPS's
-    products and the certificate in fp32 for the fp32 tier, bf16x3 otherwise."""
+    class (None: every chunk in one launch); ``auto`` one per tier of AUTO_TIERS, with the tier's
+    products (:func:`solvers.precision.auto_ops`: the adjoint solve at least bf16x3) and the
+    certificate in fp32 for the fp32 tier, bf16x3 otherwise."""
     codes = OP_CODES
     if pol.operand == "auto":
-        return [(c, (codes[AUTO_OPS[t][0]], codes[AUTO_OPS[t][1]], codes["fp32" if t == "fp32" else "bf16x3"]))
+        return [(c, (*(codes[op] for op in auto_ops(t, adjoint)), codes["fp32" if t == "fp32" else "bf16x3"]))
                 for c, t in enumerate(AUTO_TIERS)]
     op = codes[pol.operand]
     return [(None, (op, op, codes[cert.cert_operand(pol)]))]
@@ -425,7 +426,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_
         steps = cfg.bwd_steps if cfg.bwd_steps is not None else cfg.steps
         rhs = adjoint.to(torch.float32).contiguous()
         xf = x_fwd.to(torch.float32).contiguous()
-    classes = _launch_classes(pol)
+    classes = _launch_classes(pol, adjoint is not None)
     cls = chunk_tier.chunk_tiers(Hc, k, g, beta, lam, C) if classes[0][0] is not None else None
     cert_out, qg, kg, vg, Hs, Gs, eps_S = None, None, None, None, None, None, 0.0
     if certify:

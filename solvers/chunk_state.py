@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from .gates import decay_from_start, decay_to_end, pairwise_decay, segmented_cumsum
-from .precision import AUTO_OPS, AUTO_TIERS, PrecisionPolicy, auto_tier_index
+from .precision import AUTO_TIERS, PrecisionPolicy, auto_ops, auto_tier_index
 from .problem import MesaProblem
 
 
@@ -95,6 +95,7 @@ class ChunkedSystem:
     G_final: torch.Tensor  # [B,H,Dv,D]
     lam: torch.Tensor  # [1,H,1,1,D]
     tier: torch.Tensor | None = None  # [B,H,N] int8: the auto policy's tier of each chunk (AUTO_TIERS)
+    adjoint: bool = False  # auto: the tiers' products of the adjoint solve (solvers.precision.auto_ops)
 
     @classmethod
     def build(cls, problem: MesaProblem, policy: PrecisionPolicy, chunk_size: int = 64) -> ChunkedSystem:
@@ -155,7 +156,8 @@ class ChunkedSystem:
     # operators -----------------------------------------------------------------------------------
     def _mm(self, a: torch.Tensor, b: torch.Tensor, which: int) -> torch.Tensor:
         """``policy.mm(a, b)``; for ``auto`` in each chunk's tier (``which``: 0 products with the states,
-        1 with the chunk's keys and values; AUTO_OPS), computed per tier and selected per chunk."""
+        1 with the chunk's keys and values; :func:`solvers.precision.auto_ops`, of the adjoint solve when
+        ``adjoint``), computed per tier and selected per chunk."""
         if self.tier is None:
             return self.policy.mm(a, b)
         out = None
@@ -163,7 +165,7 @@ class ChunkedSystem:
             sel = (self.tier == i)[..., None, None]
             if not bool(sel.any()):
                 continue
-            prod = self.policy.mm(a, b, AUTO_OPS[name][which])
+            prod = self.policy.mm(a, b, auto_ops(name, self.adjoint)[which])
             out = prod if out is None else torch.where(sel, prod, out)
         return out
 

@@ -26,6 +26,7 @@ the true gradient of the truncated computation is measured by the tests, not hid
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -157,7 +158,9 @@ def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T
     q, k, v, g, beta, lam, H0, G0 = (t.detach() if t is not None else None for t in inputs)
     init = None if H0 is None else (H0, G0)
     with torch.no_grad():
-        S = ChunkedSystem.build(MesaProblem(q, k, v, g, beta, lam, init), cfg.policy, cfg.chunk_size)
+        # auto: the whole backward in the adjoint's tier products (solvers.precision.auto_ops), as the kernels
+        S = dataclasses.replace(ChunkedSystem.build(MesaProblem(q, k, v, g, beta, lam, init), cfg.policy,
+                                                    cfg.chunk_size), adjoint=True)
         xc = S.from_tokens(x)
         E = S.from_tokens(do)
         if y is None:
