@@ -20,6 +20,7 @@ import time
 import warnings
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
@@ -28,6 +29,7 @@ from kernels import mesa_chunk  # noqa: E402
 from solvers.certificate import CertificateWarning  # noqa: E402
 from solvers.verdict import flush as flush_checks  # noqa: E402
 from stability.metrics import rel_error  # noqa: E402
+from stability.production import git_commit  # noqa: E402
 
 POLICIES = ["auto", "bf16-fp32state", "fp16-fp32state", "fp16-fp16state", "bf16x3"]
 SETTINGS = {"steps=30": dict(steps=30), "tol=1e-4": dict(steps=30, tol=1e-4)}
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     for pol in args.policies:
         for sname, sopts in SETTINGS.items():
             row = dict(device=torch.cuda.get_device_name(), shape=str(tuple(args.shape)), policy=pol, setting=sname,
-                       torch=torch.__version__, lam_min=args.lam_min)
+                       torch=torch.__version__, triton=triton.__version__, commit=git_commit(), lam_min=args.lam_min)
             for check in (None, "warn"):
                 run = functools.partial(mesa_chunk, *inp, policy=pol, validate=False, check=check, **sopts)
                 with warnings.catch_warnings(record=True) as caught:

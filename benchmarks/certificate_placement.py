@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from benchmarks.bench_certificate import SETTINGS, make_inputs  # noqa: E402
 from kernels import mesa as km  # noqa: E402
 from kernels import mesa_chunk  # noqa: E402
+from stability.production import git_commit  # noqa: E402
 
 VARIANTS = {"off": None, "w4_j32": (4, 32), "w8_j32": (8, 32), "w4_j16": (4, 16), "w8_j16": (8, 16)}
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
                 res = {n: f"{k.n_regs}/{k.n_spills}" for n, k in km.LAST_LAUNCH.items()}
                 rows.append(dict(device=torch.cuda.get_device_name(), shape=str(tuple(args.shape)), policy=pol,
                                  setting=sname, variant=vname, fwd_ms=ms, regs_spills=str(res),
-                                 commit=os.environ.get("MESA_GIT_COMMIT", "?"), torch=torch.__version__,
+                                 commit=git_commit(), torch=torch.__version__,
                                  date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())))
                 print(rows[-1], flush=True)
                 pd.DataFrame(rows).to_csv(os.path.join(args.out, "certificate_placement.csv"), index=False)
