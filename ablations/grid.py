@@ -2,7 +2,7 @@
 
 A grid spec (a TOML file, or a built-in preset) has a ``[run]`` table (model size, training
 settings, data slice) and two arrays of solver configurations, ``[[train]]`` and ``[[eval]]``,
-each entry the fields of :class:`ablations.model.SolverConfig`. A sweep can be written compactly
+each entry the fields of :class:`solvers.spec.SolverSpec`. A sweep can be written compactly
 with a list in one field, e.g. ``steps = [1, 2, 5]``, which expands to one config per value.
 
 :func:`run_grid` trains one model per training config (checkpointed under ``out/ckpt``, resumed
@@ -21,16 +21,18 @@ import itertools
 import os
 import re
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 
-from .model import SIZES, MesaLM, SolverConfig
+from solvers.spec import SPEC_FIELDS, SolverSpec
+
+from .model import SIZES, MesaLM
 from .train import TrainConfig, evaluate, train
 
 RUN_KEYS = {"size", "train_steps", "batch_size", "lr", "warmup", "seed", "max_bytes", "eval_windows",
             "ckpt_every", "device", "backend"}
-SOLVER_KEYS = {f.name for f in fields(SolverConfig)}
+SOLVER_KEYS = set(SPEC_FIELDS)
 EVAL_SPLITS = ("validation", "test", "ood")
 
 PRESETS = {
@@ -38,10 +40,10 @@ PRESETS = {
     "tiny-cpu": {
         "run": {"size": "tiny", "train_steps": 1200, "batch_size": 16, "lr": 3e-3, "warmup": 100, "seed": 0,
                 "max_bytes": 2_000_000, "eval_windows": 64},
-        "train": [{"method": "cg", "steps": 30}],
-        "eval": [{"method": "cg", "steps": [0, 1, 2, 5, 10, 30]},
-                 {"method": "cg", "steps": 30, "tol": [1e-2, 1e-3, 1e-4]},
-                 {"method": "exact"}],
+        "train": [{"method": "cg", "steps": 30, "policy": "fp32"}],
+        "eval": [{"method": "cg", "steps": [0, 1, 2, 5, 10, 30], "policy": "fp32"},
+                 {"method": "cg", "steps": 30, "tol": [1e-2, 1e-3, 1e-4], "policy": "fp32"},
+                 {"method": "exact", "policy": "fp32"}],
     },
     # one GPU, each training run a few minutes: models trained with 5, 10, 30 CG steps and with
     # Sherman-Morrison, each evaluated over steps, tolerances and policies
@@ -49,19 +51,20 @@ PRESETS = {
         "run": {"size": "small", "train_steps": 2000, "batch_size": 32, "lr": 2e-3, "warmup": 200, "seed": 0,
                 "eval_windows": 256},
         # training in the kernels' default policy (bf16x3: fp32 IEEE products would be ~6x slower)
-        "train": [{"method": "cg", "steps": [5, 10, 30], "policy": "bf16x3"}, {"method": "sherman_morrison"}],
-        "eval": [{"method": "cg", "steps": [1, 2, 3, 5, 10, 15, 20, 30]},
-                 {"method": "cg", "steps": 30, "tol": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]},
+        "train": [{"method": "cg", "steps": [5, 10, 30], "policy": "bf16x3"},
+                  {"method": "sherman_morrison", "policy": "fp32"}],
+        "eval": [{"method": "cg", "steps": [1, 2, 3, 5, 10, 15, 20, 30], "policy": "fp32"},
+                 {"method": "cg", "steps": 30, "tol": [1e-2, 1e-3, 1e-4, 1e-5, 1e-6], "policy": "fp32"},
                  {"method": "cg", "steps": 30, "policy": ["fp32", "tf32", "bf16-fp32state", "bf16-bf16state"]},
                  # the solved problem itself: exact, and Sherman-Morrison's decayed regulariser
-                 {"method": "exact"}, {"method": "sherman_morrison"}],
+                 {"method": "exact", "policy": "fp32"}, {"method": "sherman_morrison", "policy": "fp32"}],
     },
     # for tests: seconds on a CPU
     "smoke": {
         "run": {"size": "tiny", "train_steps": 16, "batch_size": 4, "warmup": 2, "seed": 0, "max_bytes": 100_000,
                 "eval_windows": 4, "ckpt_every": 4},
-        "train": [{"method": "cg", "steps": [2, 5]}],
-        "eval": [{"method": "cg", "steps": [0, 5]}],
+        "train": [{"method": "cg", "steps": [2, 5], "policy": "fp32"}],
+        "eval": [{"method": "cg", "steps": [0, 5], "policy": "fp32"}],
     },
 }
 
@@ -73,8 +76,8 @@ class GridError(ValueError):
 @dataclass
 class Grid:
     run: dict
-    train: list[SolverConfig]
-    eval: list[SolverConfig]
+    train: list[SolverSpec]
+    eval: list[SolverSpec]
     name: str = "custom"
     extra: dict = field(default_factory=dict)
 
@@ -89,7 +92,7 @@ class Grid:
             raise GridError(f"[run]: {err}") from None
 
 
-def _expand(entries, where: str) -> list[SolverConfig]:
+def _expand(entries, where: str) -> list[SolverSpec]:
     if not isinstance(entries, list) or not entries:
         raise GridError(f"[[{where}]] must be a non-empty array of solver configs")
     out = []
@@ -104,7 +107,7 @@ def _expand(entries, where: str) -> list[SolverConfig]:
         values = [v if isinstance(v, list) else [v] for v in e.values()]
         for combo in itertools.product(*values):
             try:
-                out.append(SolverConfig(**dict(zip(keys, combo, strict=True))))
+                out.append(SolverSpec(**dict(zip(keys, combo, strict=True))))
             except (ValueError, KeyError, TypeError) as err:
                 raise GridError(f"[[{where}]] entry {i}: {err}") from err
     return out

@@ -6,75 +6,29 @@ bytes, with tied input / output embeddings (docs/design.md section 8).
     h   = h + W_2 (silu(W_1 RMSNorm(h)) * W_3 RMSNorm(h))
     logits = RMSNorm(h) E^T                        (tied embeddings)
 
-The solver of every Mesa layer is one :class:`SolverConfig`; :meth:`MesaLM.set_solver` switches
-it, so that a model trained with one configuration can be evaluated with another.
+The solver of every Mesa layer is one :class:`solvers.spec.SolverSpec`; :meth:`MesaLM.set_solver`
+switches it, so that a model trained with one configuration can be evaluated with another.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import solvers
 from kernels.layer import MesaLayer
+from solvers.spec import SolverSpec
 
 from .data import VOCAB
 
-METHODS = ("cg", "exact", "sherman_morrison", "chebyshev")
 
-
-@dataclass(frozen=True)
-class SolverConfig:
-    """How every Mesa layer solves ``(H_t + Lambda) x_t = q_t``: method, step cap, tolerance, precision
-    policy, initial guess and preconditioner (the last four for CG; exact and Sherman-Morrison
-    only use the policy)."""
-
-    method: str = "cg"
-    steps: int = 30
-    tol: float | None = None
-    policy: str = "fp32"
-    x0: str = "zero"
-    precond: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"solver method must be one of {METHODS}, got {self.method!r}")
-        solvers.get_policy(self.policy)  # raises on an unknown policy
-        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {self.steps!r}")
-        if self.tol is not None and not (self.tol > 0):
-            raise ValueError(f"tol must be > 0 or None, got {self.tol!r}")
-        if self.x0 not in ("zero", "jacobi"):
-            raise ValueError(f"x0 must be 'zero' or 'jacobi', got {self.x0!r}")
-        if self.precond not in (None, "jacobi"):
-            raise ValueError(f"precond must be None or 'jacobi', got {self.precond!r}")
-
-    def layer_options(self, backend: str = "auto") -> dict:
-        """The options of :class:`kernels.MesaLayer` (its ``solver`` dict) for this configuration.
-
-        The ablations truncate CG on purpose (a few steps, loose tolerances) and measure what that
-        costs in bits per byte, so the accuracy certificate, which would flag every truncated solve,
-        is off (``check=None``)."""
-        if self.method == "cg":
-            return dict(method="cg", steps=self.steps, tol=self.tol, policy=self.policy, x0=self.x0,
-                        precond=self.precond, backend=backend, check=None)
-        if self.method == "chebyshev":
-            return dict(method="chebyshev", steps=self.steps, tol=self.tol, policy=self.policy)
-        return dict(method=self.method, policy=self.policy)
-
-    @property
-    def label(self) -> str:
-        if self.method != "cg":
-            return f"{self.method}/{self.policy}"
-        stop = f"tol={self.tol:g},cap={self.steps}" if self.tol is not None else f"steps={self.steps}"
-        return f"cg/{stop}/{self.policy}" + ("" if self.x0 == "zero" else f"/x0={self.x0}") + (
-            "" if self.precond is None else f"/precond={self.precond}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+def layer_spec(spec: SolverSpec, backend: str = "auto") -> SolverSpec:
+    """The spec every Mesa layer of an ablation model runs: ``spec`` on ``backend``, with the accuracy
+    certificate off. The ablations truncate CG on purpose (a few steps, loose tolerances) and measure
+    what that costs in bits per byte; the certificate would flag every truncated solve."""
+    return spec.replace(backend=backend, check=None)
 
 
 @dataclass(frozen=True)
@@ -116,10 +70,10 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, size: ModelSize, solver: dict):
+    def __init__(self, size: ModelSize, solver: SolverSpec):
         super().__init__()
         self.norm1 = RMSNorm(size.d_model)
-        self.mixer = MesaLayer(size.d_model, size.n_heads, **solver)
+        self.mixer = MesaLayer(size.d_model, size.n_heads, solver=solver)
         self.norm2 = RMSNorm(size.d_model)
         hidden = int(round(size.mlp_mult * size.d_model / 8)) * 8
         self.mlp = SwiGLU(size.d_model, hidden)
@@ -132,24 +86,24 @@ class Block(nn.Module):
 class MesaLM(nn.Module):
     """Byte-level LM of Mesa blocks; ``forward(x)`` returns logits ``[B, T, 256]`` (float32)."""
 
-    def __init__(self, size: ModelSize | str = "tiny", solver: SolverConfig | None = None, backend: str = "auto"):
+    def __init__(self, size: ModelSize | str = "tiny", solver: SolverSpec | None = None, backend: str = "auto"):
         super().__init__()
         if isinstance(size, str):
             if size not in SIZES:
                 raise ValueError(f"unknown model size {size!r}; sizes: {sorted(SIZES)}")
             size = SIZES[size]
         self.size, self.backend = size, backend
-        self.solver = solver or SolverConfig()
+        self.solver = solver or SolverSpec()
         self.embed = nn.Embedding(VOCAB, size.d_model)
         nn.init.normal_(self.embed.weight, std=size.d_model ** -0.5)
-        self.blocks = nn.ModuleList(Block(size, self.solver.layer_options(backend)) for _ in range(size.n_layers))
+        self.blocks = nn.ModuleList(Block(size, layer_spec(self.solver, backend)) for _ in range(size.n_layers))
         self.norm = RMSNorm(size.d_model)
 
-    def set_solver(self, solver: SolverConfig) -> None:
+    def set_solver(self, solver: SolverSpec) -> None:
         """Use ``solver`` in every Mesa layer from now on (training or evaluation)."""
         self.solver = solver
         for b in self.blocks:
-            b.mixer.solver = solver.layer_options(self.backend)
+            b.mixer.solver = layer_spec(solver, self.backend)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden representations ``RMSNorm(h)`` ``[B, T, d_model]``: the rows the tied
@@ -181,4 +135,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["SolverConfig", "ModelSize", "SIZES", "MesaLM", "loss_per_token", "count_parameters"]
+__all__ = ["ModelSize", "SIZES", "MesaLM", "layer_spec", "loss_per_token", "count_parameters"]

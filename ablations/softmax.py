@@ -42,10 +42,12 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from solvers.spec import SolverSpec
+
 from . import spectra
 from .data import eval_windows
 from .grid import copy_part_files
-from .model import SIZES, MesaLM, SolverConfig
+from .model import SIZES, MesaLM
 from .train import TrainConfig, evaluate, train
 
 TEMPERATURES = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0, 100.0)
@@ -60,7 +62,7 @@ PRESETS = {
     # one GPU (or one per seed, merged): the small model (d_model = 256) with the training settings and
     # solver of the paper-gpu ablation (10 CG steps in bf16x3: as good as 30 there, 1.5 min per run on an H100)
     "gpu": dict(size="small", seeds=(0, 1), train_steps=2000, batch_size=32, lr=2e-3, warmup=200,
-                solver=SolverConfig("cg", 10, None, "bf16x3"), eval_windows=128, rank_windows=16),
+                solver=SolverSpec(method="cg", steps=10, policy="bf16x3"), eval_windows=128, rank_windows=16),
     # for tests: seconds on a CPU
     "smoke": dict(size="tiny", temperatures=(1.0, 10.0), seeds=(0,), train_steps=8, batch_size=4, warmup=2,
                   max_bytes=60_000, eval_windows=4, rank_windows=4, ckpt_every=4),
@@ -84,7 +86,7 @@ class Study:
     lr: float = 3e-3
     warmup: int = 30
     max_bytes: int | None = None
-    solver: SolverConfig = field(default_factory=lambda: SolverConfig("cg", 30, 1e-4, "fp32"))
+    solver: SolverSpec = field(default_factory=lambda: SolverSpec(method="cg", steps=30, tol=1e-4, policy="fp32"))
     eval_windows: int = 64  # windows per split for bits per byte and for the OOD scores
     rank_windows: int = 32  # validation windows whose positions are the rows of Z and H_last
     rank_threshold: float = 1e-3  # tau of the numerical rank
@@ -111,7 +113,7 @@ class Study:
         if self.eval_windows < 2 or self.rank_windows < 1:
             raise StudyError("eval_windows must be >= 2 (an AUROC needs windows) and rank_windows >= 1")
         if isinstance(self.solver, dict):
-            self.solver = SolverConfig(**self.solver)
+            self.solver = SolverSpec.from_dict(self.solver)
         try:
             self.train_config(self.temperatures[0], self.seeds[0])
         except ValueError as err:
@@ -126,6 +128,7 @@ class Study:
         d = asdict(self)
         for k in ("name", "temperatures", "seeds", "ckpt_every", "device", "backend"):
             d.pop(k)
+        d["solver"] = self.solver.to_dict()
         return d
 
 
@@ -242,6 +245,8 @@ def _check_settings(out: str, study: Study) -> None:
     if os.path.exists(path):
         with open(path) as fh:
             stored = json.load(fh)["settings"]
+        if isinstance(stored.get("solver"), dict):  # written with fewer solver fields: their defaults
+            stored["solver"] = SolverSpec.from_dict(stored["solver"]).to_dict()
         mine = json.loads(json.dumps(study.settings()))
         differ = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         if differ:

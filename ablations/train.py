@@ -19,7 +19,7 @@ that blows up (Sherman-Morrison's decayed regulariser under forgetting) is a res
 
 Evaluation: bits per byte ``mean cross-entropy / ln 2`` over a fixed tiling of a split
 (:func:`ablations.data.eval_windows`), the loss by position bucket (early vs late tokens of the
-windows), and the mean / max CG steps of every Mesa layer, under any :class:`SolverConfig`.
+windows), and the mean / max CG steps of every Mesa layer, under any :class:`solvers.spec.SolverSpec`.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from solvers.spec import SolverSpec
+
 from .data import WindowSampler, eval_windows
-from .model import MesaLM, SolverConfig, loss_per_token
+from .model import MesaLM, loss_per_token
 
 
 @dataclass
@@ -214,7 +216,7 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
 
 
 @torch.no_grad()
-def evaluate(model: MesaLM, data: torch.Tensor, solver: SolverConfig, *, max_windows: int = 64,
+def evaluate(model: MesaLM, data: torch.Tensor, solver: SolverSpec, *, max_windows: int = 64,
              batch_size: int = 16, buckets: int = 4, temperature: float = 1.0) -> dict:
     """Bits per byte of ``data`` under ``solver`` (of the predictive distribution ``softmax(z / T)``,
     ``T = temperature``, the one the model was trained with), loss by position bucket, mean / max CG

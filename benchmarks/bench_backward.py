@@ -166,12 +166,12 @@ def main():
         import kernels.mesa as km
         from kernels import chunk_bwd
         from kernels.chunk_bwd import chunk_contractions, reverse_states
-        from solvers.implicit import SolveConfig
+        from solvers.spec import SolverSpec
 
         print("== backward stages at 30 steps", flush=True)
         st_csv = Csv(os.path.join(args.out, "bench_backward_stages.csv"), device=dev_name, shape=shape)
         for pol in args.policies:
-            cfg = SolveConfig(solvers.get_policy(pol), steps=30, chunk_size=32)
+            cfg = SolverSpec(policy=pol, steps=30, chunk_size=32)
             with torch.no_grad():
                 _, _, _, _, x, _ = km._triton_forward(q, k, v, g, beta, lam, None, cfg, None)
                 ed = e_dense

@@ -48,7 +48,7 @@ for T in (4096, 16384):
             bad = (ex > 0.1).nonzero()
             first = int(bad[:, 1].min()) if len(bad) else -1
             # the CG kernel on fp64-accurate states rounded to fp32
-            cfg = solvers.implicit.SolveConfig(P, steps, None, "zero", None, 32, None, None)
+            cfg = solvers.spec.SolverSpec(policy=P, steps=steps, chunk_size=32)
             orig = mesa.chunk_states
             mesa.chunk_states = lambda *a, S=S64, **kw: (S.Hc.float().contiguous(), S.Gc.float().contiguous(),
                                                           (S.H_final.float(), S.G_final.float()))

@@ -16,11 +16,13 @@ read without a host sync (:mod:`solvers.verdict`): a warning comes at the latest
 stats are read, at a later call, or at :func:`flush_checks`.
 """
 
+from solvers.precision import DEFAULT_POLICY
+from solvers.spec import SolverSpec
 from solvers.verdict import flush as flush_checks
 
 from .chunk_state import chunk_states
 from .layer import MesaCache, MesaLayer
-from .mesa import DEFAULT_POLICY, MesaStats, mesa_chunk, mesa_step
+from .mesa import MesaStats, mesa_chunk, mesa_step
 
-__all__ = ["DEFAULT_POLICY", "MesaCache", "MesaLayer", "MesaStats", "chunk_states", "flush_checks", "mesa_chunk",
-           "mesa_step"]
+__all__ = ["DEFAULT_POLICY", "MesaCache", "MesaLayer", "MesaStats", "SolverSpec", "chunk_states", "flush_checks",
+           "mesa_chunk", "mesa_step"]

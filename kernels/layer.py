@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from solvers.precision import DEFAULT_POLICY
+from solvers.spec import SolverSpec, solver_spec
 
 from .mesa import mesa_chunk
 
@@ -57,14 +57,17 @@ def _rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class MesaLayer(nn.Module):
-    """Mesa sequence mixer; ``solver`` options (steps, tol, policy, backend, ...) go to ``mesa_chunk``.
+    """Mesa sequence mixer. ``solver`` (a :class:`solvers.spec.SolverSpec`, default ``SolverSpec()``)
+    says how it solves, and ``solver_options`` (its fields: steps, tol, policy, backend, check, ...)
+    change it; ``self.solver`` may be replaced between calls.
 
-    ``method`` in the solver options picks another solver of :func:`solvers.solve` (``"exact"``,
-    ``"sherman_morrison"``, ``"chebyshev"``; default ``"cg"``, the kernels), differentiated by
+    ``SolverSpec.method`` other than ``"cg"`` (the kernels, ``mesa_chunk``) picks a solver of
+    :func:`solvers.solve` (``"exact"``, ``"sherman_morrison"``, ``"chebyshev"``), differentiated by
     autograd: for ablations at small sizes."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, value_dim: int | None = None, *,
-                 output_gate: bool = True, norm_eps: float = 1e-5, **solver):
+                 output_gate: bool = True, norm_eps: float = 1e-5, solver: SolverSpec | None = None,
+                 **solver_options):
         super().__init__()
         if d_model < 1 or n_heads < 1:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model}, {n_heads}")
@@ -73,9 +76,7 @@ class MesaLayer(nn.Module):
         self.d_model, self.n_heads = d_model, n_heads
         self.head_dim = head_dim or d_model // n_heads
         self.value_dim = value_dim or self.head_dim
-        self.solver = {"policy": DEFAULT_POLICY, **solver}
-        if self.solver.get("method", "cg") in ("cg", "chebyshev"):
-            self.solver.setdefault("steps", 30)  # the iterative solvers' default step cap
+        self.solver = solver_spec(solver, **solver_options)
         self.last_steps: torch.Tensor | None = None
         H, D, Dv = n_heads, self.head_dim, self.value_dim
         self.q_proj = nn.Linear(d_model, H * D, bias=False)
@@ -137,23 +138,22 @@ class MesaLayer(nn.Module):
             return y
         q, k, v, g, beta, cq, ck = self._inputs(u, cache)
         init = None if cache is None else cache.state
-        opts = dict(self.solver)
-        method = opts.pop("method", "cg")
+        spec = self.solver
+        method = spec.method
         if method == "cg":
-            o, state, stats = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype), initial_state=init,
-                                         output_final_state=True, return_stats=True, **opts)
+            o, state, stats = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype), spec, initial_state=init,
+                                         output_final_state=True, return_stats=True)
             self.last_steps = stats.steps.detach()  # [B,T,H] CG steps of the latest call (diagnostics)
         else:
             # the reference solvers (exact, sherman_morrison, chebyshev): differentiable by autograd
             import solvers
 
-            opts.pop("backend", None)
-            opts.pop("chunk_size", None)
-            policy = opts.pop("policy")
+            opts = dict(steps=spec.steps, tol=spec.tol, x0=spec.x0, precond=spec.precond) if method == "chebyshev" \
+                else {}
             # the policy, not an enclosing autocast, sets the solver's precision
             with torch.autocast(q.device.type, enabled=False):
                 res = solvers.solve(solvers.MesaProblem(q, k, v, g, beta, self.lam.to(q.dtype), init), method,
-                                    policy, **opts)
+                                    spec.policy, **opts)
             o, state = res.o, res.final_state
             self.last_steps = None if res.steps is None else res.steps.detach()
         B, T = u.shape[:2]

@@ -19,16 +19,15 @@ import torch
 
 from solvers import MesaProblem, get_policy, validate_inputs, verdict
 from solvers import certificate as cert
-from solvers.cg import PRECOND_CHOICES, check_iteration_options
 from solvers.gates import segmented_cumsum_grad
-from solvers.implicit import MesaImplicit, SolveConfig, implicit_backward
+from solvers.implicit import MesaImplicit, implicit_backward
 from solvers.precision import (
     AUTO_TIERS,
-    DEFAULT_POLICY,
     UNIT_ROUNDOFF,
     PrecisionPolicy,
     auto_ops,
 )
+from solvers.spec import SolverSpec, solver_spec
 
 from . import chunk_cg, chunk_tier, decode, residual
 from .chunk_state import MIN_DOT_BLOCK, _is_interpreted, chunk_states
@@ -43,7 +42,6 @@ except ImportError:  # pragma: no cover
 # "auto", conditioning-aware operand precision per chunk with fp32 states, covered by the certificate.
 KERNEL_POLICIES = ("auto", "fp32", "tf32", "bf16x3", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state",
                    "fp16-fp16state")
-BACKENDS = ("auto", "triton", "torch")
 # Largest head dims the fused CG kernel holds on chip (H_c is a D x D tile).
 MAX_D = 128
 # Launch shape of the certificate's kernel (kernels/residual.py), the fastest of 4 / 8 warps and 16 /
@@ -125,26 +123,35 @@ def _kernel_policy(policy) -> PrecisionPolicy:
     return pol
 
 
-def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
-               precond: str | None = None, policy: str | PrecisionPolicy = DEFAULT_POLICY, chunk_size: int = 32,
-               initial_state=None, output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False,
-               return_x: bool = False, validate: bool = True, num_warps: int | None = None, backend: str = "auto",
-               bwd_steps: int | None = None, bwd_tol: float | None = None, bwd_contractions: str = "triton",
-               check: str | None = "warn", check_tol: float | None = None):
+def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial_state=None,
+               output_final_state: bool = False, cu_seqlens=None, return_stats: bool = False, return_x: bool = False,
+               validate: bool = True, num_warps: int | None = None, bwd_contractions: str = "triton", **options):
     """Mesa layer: ``o_t = G_t (H_t + Lambda)^{-1} q_t`` for every token, by chunkwise CG; differentiable.
 
     Args:
         q, k: ``[B,T,H,D]``; v: ``[B,T,H,Dv]``; g (log forget gate, <= 0), beta (in [0,1]): ``[B,T,H]``;
             lam (> 0): ``[H,D]``. Any float dtype; cast to the policy's input dtype.
-        steps: CG step cap (fixed step count when ``tol`` is None). ``steps=0`` gives x = x0.
-        tol: relative residual tolerance ``||r|| <= tol ||r_0||``; each chunk stops early when all its
-            tokens meet it.
-        x0: initial guess, ``"zero"`` or ``"jacobi"`` (q / diag(H_t + Lambda)).
-        precond: ``None`` or ``"jacobi"``.
-        policy: precision policy name or object (default ``DEFAULT_POLICY``, ``"auto"``: each chunk's
-            operand precision from the free bound on its systems, fp32 states; solvers/precision.py).
-        chunk_size: tokens per chunk (any positive int; power-of-two blocks are masked). The default 32
-            was faster than 64 on an H100 at D = 128 (benchmarks/README.md).
+        spec: how to solve, a :class:`solvers.spec.SolverSpec` (default ``SolverSpec()``: 30 CG steps,
+            policy ``"auto"``, the certificate on); ``options``, its fields, change it:
+
+            * ``steps`` caps CG (a fixed step count when ``tol`` is None; 0 gives x = x0); with ``tol``
+              each chunk stops early once all its tokens meet ``||r|| <= tol ||r_0||``;
+            * ``x0``: ``"zero"`` or ``"jacobi"`` (q / diag(H_t + Lambda)); ``precond``: None or ``"jacobi"``;
+            * ``policy``: the precision policy (solvers/precision.py); ``"auto"`` picks each chunk's
+              operand precision from the free bound on its systems, with fp32 states;
+            * ``chunk_size``: tokens per chunk (power-of-two blocks are masked); 32 was faster than 64
+              on an H100 at D = 128 (benchmarks/README.md);
+            * ``bwd_steps``, ``bwd_tol``: the adjoint solve's (default ``steps``, ``tol``);
+            * ``check``: the accuracy certificate (:mod:`solvers.certificate`) of every token's x and,
+              in the backward, of the adjoint solve: ``"warn"`` (a ``CertificateWarning`` when a
+              certified relative error exceeds ``check_tol``; on CUDA it comes without a host sync,
+              :mod:`solvers.verdict`), ``"raise"`` (``CertificateError``) or None (not computed). The
+              message names the worst token and head, the bound, kappa and a policy that would pass;
+              ``check_tol`` defaults to the policy's sqrt(u). The certificate is in the stats;
+            * ``backend``: ``"triton"`` (the kernels: CUDA, or CPU through the interpreter),
+              ``"torch"`` (the PyTorch chunkwise CG of :mod:`solvers`, any device and policy, fp64
+              included) or ``"auto"``: Triton on CUDA tensors, torch otherwise. Both are
+              differentiable with the implicit backward of :mod:`solvers.implicit`.
         initial_state: ``(H0 [N,H,D,D], G0 [N,H,Dv,D])``, N = B (or the number of packed sequences).
         output_final_state: also return ``(H_T, G_T)`` (float32 or the policy's state dtype).
         cu_seqlens: packed variable-length sequences (B = 1), int tensor ``[N+1]``.
@@ -155,21 +162,10 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         num_warps: warps per program of the CG kernel (default from an H100 sweep at D = 128, C = 32:
             8 for fp32 / tf32 / bf16x3 operands at head dims above 64, whose tiles need the registers
             of 256 threads; 4 otherwise, 1.6x faster than 8 for bf16 / fp16 operands).
-        backend: ``"triton"`` (the kernels: CUDA, or CPU through the interpreter), ``"torch"`` (the
-            PyTorch chunkwise CG of :mod:`solvers`, any device and policy, fp64 included) or
-            ``"auto"``: Triton on CUDA tensors, torch otherwise. Both are differentiable with the
-            implicit backward of :mod:`solvers.implicit` (an adjoint CG solve per token).
-        bwd_steps, bwd_tol: step cap and tolerance of the adjoint solve (default: ``steps``, ``tol``).
         bwd_contractions: Triton backend only: the gradient contractions after the adjoint solve in
             the kernels of :mod:`kernels.chunk_bwd` (``"triton"``, the default: 25-50x faster than
             ``"torch"`` on an H100, benchmarks/README.md) or in PyTorch (``"torch"``: the chunkwise
             formulas of :func:`solvers.implicit.chunked_gradients`, fp32, a cross-check).
-        check: the accuracy certificate (:mod:`solvers.certificate`) of every token's x and, in the
-            backward, of the adjoint solve: ``"warn"`` (default: a ``CertificateWarning`` when a
-            certified relative error exceeds ``check_tol``), ``"raise"`` (``CertificateError``) or
-            ``None`` (not computed). The message names the worst token and head, the bound, kappa and a
-            policy that would pass. The certificate is in the stats (``return_stats``).
-        check_tol: the threshold (default: the policy's ``check_tol``, sqrt(u)).
 
     The op computes in the policy's precision whatever ``torch.autocast`` is active.
 
@@ -177,18 +173,18 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
         ``return_stats``.
     """
-    cert.check_mode(check)
+    spec = solver_spec(spec, **options)
+    if spec.method != "cg":
+        raise ValueError(f"mesa_chunk solves by CG (SolverSpec.method 'cg'), got {spec.method!r}; the reference "
+                         "solvers are solvers.solve's (and MesaLayer's)")
     verdict.poll()  # the warnings of earlier calls whose verdicts the GPU has computed by now
-    if check_tol is not None and not (isinstance(check_tol, (int, float)) and check_tol > 0):
-        raise ValueError(f"check_tol must be a positive float or None, got {check_tol!r}")
     dev_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
-    where = verdict.call_site() if check is not None else None  # named by the warnings, also the backward's
+    where = verdict.call_site() if spec.check is not None else None  # named by the warnings, also the backward's
     with torch.autocast(dev_type, enabled=False):  # the policy decides the precision, not autocast
-        out, stats, pol = _mesa_chunk(
-            q, k, v, g, beta, lam, steps=steps, tol=tol, x0=x0, precond=precond, policy=policy,
-            chunk_size=chunk_size, initial_state=initial_state, cu_seqlens=cu_seqlens, validate=validate,
-            num_warps=num_warps, backend=backend, bwd_steps=bwd_steps, bwd_tol=bwd_tol,
-            bwd_contractions=bwd_contractions, check=check, check_tol=check_tol, where=where)
+        out, stats, pol = _mesa_chunk(q, k, v, g, beta, lam, spec, initial_state=initial_state, cu_seqlens=cu_seqlens,
+                                      validate=validate, num_warps=num_warps, bwd_contractions=bwd_contractions,
+                                      where=where)
+    check = spec.check
     if stats._certificate is not None:
         stats._pending.append(verdict.submit(stats._certificate, check, pol, refine=stats._refine,
                                              store=functools.partial(setattr, stats, "_certificate"), where=where))
@@ -203,25 +199,19 @@ def mesa_chunk(q, k, v, g, beta, lam, *, steps: int = 30, tol: float | None = No
     return res[0] if len(res) == 1 else tuple(res)
 
 
-def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk_size, initial_state, cu_seqlens,
-                validate, num_warps, backend, bwd_steps, bwd_tol, bwd_contractions, check, check_tol, where=None):
+def _mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec, *, initial_state, cu_seqlens, validate, num_warps,
+                bwd_contractions, where=None):
     """mesa_chunk without the final check: ``((o, (H_T, G_T)), stats, policy)``; the stats hold x and,
-    when ``check`` is not None, the certificate (and its refinement, ``stats._refine``). The backward
-    checks the adjoint's certificate itself, naming the call site ``where``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    when ``spec.check`` is not None, the certificate (and its refinement, ``stats._refine``). The
+    backward checks the adjoint's certificate itself, naming the call site ``where``."""
+    backend = spec.backend
     if backend == "auto":
         backend = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
     if bwd_contractions not in ("torch", "triton"):
         raise ValueError(f"bwd_contractions must be 'torch' or 'triton', got {bwd_contractions!r}")
-    check_iteration_options(steps, tol, x0)
-    if precond not in PRECOND_CHOICES:
-        raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
     validate_inputs(q, k, v, g, beta, lam, initial_state, cu_seqlens, check_values=validate)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if backend == "triton":
-        pol = _kernel_policy(policy)
+        pol = _kernel_policy(spec.policy)
         interpreted = _require_triton(chunk_cg, "_chunk_cg_kernel")
         for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
             _check_device(name, x, interpreted)
@@ -230,15 +220,13 @@ def _mesa_chunk(q, k, v, g, beta, lam, *, steps, tol, x0, precond, policy, chunk
             raise ValueError(f"head dims up to {MAX_D} are supported (the chunk's D x D state is held on chip); "
                              f"got D = {D}, Dv = {Dv}")
     else:
-        pol = get_policy(policy)
-    threshold = pol.check_tol if check_tol is None else float(check_tol)
+        pol = spec.policy
+    check, threshold = spec.check, spec.threshold
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state,
-                       dict(steps=steps, tol=tol, x0=x0, precond=precond, policy=pol, chunk_size=chunk_size,
-                            validate=False, num_warps=num_warps, backend=backend, bwd_steps=bwd_steps,
-                            bwd_tol=bwd_tol, bwd_contractions=bwd_contractions, check=check, check_tol=threshold,
-                            where=where))
-    cfg = SolveConfig(pol, steps, tol, x0, precond, chunk_size, bwd_steps, bwd_tol)
+                       dict(spec=spec.replace(backend=backend), validate=False, num_warps=num_warps,
+                            bwd_contractions=bwd_contractions, where=where))
+    cfg = spec
     H0, G0 = (None, None) if initial_state is None else initial_state
     stats = MesaStats(None, None)
     certify = (check, threshold, where) if check is not None else None
@@ -315,7 +303,7 @@ class TritonMesa(torch.autograd.Function):
     ``stats.adjoint_certificate`` and is checked in the backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, num_warps, bwd_contractions, certify, stats):
+    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolverSpec, num_warps, bwd_contractions, certify, stats):
         init = None if H0 is None else (H0, G0)
         o, (H_T, G_T), n_steps, res, x, (brk, buf) = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps,
                                                                      certify=certify is not None)
@@ -371,7 +359,7 @@ def _launch_classes(pol: PrecisionPolicy, adjoint: bool = False):
     return [(None, (op, op, codes[cert.cert_operand(pol)]))]
 
 
-def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolveConfig, num_warps, adjoint=None,
+def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolverSpec, num_warps, adjoint=None,
                     x_fwd=None, scale=None, certify: bool = False):
     """The kernels: chunk states, then the fused CG and output. Returns (o, final, steps, residual, x,
     (breakdown [B,T,H] int8, certificate [B,T,H,3] float32 rho / kappa / bound, or None)).
@@ -481,7 +469,7 @@ def _certificate_states(pol, k, v, g, beta, Hc, Gc, initial_state, C, values: bo
     return Hc, Gc, cert.state_error(pol, Hc.shape[2], compensated=pol.state == "fp32")
 
 
-def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolveConfig, do, dH_T, dG_T):
+def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolverSpec, do, dH_T, dG_T):
     """The backward contractions in kernels, after the adjoint solve (y, and a0 = e.o - y.(H x), from
     the CG kernel in ADJOINT mode, read e / s): the reverse scan of the adjoint states and the
     per-chunk contractions (:mod:`kernels.chunk_bwd`); dq = s y, dlam = -s sum x * y and dg = the
@@ -569,30 +557,40 @@ def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, opts):
     return (torch.cat(outs, dim=1), final), merged, pol
 
 
-def mesa_step(q, k, v, g, beta, lam, state, *, steps: int = 30, tol: float | None = None, x0: str = "zero",
-              precond: str | None = None, return_stats: bool = False, check: str | None = "warn",
-              check_tol: float | None = None):
+# Policies the decode kernel meets: it computes in fp32, which is auto's promise at any kappa it
+# certifies (its fp32 tier); the other named policies' arithmetic it does not implement.
+STEP_POLICIES = ("auto", "fp32")
+
+
+def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, return_stats: bool = False,
+              **options):
     """One decode step for one new token per sequence.
 
     Args:
         q, k: ``[B,H,D]`` (or ``[B,1,H,D]``); v: ``[B,H,Dv]``; g, beta: ``[B,H]``; lam: ``[H,D]``;
         state: ``(H [B,H,D,D], G [B,H,Dv,D])``, e.g. the final state of ``mesa_chunk``.
+        spec, options: how to solve, as in :func:`mesa_chunk` (``steps``, ``tol``, ``x0``,
+            ``precond``, ``check``, ``check_tol``); the policy must be one of :data:`STEP_POLICIES`
+            (the kernel computes in fp32).
 
     Returns:
         ``(o [B,H,Dv], new_state)`` in float32 (and the stats if ``return_stats``). The update is
         ``H' = gamma H + beta k k^T``, ``G' = gamma G + beta v k^T`` in float32, then CG on
         ``(H' + Lambda) x = q`` and ``o = G' x``.
 
-    ``check``, ``check_tol``: the accuracy certificate, as in :func:`mesa_chunk`; the residual
-    ``q - (H' + Lambda) x`` is formed in float64 from the given state (``B H D^2`` operations), the
-    threshold is that of the fp32 policy (the kernel computes in fp32).
+    The accuracy certificate's residual ``q - (H' + Lambda) x`` is formed in float64 from the given
+    state (``B H D^2`` operations); the threshold is that of the fp32 policy.
     """
+    spec = solver_spec(spec, **options)
     interpreted = _require_triton(decode, "_decode_kernel")
-    cert.check_mode(check)
+    if spec.method != "cg":
+        raise ValueError(f"mesa_step solves by CG (SolverSpec.method 'cg'), got {spec.method!r}")
+    if spec.policy.name not in STEP_POLICIES:
+        raise ValueError(f"mesa_step computes in fp32: SolverSpec.policy must be one of {STEP_POLICIES}, got "
+                         f"{spec.policy.name!r}")
     verdict.poll()
-    check_iteration_options(steps, tol, x0)
-    if precond not in PRECOND_CHOICES:
-        raise ValueError(f"precond must be one of {PRECOND_CHOICES}, got {precond!r}")
+    steps, tol, x0, precond, check, check_tol = (spec.steps, spec.tol, spec.x0, spec.precond, spec.check,
+                                                  spec.check_tol)
     squeeze = q.dim() == 4
     if squeeze:
         if q.shape[1] != 1:

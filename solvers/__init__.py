@@ -20,6 +20,7 @@ from .precision import POLICIES, PrecisionPolicy, get_policy
 from .problem import MesaProblem, validate_inputs
 from .result import SolveResult
 from .sherman_morrison import own_problem_reference, solve_sherman_morrison
+from .spec import SolverSpec, solver_spec
 
 __version__ = "0.1.0"
 
@@ -68,5 +69,5 @@ def _cat_results(parts: list[SolveResult]) -> SolveResult:
 __all__ = [
     "MesaProblem", "PrecisionPolicy", "POLICIES", "POLICY_ALIASES", "SolveResult", "METHODS", "ITERATIVE",
     "get_policy", "solve", "solve_cg", "solve_chebyshev", "solve_exact", "solve_sherman_morrison",
-    "own_problem_reference", "validate_inputs",
+    "own_problem_reference", "validate_inputs", "SolverSpec", "solver_spec",
 ]

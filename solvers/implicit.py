@@ -27,35 +27,15 @@ the true gradient of the truncated computation is measured by the tests, not hid
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 
 import torch
 
-from .cg import cg_iterate, check_iteration_options, check_precond
+from .cg import cg_iterate
 from .chunk_state import ChunkedSystem
 from .gates import decay_to_end, pairwise_decay, segmented_cumsum_grad
-from .precision import PrecisionPolicy, get_policy
+from .precision import PrecisionPolicy
 from .problem import MesaProblem
-
-
-@dataclass(frozen=True)
-class SolveConfig:
-    """CG options of the forward and of the adjoint solve."""
-
-    policy: PrecisionPolicy
-    steps: int = 30
-    tol: float | None = None
-    x0: str = "zero"
-    precond: str | None = None
-    chunk_size: int = 64
-    bwd_steps: int | None = None  # default: steps
-    bwd_tol: float | None = None  # default: tol
-
-    def __post_init__(self) -> None:
-        check_iteration_options(self.steps, self.tol, self.x0)
-        check_iteration_options(self.bwd_steps if self.bwd_steps is not None else self.steps,
-                                self.bwd_tol, self.x0)
-        check_precond(self.precond)
+from .spec import SolverSpec
 
 
 def chunked_gradients(S: ChunkedSystem, x: torch.Tensor, y: torch.Tensor, E: torch.Tensor,
@@ -145,7 +125,7 @@ def surrogate_gradients(inputs, x: torch.Tensor, y: torch.Tensor, do, policy: Pr
     return tuple(next(grads) if t is not None else None for t in leaves)
 
 
-def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolveConfig, do, dH_T=None, dG_T=None,
+def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolverSpec, do, dH_T=None, dG_T=None,
                       y: torch.Tensor | None = None, on_adjoint=None):
     """Input gradients ``(dq, dk, dv, dg, dbeta, dlam, dH0, dG0)`` (None where not needed) for the
     upstream gradients ``do`` (and ``dH_T``, ``dG_T``) at the forward solution ``x`` (``[B,T,H,D]``).
@@ -195,7 +175,7 @@ class MesaImplicit(torch.autograd.Function):
     its hook, called with the adjoint solution)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolveConfig, on_adjoint=None):
+    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolverSpec, on_adjoint=None):
         init = None if H0 is None else (H0, G0)
         problem = MesaProblem(q, k, v, g, beta, lam, init)
         S = ChunkedSystem.build(problem, cfg.policy, cfg.chunk_size)
@@ -228,7 +208,8 @@ def mesa_implicit(problem_or_inputs, *, policy="fp64", steps: int = 30, tol: flo
     else:
         q, k, v, g, beta, lam, *rest = problem_or_inputs
         init = rest[0] if rest else None
-    cfg = SolveConfig(get_policy(policy), steps, tol, x0, precond, chunk_size, bwd_steps, bwd_tol)
+    cfg = SolverSpec(policy=policy, steps=steps, tol=tol, x0=x0, precond=precond, chunk_size=chunk_size,
+                     bwd_steps=bwd_steps, bwd_tol=bwd_tol, check=None)
     H0, G0 = (None, None) if init is None else init
     o, H_T, G_T, x, count, rel = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg)
     return o, (H_T, G_T), x, count, rel

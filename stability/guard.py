@@ -127,7 +127,7 @@ def resolve(spec: str | None, policy: str, device: str, steps: int, tol: float |
     opts = {"steps": steps}
     if tol is not None:
         opts["tol"] = tol
-    if "policy" in params:
+    if "policy" in params or takes_any:  # mesa_chunk takes it among its SolverSpec options (**options)
         opts["policy"] = pol
     if spec == "kernels:mesa_chunk":
         opts["backend"] = default_backend(device)

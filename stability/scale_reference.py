@@ -38,8 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solvers import MesaProblem, get_policy
-from solvers.implicit import SolveConfig, implicit_backward
+from solvers import MesaProblem
+from solvers.implicit import implicit_backward
+from solvers.spec import SolverSpec
 
 F64 = torch.float64
 GRADIENTS = ("q", "k", "v", "g", "beta", "lam")
@@ -192,7 +193,7 @@ def _reference(p: MesaProblem, e, dH_T, dG_T, *, block: int, chunk_size: int, he
 
 def _gradients(p: MesaProblem, x, y, e, dH_T, dG_T, chunk_size: int, group: int) -> dict:
     """The closed-form gradients at the exact x, y, by groups of heads (dlam, dH_0, dG_0 per head)."""
-    cfg = SolveConfig(get_policy("fp64"), steps=1, chunk_size=min(chunk_size, p.T))
+    cfg = SolverSpec(policy="fp64", steps=1, chunk_size=min(chunk_size, p.T), check=None)
     has_init = p.initial_state is not None
     names = GRADIENTS + (("H0", "G0") if has_init else ())
     parts = {n: [] for n in names}

@@ -8,8 +8,9 @@ import pytest
 import torch
 
 from ablations import data
-from ablations.model import MesaLM, SolverConfig
+from ablations.model import MesaLM
 from ablations.train import TrainConfig, evaluate, lr_at, train
+from solvers.spec import SolverSpec
 
 
 @pytest.fixture(scope="module")
@@ -43,14 +44,14 @@ def test_window_sampler_and_eval_windows(corpus):
         data.WindowSampler(torch.zeros(10, dtype=torch.uint8), 64, 1, 0)
 
 
-def test_solver_config_errors():
+def test_solver_spec_errors_and_the_model_size():
     with pytest.raises(ValueError, match="method"):
-        SolverConfig(method="newton")
+        SolverSpec(method="newton")
     with pytest.raises(ValueError, match="steps"):
-        SolverConfig(steps=-1)
+        SolverSpec(steps=-1)
     with pytest.raises((ValueError, KeyError)):
-        SolverConfig(policy="fp8")
-    assert SolverConfig(steps=30, tol=1e-4).label == "cg/tol=0.0001,cap=30/fp32"
+        SolverSpec(policy="fp8")
+    assert SolverSpec(steps=30, tol=1e-4, policy="fp32").label == "cg/tol=0.0001,cap=30/fp32"
     with pytest.raises(ValueError, match="unknown model size"):
         MesaLM("huge")
 
@@ -71,15 +72,15 @@ def test_lr_schedule():
 
 def test_tiny_training_reduces_loss_and_solver_quality_shows(corpus):
     torch.manual_seed(0)
-    model = MesaLM("tiny", SolverConfig(steps=10))
+    model = MesaLM("tiny", SolverSpec(steps=10))
     res = train(model, corpus["train"], TrainConfig(steps=40, batch_size=8, warmup=4, ckpt_every=100))
     assert not res.diverged and res.steps_done == 40
     first, last = sum(res.losses[:5]) / 5, sum(res.losses[-5:]) / 5
     assert last < first - 1.0  # nats per byte: from ~5.5 (uniform over 256 bytes) to below 4.5
-    trained = evaluate(model, corpus["validation"], SolverConfig(steps=10), max_windows=8)
-    no_solve = evaluate(model, corpus["validation"], SolverConfig(steps=0), max_windows=8)
+    trained = evaluate(model, corpus["validation"], SolverSpec(steps=10), max_windows=8)
+    no_solve = evaluate(model, corpus["validation"], SolverSpec(steps=0), max_windows=8)
     assert trained["bits_per_byte"] < no_solve["bits_per_byte"]  # x = 0 removes the layer's output
-    assert trained["max_steps"] <= 10 and model.solver == SolverConfig(steps=10)  # restored
+    assert trained["max_steps"] <= 10 and model.solver == SolverSpec(steps=10)  # restored
 
 
 def test_resume_continues_exactly(corpus, tmp_path):
@@ -87,7 +88,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
 
     def fresh():
         torch.manual_seed(1)
-        return MesaLM("tiny", SolverConfig(steps=5))
+        return MesaLM("tiny", SolverSpec(steps=5))
 
     whole = fresh()
     ref = train(whole, corpus["train"], cfg)

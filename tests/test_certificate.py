@@ -192,8 +192,10 @@ def test_one_default_policy():
     from stability import cli
 
     assert DEFAULT_POLICY == "auto"
-    assert kernels.mesa.mesa_chunk.__kwdefaults__["policy"] == DEFAULT_POLICY
-    assert kernels.layer.MesaLayer(16, 2).solver["policy"] == DEFAULT_POLICY
+    from solvers.spec import SolverSpec
+
+    assert SolverSpec().policy.name == DEFAULT_POLICY  # the op's default spec
+    assert kernels.layer.MesaLayer(16, 2).solver.policy.name == DEFAULT_POLICY
     # the guard: no --policy means the default (the golden preset checks one policy)
     assert cli.build_parser().parse_args(["guard"]).policy is None
     assert cli.golden_policy(None) == DEFAULT_POLICY

@@ -119,11 +119,12 @@ def test_mesa_chunk_torch_backend_is_differentiable_and_auto_picks_it_on_cpu():
 def test_chunked_contractions_equal_the_surrogate_autograd():
     """The written-out chunkwise gradients against autograd of the surrogate (same x and y), with an
     initial state and upstream gradients on the final state too."""
-    from solvers.implicit import SolveConfig, implicit_backward, surrogate_gradients
+    from solvers.implicit import implicit_backward, surrogate_gradients
+    from solvers.spec import SolverSpec
 
     p = cases.random_problem(B=2, T=29, H=2, D=5, Dv=3, seed=8, initial_state=True)
     inputs = (p.q, p.k, p.v, p.g, p.beta, p.lam, *p.initial_state)
-    cfg = SolveConfig(solvers.get_policy("fp64"), steps=7, chunk_size=8)  # truncated on purpose
+    cfg = SolverSpec(policy="fp64", steps=7, chunk_size=8)  # truncated on purpose
     x = solvers.solve(p, "cg", steps=7, chunk_size=8).x
     e = cases.upstream_gradient(p, seed=1)
     gen = torch.Generator().manual_seed(2)

@@ -89,12 +89,12 @@ def test_bf16_keys_take_the_exact_operand_path():
 def test_adjoint_kernel_forms_the_log_decay_term():
     """The adjoint CG kernel's a0 = e.o - y.(H x) at the forward's x against the PyTorch formula."""
     import kernels.mesa as km
-    from solvers.implicit import SolveConfig
+    from solvers.spec import SolverSpec
 
     T, C, D, Dv = 37, 16, 16, 12
     p = cases.make("well_conditioned", B=2, T=T, H=2, D=D, Dv=Dv, seed=5).to(torch.float32, DEVICE)
     pol = solvers.get_policy("fp32")
-    cfg = SolveConfig(pol, steps=40, tol=1e-7, chunk_size=C)
+    cfg = SolverSpec(policy=pol, steps=40, tol=1e-7, chunk_size=C)
     _, _, _, _, x, _ = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None)
     e = torch.randn(2, T, 2, Dv, generator=torch.Generator().manual_seed(4)).to(DEVICE)
     a0, _, _, _, y, _ = km._triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e, x_fwd=x)

@@ -241,12 +241,12 @@ def test_adjoint_solve_in_the_kernel_matches_the_torch_adjoint(prob, policy):
     from kernels.mesa import _triton_forward
     from solvers.cg import cg_iterate
     from solvers.chunk_state import ChunkedSystem
-    from solvers.implicit import SolveConfig
+    from solvers.spec import SolverSpec
 
     p = _dev(prob)
     pol = solvers.get_policy(policy)
     e = cases.upstream_gradient(prob, scale=1e-3, seed=4).to(device=DEVICE, dtype=torch.float32)
-    cfg = SolveConfig(pol, steps=5, tol=None, chunk_size=16, bwd_steps=40, bwd_tol=1e-6)
+    cfg = SolverSpec(policy=pol, steps=5, tol=None, chunk_size=16, bwd_steps=40, bwd_tol=1e-6)
     *_, x, _ = _triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None)
     *_, n_steps, _, y, _ = _triton_forward(p.q, p.k, p.v, p.g, p.beta, p.lam, None, cfg, None, adjoint=e, x_fwd=x)
     S = ChunkedSystem.build(p, pol, 16)

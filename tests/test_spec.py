@@ -1,0 +1,70 @@
+"""The one solver spec (solvers/spec.py): validation that names the field, sugar that builds it, and
+the same spec reaching every entry point."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from solvers import get_policy
+from solvers.precision import DEFAULT_POLICY
+from solvers.spec import SPEC_FIELDS, SolverSpec, solver_spec
+
+
+@pytest.mark.parametrize("field,bad", [
+    ("method", "newton"), ("steps", -1), ("steps", 2.5), ("steps", True), ("tol", 5), ("tol", 0.0),
+    ("x0", "random"), ("precond", "ilu"), ("policy", "fp8"), ("chunk_size", 0), ("bwd_steps", -2),
+    ("bwd_tol", 1.0), ("check", "loud"), ("check_tol", -1e-3), ("backend", "cuda"),
+])
+def test_a_bad_field_is_an_error_that_names_it(field, bad):
+    with pytest.raises(ValueError, match=rf"SolverSpec\.{field}"):
+        SolverSpec(**{field: bad})
+
+
+def test_defaults_normalisation_and_round_trip():
+    s = SolverSpec()
+    assert s.policy is get_policy(DEFAULT_POLICY) and s.check == "warn" and s.method == "cg"
+    assert SolverSpec(precond="none").precond is None  # the CLI's spelling
+    t = SolverSpec(steps=7, tol=1e-3, policy="bf16x3", bwd_steps=40, check=None, chunk_size=16)
+    assert SolverSpec.from_dict(t.to_dict()) == t
+    assert t.to_dict()["policy"] == "bf16x3" and set(t.to_dict()) == set(SPEC_FIELDS)
+    assert (t.adjoint_steps, t.adjoint_tol, SolverSpec(steps=9).adjoint_steps) == (40, 1e-3, 9)
+    assert t.threshold == get_policy("bf16x3").check_tol and SolverSpec(check_tol=1e-2).threshold == 1e-2
+    with pytest.raises(TypeError, match=r"unknown solver option\(s\) \['stepz'\]"):
+        solver_spec(None, stepz=3)
+    with pytest.raises(TypeError, match="SolverSpec or None"):
+        solver_spec({"steps": 3})
+    assert solver_spec(t, steps=8) == t.replace(steps=8) and t.replace(steps=8).tol == 1e-3
+
+
+def test_the_label_is_stable_and_tells_specs_apart():
+    assert SolverSpec(steps=30, policy="fp32").label == "cg/steps=30/fp32"
+    assert SolverSpec(method="exact", policy="fp32").label == "exact/fp32"
+    assert SolverSpec(steps=5, x0="jacobi", precond="jacobi", policy="fp32").label == \
+        "cg/steps=5/fp32/x0=jacobi/precond=jacobi"
+    labels = {SolverSpec(**{f: v}).label for f, v in [("chunk_size", 64), ("bwd_steps", 3), ("check", None),
+                                                     ("backend", "torch"), ("check_tol", 0.01), ("bwd_tol", 1e-3)]}
+    assert len(labels) == 6 and SolverSpec().label not in labels
+
+
+def test_every_entry_point_takes_the_spec():
+    from ablations.grid import parse_grid
+    from ablations.model import MesaLM
+    from kernels import MesaLayer, mesa_chunk
+    from stability import cases
+
+    spec = SolverSpec(steps=12, tol=1e-6, policy="fp64", backend="torch", check=None)
+    p = cases.make("well_conditioned", T=20, H=2, D=8)
+    args = (p.q, p.k, p.v, p.g, p.beta, p.lam)
+    o1, st1 = mesa_chunk(*args, spec, return_stats=True)
+    o2, st2 = mesa_chunk(*args, return_stats=True, **spec.to_dict())  # the keyword sugar: the same solve
+    assert torch.equal(o1, o2) and torch.equal(st1.steps, st2.steps) and st1.certificate is None
+    with pytest.raises(ValueError, match="solves by CG"):
+        mesa_chunk(*args, spec.replace(method="exact"))
+    with pytest.raises(TypeError, match="unknown solver option"):
+        mesa_chunk(*args, steps=3, toll=1e-3)
+    assert MesaLayer(16, 2, solver=spec).solver == spec == MesaLayer(16, 2, **spec.to_dict()).solver
+    model = MesaLM("tiny", spec)
+    assert all(b.mixer.solver == spec.replace(backend="auto") for b in model.blocks)  # certificate off anyway
+    grid = parse_grid({"train": [{"steps": 12, "policy": "fp64"}], "eval": [{"method": "exact", "policy": "fp64"}]})
+    assert grid.train == [SolverSpec(steps=12, policy="fp64")] and grid.eval[0].method == "exact"
