@@ -240,13 +240,21 @@ class Trajectory:
         new.to_csv(self.path, index=False)
 
 
+def normalised_settings(stored: dict) -> dict:
+    """Stored :meth:`Study.settings` in today's form: a solver written with fewer SolverSpec fields (an
+    older study.json) gets their defaults."""
+    out = dict(stored)
+    if isinstance(out.get("solver"), dict):
+        out["solver"] = SolverSpec.from_dict(out["solver"]).to_dict()
+    return out
+
+
 def _check_settings(out: str, study: Study) -> None:
     path = os.path.join(out, "study.json")
     if os.path.exists(path):
         with open(path) as fh:
             stored = json.load(fh)["settings"]
-        if isinstance(stored.get("solver"), dict):  # written with fewer solver fields: their defaults
-            stored["solver"] = SolverSpec.from_dict(stored["solver"]).to_dict()
+        stored = normalised_settings(stored)
         mine = json.loads(json.dumps(study.settings()))
         differ = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
         if differ:

@@ -258,7 +258,7 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy=
     for L, DL, final, sign, scale_l in ((e, Dv, dG_T, 1.0, True), (y, D, dH_T, -1.0, False)):
         s = torch.empty(B, H, N, DL, D, dtype=state_dtype, device=dev)
         s0 = torch.empty(B, H, DL, D, dtype=torch.float32, device=dev)
-        fin = final.to(torch.float32).contiguous() if final is not None else s0
+        fin = None if final is None else final.to(torch.float32).contiguous()
         BLOCK_R = min(BLOCK_ROWS, max(MIN_DOT_BLOCK, triton.next_power_of_2(DL)))
         LAST_LAUNCH["reverse_states"] = _reverse_state_kernel[(B * H, triton.cdiv(DL, BLOCK_R))](
             L.to(torch.float32).contiguous(), xf, gf, s, s0, fin, sc, T, N, sign, H=H, DL=DL, D=D, C=C,

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from solvers.problem import _check_shape
+from solvers.problem import validate_recurrence
 
 try:  # importing the package must work without triton; calling the kernel needs it
     import triton
@@ -176,7 +176,7 @@ if triton is not None:
         k_ptr,  # [B, T, H, D]  keys, contiguous
         g_ptr,  # [B, T, H]     log forget gate, float32, contiguous
         beta_ptr,  # [B, T, H]  input gate, contiguous
-        s0_ptr,  # [B, H, DL, D] initial state (read only when HAS_INIT)
+        s0_ptr,  # [B, H, DL, D] initial state (HAS_INIT; None otherwise)
         s_ptr,  # [B, H, N, DL, D] state before each chunk (output, state dtype)
         sT_ptr,  # [B, H, DL, D] state after the last token (output, state dtype)
         T,  # tokens per sequence
@@ -247,63 +247,27 @@ def _is_interpreted(fn) -> bool:
     return type(fn).__name__ == "InterpretedFunction"
 
 
-def _check_tensor(name: str, x, ndim: int, what: str) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dims {what}, got shape {tuple(x.shape)}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating tensor, got dtype {x.dtype}")
-    return x
-
-
 def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted: bool, check_values: bool) -> None:
-    """Raise ``ValueError`` naming the argument for any invalid input of :func:`chunk_states`."""
-    _check_tensor("k", k, 4, "[B,T,H,D]")
-    _check_tensor("v", v, 4, "[B,T,H,Dv]")
-    _check_tensor("g", g, 3, "[B,T,H]")
-    _check_tensor("beta", beta, 3, "[B,T,H]")
-    B, T, Hh, D = k.shape
-    if min(B, T, Hh, D) < 1:
-        raise ValueError(f"k has an empty dimension: shape {tuple(k.shape)}")
+    """Raise ``ValueError`` naming the argument for any invalid input of :func:`chunk_states`: the
+    recurrence's own checks (:func:`solvers.problem.validate_recurrence`, values too with
+    ``check_values``), then what the kernel needs: k and v in one of :data:`INPUT_DTYPES`, float32
+    log-gates, the chunk size, the state dtype and the device."""
+    validate_recurrence(k, v, g, beta, initial_state, check_values=check_values)
     if k.dtype not in INPUT_DTYPES:
         raise ValueError(f"k has dtype {k.dtype}; supported: {list(INPUT_DTYPES)}")
-    if tuple(v.shape[:3]) != (B, T, Hh) or v.shape[3] < 1:
-        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B,T,H,Dv] = [{B},{T},{Hh},Dv] with Dv >= 1")
     if v.dtype != k.dtype:
         raise ValueError(f"v has dtype {v.dtype}, expected k's dtype {k.dtype} (one operand precision)")
-    Dv = v.shape[3]
-    _check_shape("g", g, (B, T, Hh), "[B,T,H]")
     if g.dtype != torch.float32:
         raise ValueError(f"g must be float32 (cumulative log-gates are float32), got {g.dtype}")
-    _check_shape("beta", beta, (B, T, Hh), "[B,T,H]")
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     if state_dtype not in STATE_DTYPES:
         raise ValueError(f"state_dtype must be one of {list(STATE_DTYPES)}, got {state_dtype!r}")
-    named = {"k": k, "v": v, "g": g, "beta": beta}
-    if initial_state is not None:
-        if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
-            raise ValueError("initial_state must be a pair (H0 [B,H,D,D], G0 [B,H,Dv,D])")
-        H0, G0 = initial_state
-        _check_tensor("initial_state[0] (H0)", H0, 4, "[B,H,D,D]")
-        _check_tensor("initial_state[1] (G0)", G0, 4, "[B,H,Dv,D]")
-        _check_shape("initial_state[0] (H0)", H0, (B, Hh, D, D), "[B,H,D,D]")
-        _check_shape("initial_state[1] (G0)", G0, (B, Hh, Dv, D), "[B,H,Dv,D]")
-        named["initial_state[0] (H0)"] = H0
-        named["initial_state[1] (G0)"] = G0
-    devices = {x.device for x in named.values()}
-    if len(devices) > 1:
-        where = ", ".join(f"{n}: {x.device}" for n, x in named.items())
-        raise ValueError(f"inputs are on different devices ({where})")
     if k.device.type != "cuda" and not interpreted:
         raise ValueError(f"k is on {k.device}: the kernel needs CUDA tensors, or TRITON_INTERPRET=1 set "
                          "before triton is imported to run on the CPU")
     if k.device.type == "cuda" and interpreted:
         raise ValueError("k is on CUDA but TRITON_INTERPRET=1 is set: the interpreter reads CPU tensors")
-    # value check that the recurrence relies on (exp of non-positive numbers only); one reduction
-    if check_values and bool((g > 0).any()):
-        raise ValueError(f"g is the log forget gate and must be <= 0; max is {float(g.max()):.3g}")
 
 
 def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor, *, chunk_size: int = 64,
@@ -362,7 +326,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
         BLOCK_L = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(DL)))
         grid = (triton.cdiv(DL, BLOCK_L), triton.cdiv(D, BLOCK_K), B * Hh)
         LAST_LAUNCH["H" if w_left else "G"] = _chunk_state_kernel[grid](
-            left, k, g, beta, s0 if s0 is not None else s, s, sT,
+            left, k, g, beta, s0, s, sT,
             T, Hh, DL, D, C, N,
             BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
             HAS_INIT=s0 is not None, W_LEFT=w_left, IS_FP32=k.dtype == torch.float32,

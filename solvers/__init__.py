@@ -17,7 +17,7 @@ from .chebyshev import solve_chebyshev
 from .exact import solve_exact
 from .precision import ALIASES as POLICY_ALIASES
 from .precision import POLICIES, PrecisionPolicy, get_policy
-from .problem import MesaProblem, validate_inputs
+from .problem import MesaProblem, validate_inputs, validate_recurrence
 from .result import SolveResult
 from .sherman_morrison import own_problem_reference, solve_sherman_morrison
 from .spec import SolverSpec, solver_spec
@@ -69,5 +69,5 @@ def _cat_results(parts: list[SolveResult]) -> SolveResult:
 __all__ = [
     "MesaProblem", "PrecisionPolicy", "POLICIES", "POLICY_ALIASES", "SolveResult", "METHODS", "ITERATIVE",
     "get_policy", "solve", "solve_cg", "solve_chebyshev", "solve_exact", "solve_sherman_morrison",
-    "own_problem_reference", "validate_inputs", "SolverSpec", "solver_spec",
+    "own_problem_reference", "validate_inputs", "validate_recurrence", "SolverSpec", "solver_spec",
 ]

@@ -81,30 +81,29 @@ def _check_psd(name: str, H0: torch.Tensor) -> None:
                          f"{float(ev[-1]):.3g})")
 
 
-def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, *,
-                    check_values: bool = True) -> None:
-    """Raise ``ValueError`` naming the argument for any invalid input of a Mesa call.
+def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, check_values: bool = True) -> dict:
+    """Raise ``ValueError`` naming the argument for any invalid input of the state recurrence
+    ``H_t = gamma_t H_{t-1} + beta_t k_t k_t^T``, ``G_t = gamma_t G_{t-1} + beta_t v_t k_t^T``: the part of
+    :func:`validate_inputs` that the chunk-state kernels (``kernels.chunk_states``) share.
 
-    Checks: tensor type and supported dtype, shapes, a common device, finiteness (except ``g = -inf``,
-    a hard reset), ``lam > 0``, ``g <= 0``, ``0 <= beta <= 1``, a symmetric positive semidefinite
-    initial H0, and for packed sequences ``cu_seqlens``. ``check_values=False`` skips the value
-    checks (which read the data) and keeps the cheap structural ones.
-    """
-    named = {"q": q, "k": k, "v": v, "g": g, "beta": beta, "lam": lam}
+    Checks: tensor type and supported dtype, shapes (``k [B,T,H,D]``, ``v [B,T,H,Dv]``, ``g``, ``beta``
+    ``[B,T,H]``, the initial state ``[N,H,D,D]``, ``[N,H,Dv,D]``, N = B or the number of packed
+    sequences of ``cu_seqlens``), a common device; with ``check_values`` also finiteness (except
+    ``g = -inf``, a hard reset), ``g <= 0``, ``0 <= beta <= 1`` and a symmetric positive semidefinite
+    initial H0. Returns the checked tensors by name."""
+    named = {"k": k, "v": v, "g": g, "beta": beta}
     for name, x in named.items():
         _check_tensor(name, x)
-    if q.dim() != 4:
-        raise ValueError(f"q must have 4 dims [B,T,H,D], got shape {tuple(q.shape)}")
-    B, T, H, D = q.shape
+    if k.dim() != 4:
+        raise ValueError(f"k must have 4 dims [B,T,H,D], got shape {tuple(k.shape)}")
+    B, T, H, D = k.shape
     if T < 1 or D < 1 or B < 1 or H < 1:
-        raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
-    _check_shape("k", k, (B, T, H, D), "same as q [B,T,H,D]")
-    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H):
-        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B,T,H,Dv] = [{B},{T},{H},Dv]")
+        raise ValueError(f"k has an empty dimension: shape {tuple(k.shape)}")
+    if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H) or v.shape[3] < 1:
+        raise ValueError(f"v has shape {tuple(v.shape)}, expected [B,T,H,Dv] = [{B},{T},{H},Dv] with Dv >= 1")
     Dv = v.shape[3]
     _check_shape("g", g, (B, T, H), "[B,T,H]")
     _check_shape("beta", beta, (B, T, H), "[B,T,H]")
-    _check_shape("lam", lam, (H, D), "[H,D]")
     N = B
     if cu_seqlens is not None:
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype not in (torch.int32, torch.int64):
@@ -128,27 +127,54 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, 
         _check_shape("initial_state[1] (G0)", G0, (N, H, Dv, D), f"[{lead},H,Dv,D]")
         named["initial_state[0] (H0)"] = H0
         named["initial_state[1] (G0)"] = G0
+    _check_devices(named)
+    if check_values:
+        for name, x in named.items():
+            _check_finite(name, x, resets=name == "g")
+        if bool((g > 0).any()):
+            raise ValueError(f"g is the log forget gate and must be <= 0; max is {float(g.max()):.3g}")
+        if bool((beta < 0).any()) or bool((beta > 1).any()):
+            raise ValueError(f"beta must lie in [0, 1]; range is [{float(beta.min()):.3g}, {float(beta.max()):.3g}]")
+        if initial_state is not None:
+            H0 = initial_state[0].detach().double()
+            asym = float((H0 - H0.transpose(-1, -2)).abs().max())
+            scale = float(H0.abs().max()) or 1.0
+            if asym > 1e-3 * scale:
+                raise ValueError(f"initial_state[0] (H0) must be symmetric; max |H0 - H0^T| = {asym:.3g}")
+            _check_psd("initial_state[0] (H0)", initial_state[0])
+    return named
+
+
+def _check_devices(named: dict) -> None:
     devices = {x.device for x in named.values()}
     if len(devices) > 1:
         where = ", ".join(f"{n}: {x.device}" for n, x in named.items())
         raise ValueError(f"inputs are on different devices ({where})")
-    if not check_values:
-        return
-    for name, x in named.items():
-        _check_finite(name, x, resets=name == "g")
-    if bool((lam <= 0).any()):
-        raise ValueError(f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(lam.min()):.3g}")
-    if bool((g > 0).any()):
-        raise ValueError(f"g is the log forget gate and must be <= 0; max is {float(g.max()):.3g}")
-    if bool((beta < 0).any()) or bool((beta > 1).any()):
-        raise ValueError(f"beta must lie in [0, 1]; range is [{float(beta.min()):.3g}, {float(beta.max()):.3g}]")
-    if initial_state is not None:
-        H0 = initial_state[0].detach().double()
-        asym = float((H0 - H0.transpose(-1, -2)).abs().max())
-        scale = float(H0.abs().max()) or 1.0
-        if asym > 1e-3 * scale:
-            raise ValueError(f"initial_state[0] (H0) must be symmetric; max |H0 - H0^T| = {asym:.3g}")
-        _check_psd("initial_state[0] (H0)", initial_state[0])
+
+
+def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, *,
+                    check_values: bool = True) -> None:
+    """Raise ``ValueError`` naming the argument for any invalid input of a Mesa call: ``q [B,T,H,D]``
+    and ``lam [H,D]`` (finite, ``lam > 0``) and everything :func:`validate_recurrence` checks.
+    ``check_values=False`` skips the value checks (which read the data) and keeps the cheap
+    structural ones."""
+    for name, x in (("q", q), ("lam", lam)):
+        _check_tensor(name, x)
+    if q.dim() != 4:
+        raise ValueError(f"q must have 4 dims [B,T,H,D], got shape {tuple(q.shape)}")
+    B, T, H, D = q.shape
+    if T < 1 or D < 1 or B < 1 or H < 1:
+        raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
+    _check_tensor("k", k)
+    _check_shape("k", k, (B, T, H, D), "same as q [B,T,H,D]")
+    _check_shape("lam", lam, (H, D), "[H,D]")
+    _check_devices({"q": q, "k": k, "lam": lam})
+    if check_values:
+        for name, x in (("q", q), ("lam", lam)):
+            _check_finite(name, x)
+        if bool((lam <= 0).any()):
+            raise ValueError(f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(lam.min()):.3g}")
+    validate_recurrence(k, v, g, beta, initial_state, cu_seqlens, check_values=check_values)
 
 
 @dataclass(frozen=True, eq=False)

@@ -20,7 +20,8 @@ METRICS = ["bpb_validation", "bpb_test", "bpb_ood", "mean_steps", "final_train_l
 def test_grid_expands_lists_and_validates():
     g = parse_grid({"run": {"size": "tiny", "train_steps": 10, "warmup": 1},
                     "train": [{"steps": [5, 10]}], "eval": [{"steps": 30, "tol": [1e-2, 1e-3]}, {"method": "exact"}]})
-    assert [t.label for t in g.train] == ["cg/steps=5/fp32", "cg/steps=10/fp32"]
+    # no policy given: the one default, the certified "auto"
+    assert [t.label for t in g.train] == ["cg/steps=5/auto", "cg/steps=10/auto"]
     assert len(g.eval) == 3 and g.train_config.steps == 10
 
 
@@ -119,7 +120,7 @@ def test_every_preset_parses():
         assert g.train and g.eval and g.name == name
     paper = load_grid(preset="paper-gpu")
     assert {t.label for t in paper.train} >= {"cg/steps=5/bf16x3", "sherman_morrison/fp32"}
-    assert {e.policy for e in paper.eval} == {"fp32", "tf32", "bf16-fp32state", "bf16-bf16state"}
+    assert {e.policy.name for e in paper.eval} == {"fp32", "tf32", "bf16-fp32state", "bf16-bf16state"}
     assert {e.method for e in paper.eval} == {"cg", "exact", "sherman_morrison"}
 
 
