@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import torch
 
 from solvers.spec import SPEC_FIELDS, SolverSpec
+from stability.provenance import provenance
 
 from .model import SIZES, MesaLM
 from .train import TrainConfig, evaluate, train
@@ -193,6 +194,7 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
     corpus = load_corpus(r.get("max_bytes"))
     tcfg = grid.train_config
     rows = done.to_dict("records")
+    prov = provenance(str(device))
     for tsolver in grid.train:
         pending = [e for e in grid.eval if (tsolver.label, e.label, tcfg.seed) not in have]
         if not pending:
@@ -209,7 +211,7 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
         pd.DataFrame({"step": range(1, len(res.losses) + 1), "loss": res.losses}).to_csv(
             os.path.join(out, "curves", curve_name(tsolver.label, tcfg.seed)), index=False)
         for esolver in pending:
-            row = {"grid": grid.name, "train": tsolver.label, "eval": esolver.label, "seed": tcfg.seed,
+            row = {"grid": grid.name, "train": tsolver.label, "eval": esolver.label, "seed": tcfg.seed, **prov,
                    **{f"train_{k}": v for k, v in tsolver.to_dict().items()},
                    **{f"eval_{k}": v for k, v in esolver.to_dict().items()},
                    "train_steps_done": res.steps_done, "diverged": res.diverged,

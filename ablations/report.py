@@ -13,6 +13,8 @@ import os
 
 import pandas as pd
 
+from stability.provenance import provenance_of_table
+
 
 def _fmt(x) -> str:
     if isinstance(x, float):
@@ -138,6 +140,7 @@ def write_report(out: str, plots: bool = True) -> str:
              "steps per token and evaluation throughput on validation."
              + (f" Means over {n_seeds} seeds; `spread` is the max - min of validation bits/byte over seeds."
                 if n_seeds > 1 else ""), ""]
+    parts += [provenance_of_table(raw), ""]
     findings = os.path.join(out, "findings.md")
     if os.path.exists(findings):
         with open(findings) as fh:

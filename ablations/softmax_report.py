@@ -27,6 +27,8 @@ import os
 
 import pandas as pd
 
+from stability.provenance import provenance_of_table
+
 from . import spectra
 from .model import SIZES
 from .report import markdown_table
@@ -308,7 +310,7 @@ def write_report(out: str, plots: bool = True) -> str:
     band = float(st["loss_band"])
     traj = _trajectories(out)
     ok = df[~df.diverged.astype(bool)]
-    parts = [f"# Softmax temperature study: {meta['name']}", ""]
+    parts = [f"# Softmax temperature study: {meta['name']}", "", provenance_of_table(df), ""]
     fnd = os.path.join(out, "findings.md")
     if os.path.exists(fnd):
         with open(fnd) as fh:

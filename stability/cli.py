@@ -28,6 +28,7 @@ import solvers
 
 from . import metrics
 from .cases import random_problem
+from .provenance import provenance, provenance_line
 from .reference import mp_solve
 
 
@@ -106,7 +107,7 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     meta = {"preset": preset.name, "description": preset.description, "rows": len(df),
             "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()} {platform.processor() or ''} ({os.cpu_count()} cores)".replace("  ", " "),
-            "torch": torch.__version__, "wall_s": time.perf_counter() - t0}
+            "torch": torch.__version__, "wall_s": time.perf_counter() - t0, "provenance": provenance_line(provenance())}
     render.write_markdown_report(os.path.join(args.out, "report.md"), df, ref, findings, meta, plots)
     plots_note = f", plots in {os.path.join(args.out, 'plots')}" if plots else ""
     print(f"wrote {len(df)} rows to {os.path.join(args.out, 'results.csv')}, report "
@@ -213,7 +214,7 @@ def _cmd_guard_production(args: argparse.Namespace) -> int:
     with open(os.path.join(args.out, "guard.md"), "w") as fh:
         from . import render
 
-        fh.write(render.to_markdown(production.summary(df)) + "\n")
+        fh.write(render.to_markdown(production.summary(df)) + "\n\n" + provenance_line(provenance(device)) + "\n")
     _report_silent(df)
     return production.exit_status(df)
 
@@ -300,9 +301,10 @@ def _cmd_guard(args: argparse.Namespace) -> int:
         import os
 
         os.makedirs(args.out, exist_ok=True)
-        df.to_csv(os.path.join(args.out, "guard.csv"), index=False)
+        prov = provenance(target.device)
+        df.assign(**prov).to_csv(os.path.join(args.out, "guard.csv"), index=False)
         with open(os.path.join(args.out, "guard.md"), "w") as fh:
-            fh.write(guard.render(df) + "\n")
+            fh.write(guard.render(df) + "\n\n" + provenance_line(prov) + "\n")
     if args.write_baseline:
         guard.write_baseline(args.write_baseline, df, target, times)
         print(f"baseline written to {args.write_baseline}")

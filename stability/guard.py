@@ -28,7 +28,6 @@ import inspect
 import json
 import math
 import os
-import platform
 import sys
 import time
 from collections.abc import Callable
@@ -41,6 +40,7 @@ from solvers.precision import SUPPORTED_DTYPES, PrecisionPolicy, unit_roundoff_o
 
 from . import golden, properties
 from .metrics import rel_error
+from .provenance import provenance
 
 BUDGETS_FILE = os.path.join(os.path.dirname(__file__), "budgets.toml")
 QUANTITIES = ("o", "dq", "dk", "dv", "dg", "dbeta", "dlam")
@@ -359,7 +359,7 @@ def time_target(target: Target, shape=(4, 2048, 16, 128)) -> dict:
 def write_baseline(path: str, df, target: Target, times: dict | None) -> None:
     data = {"impl": target.name, "policy": target.policy.name,
             "options": {k: (v.name if isinstance(v, PrecisionPolicy) else v) for k, v in target.options.items()},
-            "device": _device_name(target.device), "torch": torch.__version__, "python": platform.python_version(),
+            **provenance(target.device),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "times": times,
             "rows": [{"kind": r.kind, "case": r.case, "quantity": r.quantity, "measured": _json_float(r.measured)}
                      for r in df.itertuples() if r.kind in ("golden", "property")]}
@@ -399,17 +399,6 @@ def compare_baseline(path: str, df, target: Target, times: dict | None) -> list[
 
 def _json_float(x: float):
     return x if math.isfinite(x) else str(x)
-
-
-def device_name(device: str) -> str:
-    """The device's name (the CUDA device's, or the CPU's architecture)."""
-    return _device_name(device)
-
-
-def _device_name(device: str) -> str:
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    return f"cpu ({platform.machine()})"
 
 
 def render(df) -> str:

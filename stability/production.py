@@ -67,7 +67,6 @@ import contextlib
 import hashlib
 import inspect
 import os
-import subprocess
 import sys
 import time
 import warnings
@@ -83,6 +82,7 @@ from solvers.precision import UNIT_ROUNDOFF
 from solvers.verdict import flush as flush_checks
 
 from . import cases, golden, guard, metrics, scale_reference
+from .provenance import PROVENANCE_COLUMNS, git_commit, provenance  # noqa: F401  (git_commit: benchmarks)
 
 QUANTITIES = ("o", "x", "dq", "dk", "dv", "dg", "dbeta", "dlam")
 GRADIENTS = ("q", "k", "v", "g", "beta", "lam")
@@ -154,8 +154,7 @@ GRIDS: dict[str, dict] = {
 COLUMNS = ["kind", "impl", "family", "case", "B", "T", "H", "D", "seed", "policy", "options", "quantity",
            "measured", "budget", "ratio", "derivation", "verdict", "flagged_by", "kappa", "u", "cert_bound",
            "adjoint_bound", "tier", "adjoint_tier", "max_token_err_x", "tokens_over_bound", "warned",
-           "adjoint_warned", "mean_steps", "wall_fwd_s", "wall_bwd_s", "reference_s", "device", "torch", "triton",
-           "commit", "note"]
+           "adjoint_warned", "mean_steps", "wall_fwd_s", "wall_bwd_s", "reference_s", *PROVENANCE_COLUMNS, "note"]
 KEY = ("kind", "impl", "case", "policy", "options")
 
 
@@ -593,29 +592,6 @@ def _row(meta: dict, *, case: ProductionCase, **values) -> dict:
 
 
 # --- provenance -------------------------------------------------------------------------------------------
-
-def git_commit(repo: str | None = None) -> str:
-    """``MESA_GIT_COMMIT`` when set (a copy without .git), else ``git describe --always --dirty``, else unknown."""
-    if os.environ.get("MESA_GIT_COMMIT"):
-        return os.environ["MESA_GIT_COMMIT"]
-    repo = repo or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        out = subprocess.run(["git", "-C", repo, "describe", "--always", "--dirty", "--abbrev=12"],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def provenance(device: str) -> dict:
-    try:
-        import triton
-
-        tv = triton.__version__
-    except ImportError:
-        tv = "-"
-    return {"device": guard.device_name(device), "torch": torch.__version__, "triton": tv, "commit": git_commit()}
-
 
 # --- the runner ---------------------------------------------------------------------------------------------
 

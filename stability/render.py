@@ -168,6 +168,8 @@ def write_markdown_report(path: str, df: pd.DataFrame, ref: pd.DataFrame, findin
           f"{meta['wall_s']:.0f} s. Every error is measured against the float64 exact solver (Cholesky per "
           "token), itself checked against a 50-digit mpmath reference below. `converged` settings are the "
           "direct methods and the iterative ones run to `tol = u` (the policy's unit roundoff).", ""]
+    if meta.get("provenance"):
+        L += [meta["provenance"], ""]
     L += ["## Reference check: float64 exact vs mpmath", "", to_markdown(ref), ""]
     sm = findings.get("sm_vs_cg")
     if sm is not None and len(sm):

@@ -28,6 +28,7 @@ import solvers
 from solvers import MesaProblem
 
 from . import cases, metrics
+from .provenance import provenance
 from .reference import mp_solve
 
 SOLVERS = ("exact", "sherman_morrison", "cg", "chebyshev")
@@ -239,12 +240,13 @@ def run_grid(preset: Preset, out_dir: str, *, seed: int = 0, cases_sel=None, sol
     by_group: dict[tuple, list] = {}
     for j in todo:
         by_group.setdefault((j[0], size_label(j[0], j[1])), []).append(j)
+    prov = provenance("cpu")  # the reference solvers run on the CPU
     for (case, _), group in by_group.items():
         ctx = CaseContext.build(case, group[0][1], seed)
         new = []
         for _, _, pol, solver, opts in group:
             bar.set_postfix_str(f"{case} {pol} {solver} {setting_label(opts)}", refresh=False)
-            new.append(measure(ctx, solver, solvers.get_policy(pol), opts))
+            new.append({**measure(ctx, solver, solvers.get_policy(pol), opts), **prov})
             bar.update()
         rows.append(pd.DataFrame(new))
         _write_csv(pd.concat(rows, ignore_index=True), csv)

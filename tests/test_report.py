@@ -98,3 +98,22 @@ def test_unknown_names_are_clear_errors(tmp_path, capsys):
     assert "unknown solver" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["stability", "--preset", "huge"])
+
+
+def test_every_writer_records_the_provenance(tmp_path):
+    """The stability grid, the ablation grid and the softmax study write the device, the versions and
+    the commit into every row (stability.provenance); the reports say them in one line."""
+    import pandas as pd
+
+    from stability.provenance import PROVENANCE_COLUMNS, provenance, provenance_of_table
+
+    prov = provenance("cpu")
+    assert set(prov) == set(PROVENANCE_COLUMNS) and prov["torch"] == __import__("torch").__version__
+    line = provenance_of_table(pd.DataFrame([prov, {**prov, "commit": "abc"}]))
+    assert line.startswith("Provenance: device cpu") and "/ abc" in line
+    assert "not recorded" in provenance_of_table(pd.DataFrame([{"x": 1}]))
+    from stability import report
+
+    df = report.run_grid(report.PRESETS["quick"](), str(tmp_path / "st"), cases_sel=["well_conditioned"],
+                         solvers_sel=["exact"], policies_sel=["fp64"], progress=False)
+    assert set(PROVENANCE_COLUMNS) <= set(df.columns) and (df.commit == prov["commit"]).all()
