@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solvers.spec import SPEC_FIELDS, SolverSpec
-from stability.provenance import provenance
+from mesa_stability.solvers.spec import SPEC_FIELDS, SolverSpec
+from mesa_stability.stability.provenance import provenance
 
 from .model import SIZES, MesaLM
 from .train import TrainConfig, evaluate, train

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels.layer import MesaLayer
-from solvers.spec import SolverSpec
+from mesa_stability.kernels.layer import MesaLayer
+from mesa_stability.solvers.spec import SolverSpec
 
 from .data import VOCAB
 

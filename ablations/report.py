@@ -13,7 +13,7 @@ import os
 
 import pandas as pd
 
-from stability.provenance import provenance_of_table
+from mesa_stability.stability.provenance import provenance_of_table
 
 
 def _fmt(x) -> str:

@@ -42,8 +42,8 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from solvers.spec import SolverSpec
-from stability.provenance import provenance
+from mesa_stability.solvers.spec import SolverSpec
+from mesa_stability.stability.provenance import provenance
 
 from . import spectra
 from .data import eval_windows

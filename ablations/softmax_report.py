@@ -27,7 +27,7 @@ import os
 
 import pandas as pd
 
-from stability.provenance import provenance_of_table
+from mesa_stability.stability.provenance import provenance_of_table
 
 from . import spectra
 from .model import SIZES

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from solvers.spec import SolverSpec
+from mesa_stability.solvers.spec import SolverSpec
 
 from .data import WindowSampler, eval_windows
 from .model import MesaLM, loss_per_token

@@ -34,11 +34,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import solvers  # noqa: E402
 from benchmarks.bench_forward import bench, make_inputs  # noqa: E402
-from kernels import mesa_chunk  # noqa: E402
-from stability.gradients import closed_form_gradients  # noqa: E402
-from stability.metrics import rel_error  # noqa: E402
+from mesa_stability import solvers  # noqa: E402
+from mesa_stability.kernels import mesa_chunk  # noqa: E402
+from mesa_stability.stability.gradients import closed_form_gradients  # noqa: E402
+from mesa_stability.stability.metrics import rel_error  # noqa: E402
 
 CONFIGS = [("steps=10", dict(steps=10)), ("steps=30", dict(steps=30)), ("tol=1e-4", dict(steps=30, tol=1e-4))]
 NAMES = ("q", "k", "v", "g", "beta", "lam")
@@ -163,10 +163,10 @@ def main():
         print(f"sdpa fwd+bwd {main_csv.rows[-1]['ms']:.3f} ms (fwd {main_csv.rows[-1]['fwd_ms']:.3f})", flush=True)
 
     if "stages" in args.sections:
-        import kernels.mesa as km
-        from kernels import chunk_bwd
-        from kernels.chunk_bwd import chunk_contractions, reverse_states
-        from solvers.spec import SolverSpec
+        import mesa_stability.kernels.mesa as km
+        from mesa_stability.kernels import chunk_bwd
+        from mesa_stability.kernels.chunk_bwd import chunk_contractions, reverse_states
+        from mesa_stability.solvers.spec import SolverSpec
 
         print("== backward stages at 30 steps", flush=True)
         st_csv = Csv(os.path.join(args.out, "bench_backward_stages.csv"), device=dev_name, shape=shape)

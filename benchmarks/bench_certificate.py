@@ -24,12 +24,12 @@ import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import solvers  # noqa: E402
-from kernels import mesa_chunk  # noqa: E402
-from solvers.certificate import CertificateWarning  # noqa: E402
-from solvers.verdict import flush as flush_checks  # noqa: E402
-from stability.metrics import rel_error  # noqa: E402
-from stability.production import git_commit  # noqa: E402
+from mesa_stability import solvers  # noqa: E402
+from mesa_stability.kernels import mesa_chunk  # noqa: E402
+from mesa_stability.solvers.certificate import CertificateWarning  # noqa: E402
+from mesa_stability.solvers.verdict import flush as flush_checks  # noqa: E402
+from mesa_stability.stability.metrics import rel_error  # noqa: E402
+from mesa_stability.stability.production import git_commit  # noqa: E402
 
 POLICIES = ["auto", "bf16-fp32state", "fp16-fp32state", "fp16-fp16state", "bf16x3"]
 SETTINGS = {"steps=30": dict(steps=30), "tol=1e-4": dict(steps=30, tol=1e-4)}

@@ -30,11 +30,13 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import kernels.mesa  # noqa: E402
-import solvers  # noqa: E402
-from kernels import mesa_chunk  # noqa: E402
-from kernels.chunk_state import chunk_states  # noqa: E402
-from stability.metrics import rel_error  # noqa: E402
+from mesa_stability import (
+    kernels,
+    solvers,  # noqa: E402
+)
+from mesa_stability.kernels import mesa_chunk  # noqa: E402
+from mesa_stability.kernels.chunk_state import chunk_states  # noqa: E402
+from mesa_stability.stability.metrics import rel_error  # noqa: E402
 
 SHAPES = [(4, 2048, 16, 128), (8, 4096, 8, 128), (4, 4096, 16, 64), (1, 16384, 16, 128)]
 POLICIES = ["bf16x3", "tf32", "fp32", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state", "fp16-fp16state"]

@@ -19,9 +19,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_certificate import SETTINGS, make_inputs  # noqa: E402
-from kernels import mesa as km  # noqa: E402
-from kernels import mesa_chunk  # noqa: E402
-from stability.production import git_commit  # noqa: E402
+from mesa_stability.kernels import mesa as km  # noqa: E402
+from mesa_stability.kernels import mesa_chunk  # noqa: E402
+from mesa_stability.stability.production import git_commit  # noqa: E402
 
 VARIANTS = {"off": None, "w4_j32": (4, 32), "w8_j32": (8, 32), "w4_j16": (4, 16), "w8_j16": (8, 16)}
 

@@ -14,11 +14,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import solvers  # noqa: E402
-from kernels import mesa  # noqa: E402
-from kernels.chunk_state import chunk_states  # noqa: E402
-from solvers.chunk_state import ChunkedSystem  # noqa: E402
-from stability.cases import random_problem  # noqa: E402
+from mesa_stability import solvers  # noqa: E402
+from mesa_stability.kernels import mesa  # noqa: E402
+from mesa_stability.kernels.chunk_state import chunk_states  # noqa: E402
+from mesa_stability.solvers.chunk_state import ChunkedSystem  # noqa: E402
+from mesa_stability.stability.cases import random_problem  # noqa: E402
 
 out_dir = os.environ.get("OUT", "/tmp")
 dev = "cuda"

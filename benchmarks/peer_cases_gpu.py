@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from kernels import mesa_chunk  # noqa: E402
-from kernels.mesa import KERNEL_POLICIES  # noqa: E402
-from solvers.certificate import CertificateWarning  # noqa: E402
-from solvers.verdict import flush as flush_checks  # noqa: E402
-from stability.peer_cases import PEER_CASES, run_peer_case  # noqa: E402
+from mesa_stability.kernels import mesa_chunk  # noqa: E402
+from mesa_stability.kernels.mesa import KERNEL_POLICIES  # noqa: E402
+from mesa_stability.solvers.certificate import CertificateWarning  # noqa: E402
+from mesa_stability.solvers.verdict import flush as flush_checks  # noqa: E402
+from mesa_stability.stability.peer_cases import PEER_CASES, run_peer_case  # noqa: E402
 
 
 def first_config_autotune() -> None:
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
         try:
             import fla
 
-            from stability.peer import chunk_mesa_net
+            from mesa_stability.stability.peer import chunk_mesa_net
 
             impls.append(("fla-core", "peer", chunk_mesa_net))
             peer_version = getattr(fla, "__version__", "?")

@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_backward import fwd_bwd  # noqa: E402
 from benchmarks.bench_forward import make_inputs  # noqa: E402
-from kernels import mesa_chunk  # noqa: E402
+from mesa_stability.kernels import mesa_chunk  # noqa: E402
 
 
 def main():

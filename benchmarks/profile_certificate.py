@@ -19,8 +19,8 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_certificate import SETTINGS, make_inputs  # noqa: E402
-from kernels import mesa as mesa_mod  # noqa: E402
-from kernels import mesa_chunk  # noqa: E402
+from mesa_stability.kernels import mesa as mesa_mod  # noqa: E402
+from mesa_stability.kernels import mesa_chunk  # noqa: E402
 
 
 def _kernel_times(prof, calls: int) -> list[tuple[str, float, int]]:

@@ -20,7 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from stability.render import fmt  # noqa: E402
+from mesa_stability.stability.render import fmt  # noqa: E402
 
 
 def _peer_ms(df: pd.DataFrame) -> dict:

@@ -37,9 +37,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     root = args.before or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     sys.path.insert(0, root)
-    import solvers
-    from kernels import mesa_chunk
-    from stability.cases import random_problem
+    from mesa_stability import solvers
+    from mesa_stability.kernels import mesa_chunk
+    from mesa_stability.stability.cases import random_problem
 
     before = args.before is not None
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     fh.close()
     if not before:
         # the fp32 state kernel's IR, to check that no dot accumulates into the running state
-        from kernels.chunk_state import LAST_LAUNCH, chunk_states
+        from mesa_stability.kernels.chunk_state import LAST_LAUNCH, chunk_states
 
         chunk_states(k.float(), v.float(), g, beta, chunk_size=32)
         with open(os.path.join(os.path.dirname(os.path.abspath(args.out)), "chunk_state_fp32.ttgir"), "w") as ir:

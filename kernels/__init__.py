@@ -16,9 +16,9 @@ read without a host sync (:mod:`solvers.verdict`): a warning comes at the latest
 stats are read, at a later call, or at :func:`flush_checks`.
 """
 
-from solvers.precision import DEFAULT_POLICY
-from solvers.spec import SolverSpec
-from solvers.verdict import flush as flush_checks
+from mesa_stability.solvers.precision import DEFAULT_POLICY
+from mesa_stability.solvers.spec import SolverSpec
+from mesa_stability.solvers.verdict import flush as flush_checks
 
 from .chunk_state import chunk_states
 from .layer import MesaCache, MesaLayer

@@ -220,7 +220,7 @@ def _geometry(x: torch.Tensor, Dv: int, chunk_size: int):
 
 def _op_code(policy) -> tuple[int, bool]:
     """(operand precision code, interpreted) for a policy (name or object; default fp32)."""
-    from solvers import get_policy
+    from mesa_stability.solvers import get_policy
 
     from .chunk_cg import _chunk_cg_kernel
     from .chunk_state import _is_interpreted
@@ -245,7 +245,7 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy=
     ``scale = [1/s, s]`` (a float32 tensor, s a power of two): e, dG_T and dH_T are read divided
     by s and y is taken as already divided (the adjoint of e / s); DG and DH are then in units of
     1/s, and dG_0, dH_0 are returned times s (true gradients)."""
-    from solvers import get_policy
+    from mesa_stability.solvers import get_policy
 
     Dv = e.shape[3]
     B, T, H, D, C, N, BLOCK_C, BLOCK_D, BLOCK_DV = _geometry(x, Dv, chunk_size)

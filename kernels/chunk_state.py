@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from solvers.problem import validate_recurrence
+from mesa_stability.solvers.problem import validate_recurrence
 
 try:  # importing the package must work without triton; calling the kernel needs it
     import triton

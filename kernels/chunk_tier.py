@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from solvers.precision import AUTO_TARGET, AUTO_TIERS, UNIT_ROUNDOFF
+from mesa_stability.solvers.precision import AUTO_TARGET, AUTO_TIERS, UNIT_ROUNDOFF
 
 from .chunk_state import MIN_DOT_BLOCK
 

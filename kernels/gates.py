@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from solvers.gates import RESET_LOG_GATE
+from mesa_stability.solvers.gates import RESET_LOG_GATE
 
 try:
     import triton

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from solvers.spec import SolverSpec, solver_spec
+from mesa_stability.solvers.spec import SolverSpec, solver_spec
 
 from .mesa import mesa_chunk
 
@@ -146,7 +146,7 @@ class MesaLayer(nn.Module):
             self.last_steps = stats.steps.detach()  # [B,T,H] CG steps of the latest call (diagnostics)
         else:
             # the reference solvers (exact, sherman_morrison, chebyshev): differentiable by autograd
-            import solvers
+            from mesa_stability import solvers
 
             opts = dict(steps=spec.steps, tol=spec.tol, x0=spec.x0, precond=spec.precond) if method == "chebyshev" \
                 else {}

@@ -17,17 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solvers import MesaProblem, get_policy, validate_inputs, verdict
-from solvers import certificate as cert
-from solvers.gates import segmented_cumsum_grad
-from solvers.implicit import MesaImplicit, implicit_backward
-from solvers.precision import (
+from mesa_stability.solvers import MesaProblem, get_policy, validate_inputs, verdict
+from mesa_stability.solvers import certificate as cert
+from mesa_stability.solvers.gates import segmented_cumsum_grad
+from mesa_stability.solvers.implicit import MesaImplicit, implicit_backward
+from mesa_stability.solvers.precision import (
     AUTO_TIERS,
     UNIT_ROUNDOFF,
     PrecisionPolicy,
     auto_ops,
 )
-from solvers.spec import SolverSpec, solver_spec
+from mesa_stability.solvers.spec import SolverSpec, solver_spec
 
 from . import chunk_cg, chunk_tier, decode, residual
 from .chunk_state import MIN_DOT_BLOCK, _is_interpreted, chunk_states

@@ -36,8 +36,14 @@ import torch
 from .certificate import Certificate, CertificateError, CertificateWarning
 from .precision import PrecisionPolicy
 
-# Frames inside these packages are skipped when the call site of a verdict is recorded.
-_INTERNAL = tuple(os.path.dirname(m.__file__) + os.sep for m in (sys.modules["solvers"], torch))
+# Frames inside these folders (the suite's libraries, torch) are skipped when the call site of a verdict
+# is recorded: as imported (through the namespace's links, or installed) and as real paths.
+_INTERNAL = tuple({os.path.join(root, p) + os.sep
+                   for root in (os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                os.path.dirname(os.path.dirname(os.path.realpath(__file__))))
+                   for p in ("solvers", "kernels")}
+                  | {os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
+                     os.path.dirname(os.path.realpath(torch.__file__)) + os.sep})
 
 
 @dataclass
@@ -52,9 +58,8 @@ class CallSite:
 
 def call_site() -> CallSite:
     """The caller's :class:`CallSite`: frames of ``solvers``, ``kernels`` and torch are skipped."""
-    kernels_dir = os.path.dirname(os.path.dirname(__file__)) + os.sep + "kernels" + os.sep
     f = sys._getframe(1)
-    while f.f_back is not None and f.f_code.co_filename.startswith((*_INTERNAL, kernels_dir)):
+    while f.f_back is not None and f.f_code.co_filename.startswith(_INTERNAL):
         f = f.f_back
     reg = f.f_globals.setdefault("__warningregistry__", {})
     return CallSite(f.f_code.co_filename, f.f_lineno, f.f_globals.get("__name__", "?"), reg)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solvers import MesaProblem
+from mesa_stability.solvers import MesaProblem
 
 
 def random_problem(B: int = 1, T: int = 32, H: int = 2, D: int = 8, Dv: int | None = None, *, seed: int = 0,

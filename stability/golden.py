@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solvers import MesaProblem
+from mesa_stability.solvers import MesaProblem
 
 from . import cases
 from .gradients import closed_form_gradients
@@ -138,7 +138,7 @@ def input_digest(p: MesaProblem, e: torch.Tensor) -> str:
 
 def reference(gc: GoldenCase) -> GoldenReference:
     """Regenerate a golden case and its float64 references (exact solver, closed-form gradients)."""
-    import solvers
+    from mesa_stability import solvers
 
     from .metrics import condition_numbers
 
@@ -184,7 +184,7 @@ def check_reference(ref: GoldenReference, committed: dict) -> list[str]:
     entry = committed.get(ref.case.name)
     if entry is None:
         return [f"{ref.case.name}: no committed entry in {os.path.basename(GOLDEN_FILE)} "
-                "(run python -m stability.golden --write after adding a case)"]
+                "(run `mesa golden --write` after adding a case)"]
     bad = []
     if input_digest(ref.problem, ref.e) != entry["input_sha256"]:
         bad.append(f"{ref.case.name}: regenerated inputs differ from the committed ones (input SHA-256): the "

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import torch
 
-import solvers
-from solvers import MesaProblem
-from solvers.gates import decay_from_start, pairwise_decay, segmented_cumsum
+from mesa_stability import solvers
+from mesa_stability.solvers import MesaProblem
+from mesa_stability.solvers.gates import decay_from_start, pairwise_decay, segmented_cumsum
 
 
 def closed_form_gradients(problem: MesaProblem, e: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-import solvers
-from solvers.precision import SUPPORTED_DTYPES, PrecisionPolicy, unit_roundoff_of
+from mesa_stability import solvers
+from mesa_stability.solvers.precision import SUPPORTED_DTYPES, PrecisionPolicy, unit_roundoff_of
 
 from . import golden, properties
 from .metrics import rel_error
@@ -138,9 +138,16 @@ def resolve(spec: str | None, policy: str, device: str, steps: int, tol: float |
     return Target(fn, spec, pol, opts, device)
 
 
+# The suite's own packages, which --impl may name without the namespace (kernels:mesa_chunk)
+OWN_PACKAGES = ("solvers", "kernels", "stability", "ablations")
+
+
 def import_impl_module(name: str):
-    """Import the module of ``--impl``; a module not found on ``sys.path`` is looked up in the working
+    """Import the module of ``--impl``: the suite's own by their short names (``kernels`` is
+    ``mesa_stability.kernels``); a module not found on ``sys.path`` is looked up in the working
     directory too (the ``mesa`` console script does not put it there: ``benchmarks.before_adapter``)."""
+    if name.partition(".")[0] in OWN_PACKAGES:
+        name = "mesa_stability." + name
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as err:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from solvers import MesaProblem
+from mesa_stability.solvers import MesaProblem
 
 
 def _f64(x: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 import torch
 
-from solvers import MesaProblem
+from mesa_stability.solvers import MesaProblem
 
 from .metrics import PEER_ABS_PASS, peer_close
 from .scale_reference import reference

@@ -75,11 +75,11 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-import solvers
-from solvers import MesaProblem
-from solvers.certificate import CertificateWarning
-from solvers.precision import UNIT_ROUNDOFF
-from solvers.verdict import flush as flush_checks
+from mesa_stability import solvers
+from mesa_stability.solvers import MesaProblem
+from mesa_stability.solvers.certificate import CertificateWarning
+from mesa_stability.solvers.precision import UNIT_ROUNDOFF
+from mesa_stability.solvers.verdict import flush as flush_checks
 
 from . import cases, golden, guard, metrics, scale_reference
 from .provenance import PROVENANCE_COLUMNS, git_commit, provenance  # noqa: F401  (git_commit: benchmarks)
@@ -254,7 +254,7 @@ def select(grid: Grid, families=None, Ts=None, Ds=None) -> list[ProductionCase]:
 
 def select_policies(policies=None) -> list[str]:
     """The chosen policies (default: every kernel policy), canonical names; errors name --policy."""
-    from kernels.mesa import KERNEL_POLICIES
+    from mesa_stability.kernels.mesa import KERNEL_POLICIES
 
     if not policies:
         return list(KERNEL_POLICIES)
@@ -795,7 +795,7 @@ def summary(df: pd.DataFrame) -> pd.DataFrame:
 
 def policy_order(policies) -> list[str]:
     """The distinct policies, kernel policies first in their order (kernels.mesa.KERNEL_POLICIES)."""
-    from kernels.mesa import KERNEL_POLICIES
+    from mesa_stability.kernels.mesa import KERNEL_POLICIES
 
     seen = list(dict.fromkeys(policies))
     return sorted(seen, key=lambda p: (KERNEL_POLICIES.index(p) if p in KERNEL_POLICIES else len(KERNEL_POLICIES),

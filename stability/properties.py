@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-import solvers
-from solvers import MesaProblem
+from mesa_stability import solvers
+from mesa_stability.solvers import MesaProblem
 
 from .metrics import rel_error
 

@@ -37,7 +37,7 @@ def provenance(device="cpu") -> dict:
     not installed)."""
     import numpy
 
-    import solvers
+    from mesa_stability import solvers
 
     try:
         import triton

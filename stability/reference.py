@@ -26,7 +26,7 @@ from __future__ import annotations
 import mpmath
 import torch
 
-from solvers import MesaProblem
+from mesa_stability.solvers import MesaProblem
 
 # B*H*T*D^3 above which mp_solve refuses. Measured: B*H*T*D^3 = 5.2e5 (T=64, D=16, B*H=2) takes
 # 1.4 s at 50 digits on one CPU core, so the cap is about 6 s of work.

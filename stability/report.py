@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 import pandas as pd
 import torch
 
-import solvers
-from solvers import MesaProblem
+from mesa_stability import solvers
+from mesa_stability.solvers import MesaProblem
 
 from . import cases, metrics
 from .provenance import provenance

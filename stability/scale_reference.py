@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from solvers import MesaProblem
-from solvers.implicit import implicit_backward
-from solvers.spec import SolverSpec
+from mesa_stability.solvers import MesaProblem
+from mesa_stability.solvers.implicit import implicit_backward
+from mesa_stability.solvers.spec import SolverSpec
 
 F64 = torch.float64
 GRADIENTS = ("q", "k", "v", "g", "beta", "lam")

@@ -45,6 +45,6 @@ def _read_pending_verdicts():
     """Each test's deferred certificate verdicts (solvers.verdict, CUDA only) are read at its end, so a
     warning never lands in a later test."""
     yield
-    from solvers.verdict import flush
+    from mesa_stability.solvers.verdict import flush
 
     flush()

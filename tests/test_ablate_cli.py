@@ -10,8 +10,8 @@ import time
 import pandas as pd
 import pytest
 
-from ablations.grid import GridError, load_grid, parse_grid
-from stability.cli import main
+from mesa_stability.ablations.grid import GridError, load_grid, parse_grid
+from mesa_stability.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRICS = ["bpb_validation", "bpb_test", "bpb_ood", "mean_steps", "final_train_loss", "train_steps_done"]
@@ -55,7 +55,7 @@ def test_bad_files_and_presets(tmp_path, capsys):
 
 def _ablate(out, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    return [sys.executable, "-m", "stability.cli", "ablate", "--preset", "smoke", "--out", str(out), "--no-plots",
+    return [sys.executable, "-m", "mesa_stability", "ablate", "--preset", "smoke", "--out", str(out), "--no-plots",
             "--no-progress", *extra], env
 
 
@@ -113,7 +113,7 @@ def test_split_grid_merges_to_the_whole_table(tmp_path, capsys):
 
 
 def test_every_preset_parses():
-    from ablations.grid import PRESETS
+    from mesa_stability.ablations.grid import PRESETS
 
     for name in PRESETS:
         g = load_grid(preset=name)
@@ -129,7 +129,7 @@ def test_torchrun_two_processes(tmp_path):
     the table and the report."""
     out = tmp_path / "ddp"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "stability.cli",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "mesa_stability",
            "ablate", "--preset", "smoke", "--out", str(out), "--no-plots", "--no-progress"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -7,10 +7,10 @@ import math
 import pytest
 import torch
 
-from ablations import data
-from ablations.model import MesaLM
-from ablations.train import TrainConfig, evaluate, lr_at, train
-from solvers.spec import SolverSpec
+from mesa_stability.ablations import data
+from mesa_stability.ablations.model import MesaLM
+from mesa_stability.ablations.train import TrainConfig, evaluate, lr_at, train
+from mesa_stability.solvers.spec import SolverSpec
 
 
 @pytest.fixture(scope="module")

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given
 
-from stability import cases
-from stability.metrics import condition_numbers
-from stability.strategies import problems
+from mesa_stability.stability import cases
+from mesa_stability.stability.metrics import condition_numbers
+from mesa_stability.stability.strategies import problems
 
 
 @pytest.mark.parametrize("name", sorted(cases.CASES))

@@ -16,12 +16,12 @@ import warnings
 import pytest
 import torch
 
-import solvers
-from kernels import flush_checks, mesa_chunk
-from solvers import get_policy
-from solvers.certificate import Certificate, CertificateError, CertificateWarning
-from stability import cases
-from stability.metrics import rel_error
+from mesa_stability import solvers
+from mesa_stability.kernels import flush_checks, mesa_chunk
+from mesa_stability.solvers import get_policy
+from mesa_stability.solvers.certificate import Certificate, CertificateError, CertificateWarning
+from mesa_stability.stability import cases
+from mesa_stability.stability.metrics import rel_error
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 TRITON_DEVICE = "cpu" if INTERPRET else "cuda"
@@ -159,7 +159,7 @@ def test_cg_that_ends_worse_than_it_started_is_flagged():
 
 @pytest.mark.triton
 def test_decode_step_with_a_huge_state_is_flagged():
-    from kernels import mesa_step
+    from mesa_stability.kernels import mesa_step
 
     p = cases.make("well_conditioned", T=16, H=2, D=16)
     q, k, v, g, beta, lam = _inputs(p, TRITON_DEVICE)
@@ -186,13 +186,11 @@ def test_autocast_does_not_change_the_policy(backend):
 
 
 def test_one_default_policy():
-    import kernels.layer
-    import kernels.mesa
-    from solvers.precision import DEFAULT_POLICY
-    from stability import cli
+    from mesa_stability import cli, kernels
+    from mesa_stability.solvers.precision import DEFAULT_POLICY
 
     assert DEFAULT_POLICY == "auto"
-    from solvers.spec import SolverSpec
+    from mesa_stability.solvers.spec import SolverSpec
 
     assert SolverSpec().policy.name == DEFAULT_POLICY  # the op's default spec
     assert kernels.layer.MesaLayer(16, 2).solver.policy.name == DEFAULT_POLICY
@@ -202,7 +200,7 @@ def test_one_default_policy():
 
 
 def test_layer_rms_norm_survives_huge_values_and_propagates_nan():
-    from kernels.layer import _rms_norm
+    from mesa_stability.kernels.layer import _rms_norm
 
     o = torch.randn(2, 3, 8)
     ref = o * torch.rsqrt(o.pow(2).mean(-1, keepdim=True) + 1e-5)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-import solvers
-from stability.cli import main
+from mesa_stability import solvers
+from mesa_stability.cli import main
 
 
 def test_version(capsys):
@@ -38,7 +38,7 @@ def test_bad_arguments_exit_2(capsys):
 def test_an_internal_error_is_not_reported_as_a_usage_error(monkeypatch):
     """A ValueError from inside a command is a bug: it propagates with its traceback (exit 1 from the
     command line), it is not turned into 'error: ...' and exit 2."""
-    import stability.cli as cli
+    import mesa_stability.cli as cli
 
     def broken(args):
         raise ValueError("an internal inconsistency")
@@ -51,7 +51,7 @@ def test_an_internal_error_is_not_reported_as_a_usage_error(monkeypatch):
 def test_golden_checks_the_committed_fingerprints_and_names_a_changed_case(tmp_path, capsys):
     import json
 
-    from stability import golden
+    from mesa_stability.stability import golden
 
     assert main(["golden"]) == 0
     assert "golden cases match" in capsys.readouterr().out
@@ -68,7 +68,7 @@ def test_golden_checks_the_committed_fingerprints_and_names_a_changed_case(tmp_p
 
 
 def test_a_file_as_out_and_an_interrupt_are_reported_without_a_traceback(tmp_path, monkeypatch, capsys):
-    import stability.cli as cli
+    import mesa_stability.cli as cli
 
     f = tmp_path / "a-file"
     f.write_text("")

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-import solvers
-from kernels import mesa_chunk
-from solvers.implicit import mesa_implicit
-from stability import cases
-from stability.gradients import closed_form_gradients
-from stability.metrics import rel_error
-from stability.reference import mp_directional_derivative
+from mesa_stability import solvers
+from mesa_stability.kernels import mesa_chunk
+from mesa_stability.solvers.implicit import mesa_implicit
+from mesa_stability.stability import cases
+from mesa_stability.stability.gradients import closed_form_gradients
+from mesa_stability.stability.metrics import rel_error
+from mesa_stability.stability.reference import mp_directional_derivative
 
 NAMES = ("q", "k", "v", "g", "beta", "lam", "H0", "G0")
 
@@ -119,8 +119,8 @@ def test_mesa_chunk_torch_backend_is_differentiable_and_auto_picks_it_on_cpu():
 def test_chunked_contractions_equal_the_surrogate_autograd():
     """The written-out chunkwise gradients against autograd of the surrogate (same x and y), with an
     initial state and upstream gradients on the final state too."""
-    from solvers.implicit import implicit_backward, surrogate_gradients
-    from solvers.spec import SolverSpec
+    from mesa_stability.solvers.implicit import implicit_backward, surrogate_gradients
+    from mesa_stability.solvers.spec import SolverSpec
 
     p = cases.random_problem(B=2, T=29, H=2, D=5, Dv=3, seed=8, initial_state=True)
     inputs = (p.q, p.k, p.v, p.g, p.beta, p.lam, *p.initial_state)

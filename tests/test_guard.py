@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from stability import golden, guard
-from stability.cli import main
+from mesa_stability.cli import main
+from mesa_stability.stability import golden, guard
 
 pytestmark = pytest.mark.guard
 
@@ -152,7 +152,7 @@ def test_cli_exit_codes_and_baseline(tmp_path, capsys):
 def test_peer_adapter_reads_both_return_shapes_of_the_peer():
     """fla-core 0.6.0 returns (o, kk, kv) although its docstring shows (o, (kk, kv)); the adapter
     reads both (a mix-up made the continuation property fail on the first GPU run)."""
-    from stability.peer import _split
+    from mesa_stability.stability.peer import _split
 
     o, kk, kv = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
     for out in ((o, kk, kv), (o, (kk, kv))):
@@ -160,7 +160,7 @@ def test_peer_adapter_reads_both_return_shapes_of_the_peer():
         assert got_o is o and got_kk is kk and got_kv is kv
     assert _split(o) == (o, (None, None))
     with pytest.raises(NotImplementedError, match="tolerance"):
-        from stability.peer import chunk_mesa_net
+        from mesa_stability.stability.peer import chunk_mesa_net
 
         chunk_mesa_net(*(torch.zeros(1),) * 6, tol=1e-4)
 
@@ -168,7 +168,7 @@ def test_peer_adapter_reads_both_return_shapes_of_the_peer():
 def test_a_missing_dependency_is_a_usage_error_not_a_regression(monkeypatch, capsys):
     """The guard on kernels that cannot run here (no triton) stops with exit 2 and the install hint,
     instead of reporting every check as a budget violation."""
-    import kernels.mesa as km
+    import mesa_stability.kernels.mesa as km
 
     if km.triton is not None:
         monkeypatch.setattr(km, "triton", None)

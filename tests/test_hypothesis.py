@@ -6,9 +6,9 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from solvers import solve
-from stability.metrics import condition_numbers, rel_error
-from stability.strategies import problems
+from mesa_stability.solvers import solve
+from mesa_stability.stability.metrics import condition_numbers, rel_error
+from mesa_stability.stability.strategies import problems
 
 
 @given(problems(), st.sampled_from([1, 3, 8, 64]))
@@ -56,7 +56,7 @@ def test_every_method_returns_the_final_state_of_the_recurrence(p):
 
 @given(problems(max_T=30, max_D=6))
 def test_sherman_morrison_matches_its_own_problem(p):
-    from solvers import get_policy, own_problem_reference
+    from mesa_stability.solvers import get_policy, own_problem_reference
 
     own = own_problem_reference(p, get_policy("fp64"))
     sm = solve(p, "sherman_morrison")

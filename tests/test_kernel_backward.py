@@ -12,13 +12,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("the Triton kernels need CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-import solvers  # noqa: E402
-from kernels.chunk_bwd import chunk_contractions, reverse_states  # noqa: E402
-from solvers.chunk_state import ChunkedSystem  # noqa: E402
-from solvers.implicit import chunked_gradients  # noqa: E402
-from solvers.precision import UNIT_ROUNDOFF  # noqa: E402
-from stability import cases  # noqa: E402
-from stability.metrics import rel_error  # noqa: E402
+from mesa_stability import solvers  # noqa: E402
+from mesa_stability.kernels.chunk_bwd import chunk_contractions, reverse_states  # noqa: E402
+from mesa_stability.solvers.chunk_state import ChunkedSystem  # noqa: E402
+from mesa_stability.solvers.implicit import chunked_gradients  # noqa: E402
+from mesa_stability.solvers.precision import UNIT_ROUNDOFF  # noqa: E402
+from mesa_stability.stability import cases  # noqa: E402
+from mesa_stability.stability.metrics import rel_error  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 pytestmark = pytest.mark.triton
@@ -88,8 +88,8 @@ def test_bf16_keys_take_the_exact_operand_path():
 
 def test_adjoint_kernel_forms_the_log_decay_term():
     """The adjoint CG kernel's a0 = e.o - y.(H x) at the forward's x against the PyTorch formula."""
-    import kernels.mesa as km
-    from solvers.spec import SolverSpec
+    import mesa_stability.kernels.mesa as km
+    from mesa_stability.solvers.spec import SolverSpec
 
     T, C, D, Dv = 37, 16, 16, 12
     p = cases.make("well_conditioned", B=2, T=T, H=2, D=D, Dv=Dv, seed=5).to(torch.float32, DEVICE)
@@ -106,7 +106,7 @@ def test_adjoint_kernel_forms_the_log_decay_term():
 def test_whole_triton_backward_matches_the_torch_backward():
     """bwd_contractions='triton' (adjoint solve, reverse scan, contractions all in kernels) against the
     PyTorch contractions, for every input including the initial state, with final-state gradients."""
-    import kernels
+    from mesa_stability import kernels
 
     p = cases.random_problem(B=2, T=41, H=2, D=16, Dv=12, seed=6, initial_state=True).to(torch.float32, DEVICE)
     w = torch.linspace(-1, 1, 2 * 41 * 2 * 12, device=DEVICE).reshape(2, 41, 2, 12)
@@ -126,7 +126,7 @@ def test_whole_triton_backward_matches_the_torch_backward():
 def test_triton_backend_gradients_scale_with_the_upstream_gradient(mode):
     """Upstream gradients scaled by s from 1e-8 to 1e2: every input gradient scales by s (the adjoint
     solve's tolerance is relative, with no absolute epsilon) within fp32 rounding."""
-    import kernels
+    from mesa_stability import kernels
 
     p = cases.make("small_upstream_grad", B=1, T=24, H=2, D=16, seed=2, q_scale=1.0).to(torch.float32, DEVICE)
     e = cases.upstream_gradient(p, seed=3).to(device=DEVICE, dtype=torch.float32)
@@ -149,7 +149,7 @@ def test_fp16_backward_neither_underflows_nor_overflows():
     and 1e6 (above its largest value, 65504) give the gradients of the unit upstream gradient times
     the scale: the kernels read e divided by a power of two. Powers of two scale exactly; other
     scales change e / s by one fp32 rounding, which can move an fp16 operand by one ulp (u = 2^-11)."""
-    import kernels
+    from mesa_stability import kernels
 
     p = cases.make("small_upstream_grad", B=1, T=24, H=2, D=16, seed=2, q_scale=1.0).to(torch.float32, DEVICE)
     e = cases.upstream_gradient(p, seed=3).to(device=DEVICE, dtype=torch.float32)
@@ -175,8 +175,8 @@ def test_auto_gates_gradient_under_strong_forgetting_meets_the_peer_tolerance(ba
     (solvers.precision.auto_ops): with bf16 products it was 0.08 (torch) and 0.26 (kernels) off here.
     The peer's tolerance for dg is 8e-3 in relative RMS, bf16 inputs; the reference is float64 on the
     same rounded inputs."""
-    from kernels import mesa_chunk
-    from stability import scale_reference
+    from mesa_stability.kernels import mesa_chunk
+    from mesa_stability.stability import scale_reference
 
     p = cases.make("strong_forgetting", B=1, T=128, H=2, D=16)
     p = p.replace(**{n: getattr(p, n).to(torch.bfloat16).double() for n in ("q", "k", "v")})

@@ -26,12 +26,11 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "ye
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("the Triton kernel needs CUDA or TRITON_INTERPRET=1", allow_module_level=True)
 
-import kernels  # noqa: E402
-import solvers  # noqa: E402
-from kernels import chunk_states  # noqa: E402
-from solvers.chunk_state import ChunkedSystem  # noqa: E402
-from solvers.precision import UNIT_ROUNDOFF  # noqa: E402
-from stability import cases  # noqa: E402
+from mesa_stability import kernels, solvers  # noqa: E402
+from mesa_stability.kernels import chunk_states  # noqa: E402
+from mesa_stability.solvers.chunk_state import ChunkedSystem  # noqa: E402
+from mesa_stability.solvers.precision import UNIT_ROUNDOFF  # noqa: E402
+from mesa_stability.stability import cases  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 pytestmark = pytest.mark.triton  # selected by tox's interp-triton* and gpu envs (pyproject markers)
@@ -290,9 +289,9 @@ def test_fp32_policy_on_the_long_low_rank_case_gpu():
     the test asks for 2 kappa 2^-24 (7.8e-3 here), between the two."""
     import warnings
 
-    from kernels import mesa_chunk
-    from solvers.certificate import CertificateWarning
-    from stability.metrics import rel_error
+    from mesa_stability.kernels import mesa_chunk
+    from mesa_stability.solvers.certificate import CertificateWarning
+    from mesa_stability.stability.metrics import rel_error
 
     p = cases.random_problem(1, 16384, 4, 64, seed=0, gamma_range=(1.0, 1.0), beta_range=(1.0, 1.0),
                              lam_range=(0.25, 0.25), key_rank=2)

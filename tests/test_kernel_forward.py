@@ -18,11 +18,10 @@ if not (INTERPRET or torch.cuda.is_available()):
 
 import functools  # noqa: E402
 
-import kernels  # noqa: E402
-import solvers  # noqa: E402
-from kernels import mesa_step  # noqa: E402
-from stability import cases, properties  # noqa: E402
-from stability.metrics import condition_numbers, max_token_rel_error, rel_error  # noqa: E402
+from mesa_stability import kernels, solvers  # noqa: E402
+from mesa_stability.kernels import mesa_step  # noqa: E402
+from mesa_stability.stability import cases, properties  # noqa: E402
+from mesa_stability.stability.metrics import condition_numbers, max_token_rel_error, rel_error  # noqa: E402
 
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 pytestmark = pytest.mark.triton
@@ -238,10 +237,10 @@ def test_triton_forward_with_implicit_backward_matches_the_torch_backend(prob):
 
 @pytest.mark.parametrize("policy", ["fp32", "bf16x3"])
 def test_adjoint_solve_in_the_kernel_matches_the_torch_adjoint(prob, policy):
-    from kernels.mesa import _triton_forward
-    from solvers.cg import cg_iterate
-    from solvers.chunk_state import ChunkedSystem
-    from solvers.spec import SolverSpec
+    from mesa_stability.kernels.mesa import _triton_forward
+    from mesa_stability.solvers.cg import cg_iterate
+    from mesa_stability.solvers.chunk_state import ChunkedSystem
+    from mesa_stability.solvers.spec import SolverSpec
 
     p = _dev(prob)
     pol = solvers.get_policy(policy)
@@ -261,7 +260,7 @@ def test_cg_far_past_convergence_stays_converged(backend):
     """100 fixed steps in fp32 on a D = 16 problem that converges in ~20: rows leave CG at the residual
     floor 2^-48 ||r_0|| instead of iterating on r.z values near fp32's subnormal range (which blew
     one token of this problem up to an 18% error at 100 steps before the floor existed)."""
-    from stability import golden
+    from mesa_stability.stability import golden
 
     ref = golden.reference(golden.BY_NAME["well_conditioned"])
     p = ref.problem
@@ -276,9 +275,9 @@ def test_cg_far_past_convergence_stays_converged(backend):
 def test_the_auto_tier_of_every_chunk_matches_the_emulation():
     """kernels.chunk_tier against solvers.chunk_state.chunk_tier: the same tier for every chunk, on a
     case whose kappa grows through all three tiers (gamma near 1, one head with small lam, a reset)."""
-    from kernels.chunk_state import chunk_states
-    from kernels.chunk_tier import chunk_tiers
-    from solvers.chunk_state import ChunkedSystem
+    from mesa_stability.kernels.chunk_state import chunk_states
+    from mesa_stability.kernels.chunk_tier import chunk_tiers
+    from mesa_stability.solvers.chunk_state import ChunkedSystem
 
     p = cases.random_problem(2, 1500, 2, 8, seed=3, gamma_range=(0.999, 1.0), beta_range=(0.2, 0.4),
                              lam_range=(1.0, 1.5))

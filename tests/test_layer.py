@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import MesaLayer
-from stability.metrics import rel_error
+from mesa_stability.kernels import MesaLayer
+from mesa_stability.stability.metrics import rel_error
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +104,7 @@ def test_sherman_morrison_overflows_under_forgetting_in_fp32():
     turns non-finite after ~65 tokens, while the exact solve of Mesa's problem stays finite."""
     import math
 
-    import solvers
+    from mesa_stability import solvers
 
     torch.manual_seed(0)
     layer = MesaLayer(64, 1, method="sherman_morrison").double()
@@ -124,8 +124,8 @@ def test_the_kernels_without_triton_say_how_to_get_it(monkeypatch):
     """Without triton the kernel modules define no kernels; mesa_step and backend='triton' raise an
     ImportError with the install command (not an AttributeError). Where triton is installed, its
     absence is simulated."""
-    import kernels.mesa as km
-    from stability import cases
+    import mesa_stability.kernels.mesa as km
+    from mesa_stability.stability import cases
 
     if km.triton is not None:
         monkeypatch.setattr(km, "triton", None)

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from kernels import mesa_chunk
-from stability.metrics import peer_close, rms_ratio
-from stability.peer_cases import PEER_CASES, QUANTITIES, make_peer_case, run_peer_case
+from mesa_stability.kernels import mesa_chunk
+from mesa_stability.stability.metrics import peer_close, rms_ratio
+from mesa_stability.stability.peer_cases import PEER_CASES, QUANTITIES, make_peer_case, run_peer_case
 
 SMALLEST = "chunk-B1-T63-H1-D64-gamma0.8-0.99"
 MEDIUM = "chunk-B2-T500-H4-D60-gamma0.8-0.99"

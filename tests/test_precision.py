@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solvers import POLICIES, get_policy, solve
-from solvers.precision import UNIT_ROUNDOFF, round_tf32, round_to
-from stability.cases import random_problem
-from stability.metrics import condition_numbers, rel_error
+from mesa_stability.solvers import POLICIES, get_policy, solve
+from mesa_stability.solvers.precision import UNIT_ROUNDOFF, round_tf32, round_to
+from mesa_stability.stability.cases import random_problem
+from mesa_stability.stability.metrics import condition_numbers, rel_error
 
 
 def test_named_policies_and_aliases():

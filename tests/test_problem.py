@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solvers import MesaProblem, validate_inputs
-from stability.cases import random_problem
+from mesa_stability.solvers import MesaProblem, validate_inputs
+from mesa_stability.stability.cases import random_problem
 
 
 def _inputs(B=2, T=5, H=3, D=4, Dv=6):

@@ -12,12 +12,11 @@ import pandas as pd
 import pytest
 import torch
 
-import kernels
-import solvers
-from solvers.certificate import CertificateWarning
-from stability import production, production_report
-from stability.cli import main
-from stability.production import Grid, ProductionCase
+from mesa_stability import kernels, solvers
+from mesa_stability.cli import main
+from mesa_stability.solvers.certificate import CertificateWarning
+from mesa_stability.stability import production, production_report
+from mesa_stability.stability.production import Grid, ProductionCase
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLICIES = ["fp32", "bf16-fp32state"]
@@ -255,7 +254,7 @@ def test_before_adapter_loads_the_old_op_beside_the_new_packages(monkeypatch, ca
     new = kernels.mesa_chunk(*args, policy="bf16x3", backend="torch", steps=50, check=None)
     assert float((o - new).abs().max()) <= 1e-4 * float(new.abs().max())
     assert stats.x is not None and not hasattr(stats, "certificate")
-    assert kernels.mesa_chunk.__module__ == "kernels.mesa"
+    assert kernels.mesa_chunk.__module__ == "mesa_stability.kernels.mesa"
 
     df = production.run(tiny_grid(CASES[:1]), str(tmp_path), policies=["fp32"],
                         impl="benchmarks.before_adapter:mesa_chunk_before", extra=TORCH, cache_dir=cache,

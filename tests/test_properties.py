@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from stability import cases, properties
-from stability.properties import solver_op
+from mesa_stability.stability import cases, properties
+from mesa_stability.stability.properties import solver_op
 
 # fp64: every transformation is exact, so the discrepancy is rounding of a few operations
 # (u = 1.1e-16) times kappa < 10: 1e-12 leaves room. fp32 (u = 6e-8): 1e-5.

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solvers import get_policy, own_problem_reference, solve
-from stability.cases import random_problem
-from stability.metrics import max_token_rel_error, rel_error
-from stability.reference import mp_solve
+from mesa_stability.solvers import get_policy, own_problem_reference, solve
+from mesa_stability.stability.cases import random_problem
+from mesa_stability.stability.metrics import max_token_rel_error, rel_error
+from mesa_stability.stability.reference import mp_solve
 
 # exact (Cholesky in fp64) is backward stable: its error is about kappa * u_fp64 = kappa * 1.1e-16;
 # the problems below have kappa < 200, so 1e-12 leaves a factor > 40 for growth.
@@ -68,7 +68,7 @@ def test_backward_error_is_the_normwise_backward_error():
     float64 rounding level; at x = 0 it is exactly 1; it is invariant under scaling q and x by a
     power of two; and for x* + eps v (v the top eigenvector of A_t) it equals
     lambda_max eps / (lambda_max ||x|| + ||q||)."""
-    from stability.metrics import backward_error, systems
+    from mesa_stability.stability.metrics import backward_error, systems
 
     p = random_problem(1, 24, 2, 8, seed=5).to(torch.float64)
     x = solve(p, "exact").x

@@ -7,8 +7,8 @@ import os
 import pandas as pd
 import pytest
 
-from stability import report
-from stability.cli import main
+from mesa_stability.cli import main
+from mesa_stability.stability import report
 
 
 @pytest.fixture(scope="module")
@@ -105,14 +105,14 @@ def test_every_writer_records_the_provenance(tmp_path):
     the commit into every row (stability.provenance); the reports say them in one line."""
     import pandas as pd
 
-    from stability.provenance import PROVENANCE_COLUMNS, provenance, provenance_of_table
+    from mesa_stability.stability.provenance import PROVENANCE_COLUMNS, provenance, provenance_of_table
 
     prov = provenance("cpu")
     assert set(prov) == set(PROVENANCE_COLUMNS) and prov["torch"] == __import__("torch").__version__
     line = provenance_of_table(pd.DataFrame([prov, {**prov, "commit": "abc"}]))
     assert line.startswith("Provenance: device cpu") and "/ abc" in line
     assert "not recorded" in provenance_of_table(pd.DataFrame([{"x": 1}]))
-    from stability import report
+    from mesa_stability.stability import report
 
     df = report.run_grid(report.PRESETS["quick"](), str(tmp_path / "st"), cases_sel=["well_conditioned"],
                          solvers_sel=["exact"], policies_sel=["fp64"], progress=False)

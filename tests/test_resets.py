@@ -11,9 +11,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-import solvers
-from solvers.chunk_state import ChunkedSystem
-from solvers.gates import (
+from mesa_stability import solvers
+from mesa_stability.solvers.chunk_state import ChunkedSystem
+from mesa_stability.solvers.gates import (
     RESET_LOG_GATE,
     decay_from_start,
     decay_to_end,
@@ -23,11 +23,11 @@ from solvers.gates import (
     segmented_cumsum,
     segmented_cumsum_grad,
 )
-from solvers.implicit import mesa_implicit, surrogate_gradients
-from stability import cases
-from stability.gradients import closed_form_gradients
-from stability.metrics import rel_error
-from stability.reference import mp_directional_derivative, mp_solve
+from mesa_stability.solvers.implicit import mesa_implicit, surrogate_gradients
+from mesa_stability.stability import cases
+from mesa_stability.stability.gradients import closed_form_gradients
+from mesa_stability.stability.metrics import rel_error
+from mesa_stability.stability.reference import mp_directional_derivative, mp_solve
 
 RESETS = (-1e4, -1e6, -1e8, -1e16, float("-inf"))
 NAMES = ("q", "k", "v", "g", "beta", "lam")
@@ -321,8 +321,8 @@ def test_kernels_are_exact_across_resets(value, where):
     import os
     import warnings
 
-    from kernels import mesa_chunk
-    from solvers.certificate import CertificateWarning
+    from mesa_stability.kernels import mesa_chunk
+    from mesa_stability.solvers.certificate import CertificateWarning
 
     dev = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
     if dev == "cuda" and not torch.cuda.is_available():

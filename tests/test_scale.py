@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from solvers import ITERATIVE, get_policy, solve
-from stability.cases import random_problem
-from stability.metrics import rel_error
+from mesa_stability.solvers import ITERATIVE, get_policy, solve
+from mesa_stability.stability.cases import random_problem
+from mesa_stability.stability.metrics import rel_error
 
 SCALES = (1e-8, 1e-5, 1e-2, 3.0, 1e3, 1e8)
 # A relative error of a few hundred u: rounding s*q and the products differs from rounding q by

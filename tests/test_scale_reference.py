@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-import solvers
-from stability import cases
-from stability.gradients import closed_form_gradients
-from stability.metrics import condition_numbers, rel_error
-from stability.reference import mp_directional_derivative, mp_solve
-from stability.scale_reference import MEMORY, plan, prefix, reference
+from mesa_stability import solvers
+from mesa_stability.stability import cases
+from mesa_stability.stability.gradients import closed_form_gradients
+from mesa_stability.stability.metrics import condition_numbers, rel_error
+from mesa_stability.stability.reference import mp_directional_derivative, mp_solve
+from mesa_stability.stability.scale_reference import MEMORY, plan, prefix, reference
 
 NAMES = ("q", "k", "v", "g", "beta", "lam", "H0", "G0")
 SMALL = dict(B=1, T=48, H=2, D=8, Dv=8)
@@ -174,7 +174,7 @@ def test_float32_inputs_give_the_reference_of_their_values():
 
 
 def test_mp_check_prefix():
-    from stability.scale_reference import mp_check_prefix
+    from mesa_stability.stability.scale_reference import mp_check_prefix
 
     p = _with_init(cases.make("strong_forgetting", seed=25, B=2, T=500, H=3, D=16, Dv=12), 26)
     errs = mp_check_prefix(p, T0=12, batch=1, head=2)

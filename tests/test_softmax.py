@@ -13,12 +13,12 @@ import pandas as pd
 import pytest
 import torch
 
-from ablations import data, softmax
-from ablations.model import MesaLM, loss_per_token
-from ablations.softmax_report import findings, matched_loss, write_report
-from ablations.spectra import numerical_rank
-from ablations.train import TrainConfig, evaluate, train
-from stability.cli import main
+from mesa_stability.ablations import data, softmax
+from mesa_stability.ablations.model import MesaLM, loss_per_token
+from mesa_stability.ablations.softmax_report import findings, matched_loss, write_report
+from mesa_stability.ablations.spectra import numerical_rank
+from mesa_stability.ablations.train import TrainConfig, evaluate, train
+from mesa_stability.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,9 @@ import pandas as pd
 import pytest
 import torch
 
-from ablations import softmax
-from ablations.softmax_report import write_report
-from ablations.spectra import effective_rank, numerical_rank, spearman
+from mesa_stability.ablations import softmax
+from mesa_stability.ablations.softmax_report import write_report
+from mesa_stability.ablations.spectra import effective_rank, numerical_rank, spearman
 
 DIR = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "softmax-cpu")
 

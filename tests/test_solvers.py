@@ -7,12 +7,12 @@ import math
 import pytest
 import torch
 
-from solvers import get_policy, own_problem_reference, solve
-from solvers.chebyshev import spectral_bounds, steps_for_tolerance
-from solvers.chunk_state import ChunkedSystem
-from stability.cases import random_problem
-from stability.metrics import condition_numbers, max_token_rel_error, rel_error, token_rel_error
-from stability.reference import mp_solve
+from mesa_stability.solvers import get_policy, own_problem_reference, solve
+from mesa_stability.solvers.chebyshev import spectral_bounds, steps_for_tolerance
+from mesa_stability.solvers.chunk_state import ChunkedSystem
+from mesa_stability.stability.cases import random_problem
+from mesa_stability.stability.metrics import condition_numbers, max_token_rel_error, rel_error, token_rel_error
+from mesa_stability.stability.reference import mp_solve
 
 
 @pytest.fixture(scope="module")

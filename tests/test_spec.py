@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from solvers import get_policy
-from solvers.precision import DEFAULT_POLICY
-from solvers.spec import SPEC_FIELDS, SolverSpec, solver_spec
+from mesa_stability.solvers import get_policy
+from mesa_stability.solvers.precision import DEFAULT_POLICY
+from mesa_stability.solvers.spec import SPEC_FIELDS, SolverSpec, solver_spec
 
 
 @pytest.mark.parametrize("field,bad", [
@@ -48,10 +48,10 @@ def test_the_label_is_stable_and_tells_specs_apart():
 
 
 def test_every_entry_point_takes_the_spec():
-    from ablations.grid import parse_grid
-    from ablations.model import MesaLM
-    from kernels import MesaLayer, mesa_chunk
-    from stability import cases
+    from mesa_stability.ablations.grid import parse_grid
+    from mesa_stability.ablations.model import MesaLM
+    from mesa_stability.kernels import MesaLayer, mesa_chunk
+    from mesa_stability.stability import cases
 
     spec = SolverSpec(steps=12, tol=1e-6, policy="fp64", backend="torch", check=None)
     p = cases.make("well_conditioned", T=20, H=2, D=8)

@@ -13,7 +13,7 @@ import torch
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from ablations.spectra import (
+from mesa_stability.ablations.spectra import (
     _ranks,
     auroc,
     effective_rank,

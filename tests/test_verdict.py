@@ -12,11 +12,11 @@ import warnings
 import pytest
 import torch
 
-from kernels import flush_checks, mesa_chunk
-from kernels.mesa import _refiner
-from solvers import get_policy, verdict
-from solvers.certificate import Certificate, CertificateWarning
-from stability import cases
+from mesa_stability.kernels import flush_checks, mesa_chunk
+from mesa_stability.kernels.mesa import _refiner
+from mesa_stability.solvers import get_policy, verdict
+from mesa_stability.solvers.certificate import Certificate, CertificateWarning
+from mesa_stability.stability import cases
 
 
 class _Event:

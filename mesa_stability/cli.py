@@ -24,12 +24,11 @@ import os
 import sys
 import time
 
-import solvers
-
-from . import metrics
-from .cases import random_problem
-from .provenance import provenance, provenance_line
-from .reference import mp_solve
+from . import solvers
+from .stability import metrics
+from .stability.cases import random_problem
+from .stability.provenance import provenance, provenance_line
+from .stability.reference import mp_solve
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -80,7 +79,7 @@ def _cmd_stability(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import render, report
+    from .stability import render, report
 
     preset = report.get_preset(args.preset)
     if preset.production:
@@ -120,7 +119,7 @@ def _cmd_stability(args: argparse.Namespace) -> int:
 
 def golden_policy(policies: list[str] | None) -> str:
     """The one policy of the guard's golden preset: the given one, or the shared default."""
-    from . import guard
+    from .stability import guard
 
     if policies and len(policies) > 1:
         raise guard.UsageError(f"--policy: --preset golden checks one policy, got {policies}")
@@ -143,7 +142,7 @@ def _flags(used: list[str]) -> str:
 def _device(name: str | None) -> str:
     import torch
 
-    from .production import UsageError
+    from .stability.production import UsageError
 
     device = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -153,7 +152,7 @@ def _device(name: str | None) -> str:
 
 def _run_production(args: argparse.Namespace, grid_name: str, policies, families):
     """Run the selected part of a production grid (stability.production.run); returns (grid, rows, device)."""
-    from . import production
+    from .stability import production
 
     if args.backward_max_T is not None and args.backward_max_T < 0:
         raise production.UsageError(f"--backward-max-T must be >= 0, got {args.backward_max_T}")
@@ -168,7 +167,7 @@ def _run_production(args: argparse.Namespace, grid_name: str, policies, families
 
 
 def _print_production(df) -> None:
-    from . import production, render
+    from .stability import production, render
 
     table = production.summary(df)
     if len(table):
@@ -191,7 +190,7 @@ def _report_silent(df) -> None:
 
 def _cmd_guard_production(args: argparse.Namespace) -> int:
     """``mesa guard --preset production``: the production grid; exit 1 on a FAIL (silent) or error row."""
-    from . import production
+    from .stability import production
 
     grid_name = {"production": "production", "production-smoke": "smoke"}[args.preset]
     try:
@@ -212,7 +211,7 @@ def _cmd_guard_production(args: argparse.Namespace) -> int:
           f"{time.perf_counter() - t0:.0f} s; results in {os.path.join(args.out, 'results.csv')}")
     _print_production(df)
     with open(os.path.join(args.out, "guard.md"), "w") as fh:
-        from . import render
+        from .stability import render
 
         fh.write(render.to_markdown(production.summary(df)) + "\n\n" + provenance_line(provenance(device)) + "\n")
     _report_silent(df)
@@ -224,7 +223,7 @@ def _cmd_stability_production(args: argparse.Namespace, preset) -> int:
     --out/results.csv (a split run: the second part with --resume reports both)."""
     import datetime
 
-    from . import production, production_report
+    from .stability import production, production_report
 
     t0 = time.perf_counter()
     try:
@@ -261,7 +260,7 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     violation, 2 on a usage error."""
     import torch
 
-    from . import guard
+    from .stability import guard
 
     if args.preset != "golden":
         return _cmd_guard_production(args)
@@ -321,7 +320,7 @@ def _cmd_guard(args: argparse.Namespace) -> int:
 
 
 def _cmd_golden(args: argparse.Namespace) -> int:
-    from .golden import check_or_write
+    from .stability.golden import check_or_write
 
     return check_or_write(write=args.write)
 
@@ -330,12 +329,12 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     """Train models under training-time solver configs and evaluate each under evaluation-time
     configs (a preset or a TOML grid file): results.csv (a row per pair, appended as measured),
     report.md and plots/ in --out; --resume continues an interrupted run."""
-    from ablations.grid import GridError, load_grid, run_grid
-    from ablations.report import write_report
+    from .ablations.grid import GridError, load_grid, run_grid
+    from .ablations.report import write_report
 
     try:
         if args.merge:
-            from ablations.grid import merge_parts
+            from .ablations.grid import merge_parts
 
             if not args.out:
                 raise GridError("--merge needs --out, the folder that receives the merged results")
@@ -369,7 +368,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     except GridError as err:
         print(f"mesa ablate: error: {err}", file=sys.stderr)
         return 2
-    from ablations.train import dist_info
+    from .ablations.train import dist_info
 
     if dist_info()[0] == 0:  # under torchrun, rank 0 writes the report
         print(f"report: {write_report(out, plots=not args.no_plots)}")
@@ -383,8 +382,8 @@ def _cmd_softmax(args: argparse.Namespace) -> int:
     of distribution, OOD-detection AUROC (MSP, energy) and the final training loss; results.csv (a
     row per (T, seed), appended as measured), report.md and plots/ in --out; --resume continues an
     interrupted study, --merge combines parts run separately (other seeds or GPUs)."""
-    from ablations.softmax import StudyError, load_study, merge_studies, run_study
-    from ablations.softmax_report import write_report
+    from .ablations.softmax import StudyError, load_study, merge_studies, run_study
+    from .ablations.softmax_report import write_report
 
     try:
         if args.merge:
@@ -412,7 +411,7 @@ def _show(options: dict) -> str:
 
 def _add_production_args(p: argparse.ArgumentParser, where: str) -> None:
     """The selection and reference flags of a production grid (stability.production)."""
-    from .production import FAMILIES
+    from .stability.production import FAMILIES
 
     p.add_argument("--families", nargs="+", metavar="FAMILY",
                    help=f"{where}: only these families ({', '.join(FAMILIES)})")
@@ -434,7 +433,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="mesa", description="Numerical-stability verification and ablation suite for the Mesa layer.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {solvers.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    from .report import PRESETS, SOLVERS
+    from .stability.report import PRESETS, SOLVERS
 
     st = sub.add_parser("stability", help="stability report: solver x policy x case x size x setting grid",
                         description="Run the stability grid against the float64 exact reference and write "
@@ -476,8 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
                    choices=sorted(solvers.POLICIES) + sorted(solvers.POLICY_ALIASES), metavar="POLICY",
                    help="precision policies (default: fp64 fp32 tf32 bf16-fp32state fp16-fp32state)")
     p.set_defaults(func=_cmd_verify)
-    from .golden import GOLDEN
-    from .guard import PROPERTY_CASES
+    from .stability.golden import GOLDEN
+    from .stability.guard import PROPERTY_CASES
 
     gd = sub.add_parser("guard", help="regression guard: golden cases and properties against error budgets",
                         description=_cmd_guard.__doc__)
@@ -516,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--seed", type=int, default=0, help="production: seed of the cases (default 0)")
     _add_production_args(gd, "--preset production")
     gd.set_defaults(func=_cmd_guard)
-    from ablations.grid import PRESETS as ABLATE_PRESETS
+    from .ablations.grid import PRESETS as ABLATE_PRESETS
 
     ab = sub.add_parser("ablate", help="ablation LM runs: training-time x evaluation-time solver configs",
                         description=_cmd_ablate.__doc__)
@@ -536,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     ab.add_argument("--no-progress", action="store_true", help="no progress bars")
     ab.set_defaults(func=_cmd_ablate)
-    from ablations.softmax import PRESETS as SOFTMAX_PRESETS
+    from .ablations.softmax import PRESETS as SOFTMAX_PRESETS
 
     sm = sub.add_parser("softmax", help="softmax temperature study: rank of logits and representations vs T",
                         description=_cmd_softmax.__doc__)
