@@ -67,8 +67,23 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             "mean_steps", "wall_s"]
     with pd.option_context("display.width", 200, "display.float_format", "{:.2e}".format):
         print(df[cols].to_string(index=False))
-    print(f"kappa(H_t + Lambda): median {float(kappa.median()):.3g}, max {float(kappa.max()):.3g}. "
-          "Sherman-Morrison solves the decayed-regulariser problem, so it differs from exact by design when gamma < 1.")
+    note = (f"kappa(H_t + Lambda): median {float(kappa.median()):.3g}, max {float(kappa.max()):.3g}. "
+            "Sherman-Morrison solves the decayed-regulariser problem, so it differs from exact by design when "
+            "gamma < 1.")
+    print(note)
+    if args.out:
+        from .stability.render import to_markdown
+
+        os.makedirs(args.out, exist_ok=True)
+        prov = provenance("cpu")
+        df.assign(T=args.T, D=args.D, seed=args.seed, **prov).to_csv(os.path.join(args.out, "verify.csv"),
+                                                                      index=False)
+        with open(os.path.join(args.out, "verify.md"), "w") as fh:
+            fh.write(f"# mesa verify (T = {args.T}, D = {args.D}, seed {args.seed})\n\n"
+                     f"exact (fp64) vs mpmath (50 digits): relative error of x {metrics.rel_error(ref.x, x_mp):.2e}, "
+                     f"of o {metrics.rel_error(ref.o, o_mp):.2e}.\n\n{to_markdown(df[cols])}\n\n{note}\n\n"
+                     f"{provenance_line(prov)}\n")
+        print(f"wrote {os.path.join(args.out, 'verify.csv')} and verify.md")
     return 0
 
 
@@ -351,6 +366,13 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
             grid.train = [grid.train[i] for i in args.only_train]
         if args.seed is not None:
             grid.run["seed"] = args.seed
+        if args.device is not None:
+            if args.device.startswith("cuda"):
+                import torch
+
+                if not torch.cuda.is_available():
+                    raise GridError(f"--device {args.device}: CUDA is not available here")
+            grid.run["device"] = args.device
         if args.train_steps is not None:
             steps0, warm0 = grid.train_config.steps, grid.train_config.warmup
             grid.run["train_steps"] = args.train_steps
@@ -415,8 +437,10 @@ def _add_production_args(p: argparse.ArgumentParser, where: str) -> None:
 
     p.add_argument("--families", nargs="+", metavar="FAMILY",
                    help=f"{where}: only these families ({', '.join(FAMILIES)})")
-    p.add_argument("--T", type=int, nargs="+", metavar="T", help=f"{where}: only these sequence lengths of the grid")
-    p.add_argument("--D", type=int, nargs="+", metavar="D", help=f"{where}: only these head dims of the grid")
+    p.add_argument("--t", "--T", dest="T", type=int, nargs="+", metavar="T",
+                   help=f"{where}: only these sequence lengths of the grid")
+    p.add_argument("--d", "--D", dest="D", type=int, nargs="+", metavar="D",
+                   help=f"{where}: only these head dims of the grid")
     p.add_argument("--cache", metavar="DIR",
                    help=f"{where}: folder of the cached float64 references (default --out/reference_cache)")
     p.add_argument("--backward-max-T", type=int, metavar="T",
@@ -468,9 +492,10 @@ def build_parser() -> argparse.ArgumentParser:
     gl.set_defaults(func=_cmd_golden)
     p = sub.add_parser("verify", help="self-check: exact vs mpmath, every solver and policy vs exact",
                        description=_cmd_verify.__doc__)
-    p.add_argument("--T", type=int, default=48, help="sequence length (default 48)")
-    p.add_argument("--D", type=int, default=16, help="head dimension (default 16)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--t", "--T", dest="T", type=int, default=48, help="sequence length (default 48)")
+    p.add_argument("--d", "--D", dest="D", type=int, default=16, help="head dimension (default 16)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the problem (default 0)")
+    p.add_argument("--out", metavar="DIR", help="also write verify.csv and verify.md here")
     p.add_argument("--policies", nargs="+", default=["fp64", "fp32", "tf32", "bf16-fp32state", "fp16-fp32state"],
                    choices=sorted(solvers.POLICIES) + sorted(solvers.POLICY_ALIASES), metavar="POLICY",
                    help="precision policies (default: fp64 fp32 tf32 bf16-fp32state fp16-fp32state)")
@@ -528,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                     "them shrinks in proportion unless --warmup is given)")
     ab.add_argument("--warmup", type=int, help="override the grid's learning-rate warm-up steps")
     ab.add_argument("--seed", type=int, help="override the grid's seed (model init and data order): replicates")
+    ab.add_argument("--device", help="cpu or cuda (default: the grid's, else cuda when available; not under torchrun)")
     ab.add_argument("--only-train", type=int, nargs="+", metavar="I",
                     help="only these training configs of the grid (0-based): split a grid across GPUs or sessions")
     ab.add_argument("--merge", nargs="+", metavar="PART_DIR",

@@ -81,3 +81,15 @@ def test_a_file_as_out_and_an_interrupt_are_reported_without_a_traceback(tmp_pat
     monkeypatch.setattr(cli, "_cmd_ablate", interrupted)
     assert main(["ablate", "--preset", "smoke", "--out", str(tmp_path / "run")]) == 130
     assert "rerun with --resume" in capsys.readouterr().err
+
+
+def test_verify_writes_its_table_and_takes_lower_case_size_flags(tmp_path, capsys):
+    out = tmp_path / "v"
+    assert main(["verify", "--t", "12", "--d", "4", "--policies", "fp64", "--out", str(out)]) == 0
+    import pandas as pd
+
+    df = pd.read_csv(out / "verify.csv")
+    assert set(df.method) >= {"exact", "cg"} and (df["T"] == 12).all() and "commit" in df
+    assert "Provenance:" in (out / "verify.md").read_text()
+    assert main(["verify", "--T", "12", "--D", "4", "--policies", "fp64"]) == 0  # the upper-case spelling too
+    assert main(["verify", "--t", "0"]) == 2
