@@ -71,7 +71,7 @@ class Pending:
 
     flag: torch.Tensor | None
     event: object | None
-    resolve: Callable[[], None]
+    resolve: Callable[[], None] | None
     done: bool = False
 
 
@@ -134,8 +134,9 @@ def _finish(p: Pending) -> None:
     if p.done:
         return
     p.done = True
+    resolve, p.resolve = p.resolve, None  # drop the inputs the refinement holds, once read
     if p.flag is not None and bool(p.flag):
-        p.resolve()
+        resolve()
 
 
 def poll() -> None:
