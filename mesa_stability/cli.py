@@ -456,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mesa", description="Numerical-stability verification and ablation suite for the Mesa layer.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {solvers.__version__}")
+    parser.add_argument("--quiet", "-q", action="store_true",
+                        help="print nothing but errors and warnings (results are still written; no progress bars)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     from .stability.report import PRESETS, SOLVERS
 
@@ -598,6 +600,13 @@ def main(argv: list[str] | None = None) -> int:
     # each command reports its own usage errors (exit 2); anything else is a bug and propagates with
     # its traceback (exit 1)
     try:
+        if args.quiet:
+            if hasattr(args, "no_progress"):
+                args.no_progress = True
+            import contextlib
+
+            with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
+                return args.func(args)
         return args.func(args)
     except KeyboardInterrupt:
         hint = "; rerun with --resume to continue where it stopped" if hasattr(args, "resume") else ""

@@ -93,3 +93,10 @@ def test_verify_writes_its_table_and_takes_lower_case_size_flags(tmp_path, capsy
     assert "Provenance:" in (out / "verify.md").read_text()
     assert main(["verify", "--T", "12", "--D", "4", "--policies", "fp64"]) == 0  # the upper-case spelling too
     assert main(["verify", "--t", "0"]) == 2
+
+
+def test_quiet_prints_nothing_but_still_writes_the_results(tmp_path, capsys):
+    assert main(["--quiet", "verify", "--t", "8", "--d", "4", "--policies", "fp64", "--out", str(tmp_path)]) == 0
+    assert capsys.readouterr().out == ""
+    assert (tmp_path / "verify.csv").exists()
+    assert main(["-q", "verify", "--t", "0"]) == 2 and "must be a positive integer" in capsys.readouterr().err
