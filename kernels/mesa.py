@@ -445,11 +445,13 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolverSpec, num_w
     return o, final, n_steps, res, x, (brk, cert_out)
 
 
+_OP_NAMES = {code: name for name, code in OP_CODES.items()}
+
+
 def _residual_rounding(op_cert: int, D: int, C: int) -> float:
     """``gamma_c`` of :mod:`solvers.certificate` for the kernel's residual: operands of precision
     ``op_cert`` rounded once each, fp32 accumulation over D + C terms."""
-    name = {v: n for n, v in OP_CODES.items()}[op_cert]
-    return 2 * UNIT_ROUNDOFF[name] + math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
+    return 2 * UNIT_ROUNDOFF[_OP_NAMES[op_cert]] + math.sqrt(D + C) * UNIT_ROUNDOFF["fp32"]
 
 
 def _certificate_states(pol, k, v, g, beta, Hc, Gc, initial_state, C, values: bool):

@@ -76,11 +76,6 @@ class CertificateError(ArithmeticError):
     """Raised by ``check="raise"`` when the certified forward error exceeds the threshold."""
 
 
-def check_mode(check) -> None:
-    if check not in CHECK_MODES:
-        raise ValueError(f"check must be one of {CHECK_MODES}, got {check!r}")
-
-
 @dataclass
 class Certificate:
     """Per-token accuracy certificate of one solve, ``[B,T,H]`` tensors (float64 on the solve's device).
@@ -235,4 +230,4 @@ def certify_exact(problem, x: torch.Tensor, policy: PrecisionPolicy, *, threshol
 
 
 __all__ = ["CHECK_MODES", "Certificate", "CertificateError", "CertificateWarning", "bound_from", "cert_operand",
-           "certify_exact", "check_mode", "exact_residual", "state_error", "suggest"]
+           "certify_exact", "exact_residual", "state_error", "suggest"]

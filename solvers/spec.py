@@ -31,12 +31,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from . import cg
+from .certificate import CHECK_MODES
 from .precision import DEFAULT_POLICY, PrecisionPolicy, get_policy
 
 METHODS = ("cg", "exact", "sherman_morrison", "chebyshev")
-X0_CHOICES = ("zero", "jacobi")
-PRECOND_CHOICES = (None, "jacobi")
-CHECK_MODES = ("warn", "raise", None)
+X0_CHOICES = cg.X0_CHOICES
+PRECOND_CHOICES = tuple(c for c in cg.PRECOND_CHOICES if c != "none")  # "none" is read as None
 BACKENDS = ("auto", "triton", "torch")
 
 
