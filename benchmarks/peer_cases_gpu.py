@@ -22,8 +22,6 @@ import sys
 import time
 import warnings
 
-import torch
-
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mesa_stability.kernels import mesa_chunk  # noqa: E402
@@ -31,6 +29,7 @@ from mesa_stability.kernels.mesa import KERNEL_POLICIES  # noqa: E402
 from mesa_stability.solvers.certificate import CertificateWarning  # noqa: E402
 from mesa_stability.solvers.verdict import flush as flush_checks  # noqa: E402
 from mesa_stability.stability.peer_cases import PEER_CASES, run_peer_case  # noqa: E402
+from mesa_stability.stability.provenance import provenance  # noqa: E402
 
 
 def first_config_autotune() -> None:
@@ -77,6 +76,7 @@ def main(argv=None) -> int:
         except ImportError as err:
             peer_version = f"unavailable: {err}"
     rows = []
+    prov = provenance("cuda")
     os.makedirs(args.out, exist_ok=True)
     for name in args.cases:
         for impl, pol, fn in impls:
@@ -87,9 +87,8 @@ def main(argv=None) -> int:
                 flush_checks()  # the certificate verdicts still pending, inside the capture
             flagged = sum(issubclass(c.category, CertificateWarning) for c in caught)
             for r in case_rows:
-                rows.append(dict(r, impl=impl, policy=pol, flagged=flagged, wall_s=time.time() - t0,
-                                 device=torch.cuda.get_device_name(), torch=torch.__version__, fla_core=peer_version,
-                                 peer_configs="autotuned" if args.peer_autotune else "first"))
+                rows.append(dict(r, impl=impl, policy=pol, flagged=flagged, wall_s=time.time() - t0, **prov,
+                                 fla_core=peer_version, peer_configs="autotuned" if args.peer_autotune else "first"))
             bad = [r["quantity"] for r in case_rows if r["verdict"] == "FAIL"]
             print(f"{name:28s} {impl:8s} {pol:15s} fails {bad} warned {flagged}", flush=True)
         pd.DataFrame(rows).to_csv(os.path.join(args.out, "peer_cases.csv"), index=False)

@@ -218,15 +218,13 @@ def _geometry(x: torch.Tensor, Dv: int, chunk_size: int):
             max(MIN_DOT_BLOCK, p2(Dv)))
 
 
-def _op_code(policy) -> tuple[int, bool]:
-    """(operand precision code, interpreted) for a policy (name or object; default fp32)."""
+def _op_code(policy, kernel) -> tuple[int, bool]:
+    """(operand precision code, SOFT) of a launch of ``kernel`` for a policy (name or object)."""
     from mesa_stability.solvers import get_policy
 
-    from .chunk_cg import _chunk_cg_kernel
-    from .chunk_state import _is_interpreted
-    from .operands import OP_CODES
+    from .operands import OP_CODES, software_rounding
 
-    return OP_CODES[get_policy(policy).operand], _is_interpreted(_chunk_cg_kernel)
+    return OP_CODES[get_policy(policy).operand], software_rounding(kernel)
 
 
 def _scale_or_one(scale, device) -> torch.Tensor:
@@ -249,7 +247,7 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy=
 
     Dv = e.shape[3]
     B, T, H, D, C, N, BLOCK_C, BLOCK_D, BLOCK_DV = _geometry(x, Dv, chunk_size)
-    op, soft = _op_code(policy)
+    op, soft = _op_code(policy, _reverse_state_kernel)
     state_dtype = get_policy(policy).state_dtype
     dev = x.device
     xf, gf = x.to(torch.float32).contiguous(), g.to(torch.float32).contiguous()
@@ -281,7 +279,7 @@ def chunk_contractions(k, v, x, y, e, g, beta, DG, DH, a0, *, chunk_size: int, p
     ``grad_dtypes`` (those of the inputs k, v: no cast pass afterwards), dbeta and a in float32."""
     Dv = v.shape[3]
     B, T, H, D, C, N, BLOCK_C, BLOCK_D, BLOCK_DV = _geometry(x, Dv, chunk_size)
-    op, soft = _op_code(policy)
+    op, soft = _op_code(policy, _contract_kernel)
     f32 = [t.to(torch.float32).contiguous() for t in (x, y, e, g, beta, a0)]
     dk = torch.empty(B, T, H, D, dtype=grad_dtypes[0], device=x.device)
     dv = torch.empty(B, T, H, Dv, dtype=grad_dtypes[1], device=x.device)

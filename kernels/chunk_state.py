@@ -25,10 +25,14 @@ operands are rounded to the input dtype, with ``diag(w)`` applied (in fp32, befo
 the same factor as in the emulation: ``(diag(w) K)^T K`` for H and ``V^T (diag(w) K)`` for G, so
 low-precision results match :class:`~solvers.chunk_state.ChunkedSystem` up to summation order.
 
-* fp32 inputs: ``tl.dot(..., input_precision="ieee")``, i.e. true fp32 products. The GPU default
-  would be TF32 (10 mantissa bits), which is a different precision policy ("tf32").
-* bf16/fp16 inputs: a native low-precision dot with float32 accumulation (the "bf16-*"/"fp16-*"
-  policies). Products of two bf16/fp16 values are exact in fp32, so only the accumulation rounds.
+The products' operand precision is one of the codes of :mod:`kernels.operands`:
+
+* fp32 inputs: ``fp32``, i.e. true IEEE fp32 products. The GPU default would be TF32 (10 mantissa
+  bits), which is a different precision policy ("tf32").
+* bf16/fp16 inputs: ``bf16`` / ``fp16``, a native low-precision MMA with float32 accumulation (the
+  "bf16-*"/"fp16-*" policies). Products of two bf16/fp16 values are exact in fp32, so only the
+  accumulation rounds.
+* ``split=True``: ``bf16x3`` whatever the input dtype (the bf16x3 and auto policies).
 
 Layout: one program per (row tile of S, column tile of S, batch*head); it loops over the chunks
 sequentially and keeps the running state tile in registers. Returned shapes are ``[B,H,N,D,D]``,
@@ -46,6 +50,8 @@ import torch
 
 from mesa_stability.solvers.problem import validate_recurrence
 
+from .operands import OP_CODES, is_interpreted, software_rounding
+
 try:  # importing the package must work without triton; calling the kernel needs it
     import triton
     import triton.language as tl
@@ -55,6 +61,8 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
 
 # Input dtypes the kernel reads for k and v (docs/design.md section 4: fp32, bf16 or fp16 inputs).
 INPUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# The operand precision of the update's products for each input dtype (split=False).
+_INPUT_OPS = {torch.float32: OP_CODES["fp32"], torch.bfloat16: OP_CODES["bf16"], torch.float16: OP_CODES["fp16"]}
 # Dtypes the states may be stored in (fp32 by default; bf16/fp16 for the low-precision-state policies).
 STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # On the GPU tl.dot needs every block dimension >= 16 (the smallest MMA tile).
@@ -69,20 +77,7 @@ MAX_STATE_BLOCK = 64
 
 if triton is not None:
     from .gates import chunk_log_decay, end_decays
-
-    @triton.jit
-    def _round(x, DTYPE: tl.constexpr, SOFT_BF16: tl.constexpr):
-        """fp32 ``x`` rounded to nearest-even in ``DTYPE``, returned as fp32 (exactly representable in DTYPE)."""
-        if SOFT_BF16 and DTYPE == tl.bfloat16:
-            # The interpreter's fp32 -> bf16 cast truncates (triton 3.6), so round on the bit pattern:
-            # add 0x7FFF (half a bf16 ulp minus one) plus the parity of the last kept bit (bit 16),
-            # then clear the 16 dropped mantissa bits. Inf stays inf; NaN payloads are not preserved.
-            bits = x.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            y = bits.to(tl.float32, bitcast=True)
-        else:
-            y = x.to(DTYPE).to(tl.float32)
-        return y
+    from .operands import mm, round_to, split
 
     @triton.jit
     def decay_add(hi, lo, d, upd, COMPENSATE: tl.constexpr):
@@ -112,8 +107,8 @@ if triton is not None:
     @triton.jit
     def _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l, o_k, m_l, m_k,
                     m_s, o_s, T, N, H: tl.constexpr, DL: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
-                    W_LEFT: tl.constexpr, IS_FP32: tl.constexpr, IS_BF16: tl.constexpr,
-                    SOFT_BF16: tl.constexpr, SPLIT: tl.constexpr, COMPENSATE: tl.constexpr):
+                    W_LEFT: tl.constexpr, OP: tl.constexpr, K_EXACT: tl.constexpr, SOFT: tl.constexpr,
+                    COMPENSATE: tl.constexpr):
         """Store the state before chunk ``i_c`` and return the state after it (``hi + lo``, fp32 tiles)."""
         tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, (hi + lo).to(s_ptr.dtype.element_ty), mask=m_s)
         t = i_c * C + o_c  # token index of each row of the chunk block
@@ -132,42 +127,14 @@ if triton is not None:
             lt = lt.to(tl.float32) * w[:, None]
         else:
             kt = kt.to(tl.float32) * w[:, None]
-        if SPLIT:
-            # bf16x3: each fp32 factor a = a_hi + a_lo with bf16 parts; a^T b ~ a_hi^T b_hi + a_lo^T b_hi
-            # + a_hi^T b_lo (three bf16 MMAs, ~16 significant bits; a bf16 input factor has lo = 0)
-            a = lt.to(tl.float32)
-            b = kt.to(tl.float32)
-            a_hi = _round(a, tl.bfloat16, SOFT_BF16)
-            b_hi = _round(b, tl.bfloat16, SOFT_BF16)
-            a_lo = _round(a - a_hi, tl.bfloat16, SOFT_BF16)
-            b_lo = _round(b - b_hi, tl.bfloat16, SOFT_BF16)
-            if SOFT_BF16:
-                # interpreter: rounded fp32 tiles and ieee dots (a bf16 product is exact in fp32)
-                upd = (tl.dot(tl.trans(a_hi), b_hi, input_precision="ieee")
-                       + tl.dot(tl.trans(a_lo), b_hi, input_precision="ieee")
-                       + tl.dot(tl.trans(a_hi), b_lo, input_precision="ieee"))
-            else:
-                bf = tl.bfloat16
-                upd = (tl.dot(tl.trans(a_hi.to(bf)), b_hi.to(bf)) + tl.dot(tl.trans(a_lo.to(bf)), b_hi.to(bf))
-                       + tl.dot(tl.trans(a_hi.to(bf)), b_lo.to(bf)))
-        elif IS_FP32:
-            # ieee: true fp32 products; the GPU default (tf32) would round operands to 10 bits
-            upd = tl.dot(tl.trans(lt), kt, input_precision="ieee")
-        elif SOFT_BF16 and IS_BF16:
-            # interpreter: its bf16 tl.dot multiplies raw bit patterns, so round the operands to bf16
-            # in software and multiply fp32 tiles (a bf16 product is exact in fp32, so this equals a
-            # bf16 MMA with fp32 accumulation up to summation order)
-            a = _round(lt.to(tl.float32), tl.bfloat16, SOFT_BF16)
-            b = _round(kt.to(tl.float32), tl.bfloat16, SOFT_BF16)
-            upd = tl.dot(tl.trans(a), b, input_precision="ieee")
-        else:
-            # bf16/fp16 MMA with fp32 accumulation; the fp32 operand is rounded (RTNE) to the input dtype
-            in_ty = l_ptr.dtype.element_ty
-            upd = tl.dot(tl.trans(lt.to(in_ty)), kt.to(in_ty))
+        # L^T diag(w) K in operand precision OP (kernels.operands), accumulated in fp32; the raw keys
+        # of the H update are exact bf16x3 operands when they are bf16 (K_EXACT: lo = 0, two MMAs)
+        k_hi, k_lo = split(kt.to(tl.float32), OP, SOFT)
+        upd = mm(tl.trans(lt.to(tl.float32)), k_hi, k_lo, OP, SOFT, K_EXACT and W_LEFT)
         hi, lo = decay_add(hi, lo, d, upd, COMPENSATE)
         if not COMPENSATE:
             # accumulated in fp32, rounded to the state dtype as stored: a 16-bit state compounds its rounding
-            hi = _round(hi, s_ptr.dtype.element_ty, SOFT_BF16)
+            hi = round_to(hi, s_ptr.dtype.element_ty, SOFT)
         return hi, lo
 
     @triton.jit
@@ -190,11 +157,9 @@ if triton is not None:
         BLOCK_K: tl.constexpr,  # column tile of the state, >= 16, power of two
         HAS_INIT: tl.constexpr,  # an initial state is given
         W_LEFT: tl.constexpr,  # diag(w) multiplies L (the H update) rather than K (the G update)
-        IS_FP32: tl.constexpr,  # k and v are float32: ieee dot
-        IS_BF16: tl.constexpr,  # k and v are bfloat16
-        SOFT_BF16: tl.constexpr,  # bf16 rounding and bf16 dots done in software (interpreter)
-        SPLIT: tl.constexpr,  # bf16x3 products (split-bf16 operands) instead of the input dtype's
-        INTERPRET: tl.constexpr,  # running in the Triton interpreter (TRITON_INTERPRET=1)
+        OP: tl.constexpr,  # operand precision of the update's products (kernels.operands.OP_CODES)
+        K_EXACT: tl.constexpr,  # k is bfloat16: its bf16x3 parts are (k, 0)
+        SOFT: tl.constexpr,  # software rounding (kernels.operands: the interpreter)
         COMPENSATE: tl.constexpr,  # fp32 states: carry the rounding errors in a second tile (decay_add)
     ):
         i_l = tl.program_id(0)
@@ -218,33 +183,18 @@ if triton is not None:
         else:
             hi = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
         # round to the state dtype, as every stored state is (no-op for float32 states)
-        hi = _round(hi, s_ptr.dtype.element_ty, SOFT_BF16)
+        hi = round_to(hi, s_ptr.dtype.element_ty, SOFT)
         lo = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
 
-        if INTERPRET:
-            # the interpreter passes runtime ints as 1-element numpy arrays and `range(N)` calls
-            # int() on them, which recent numpy (2.4 here) refuses; a while loop compares instead
-            i_c = 0
-            while i_c < N:
-                hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
-                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
-                                     SOFT_BF16, SPLIT, COMPENSATE)
-                i_c += 1
-        else:
-            for i_c in range(N):
-                hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
-                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, IS_FP32, IS_BF16,
-                                     SOFT_BF16, SPLIT, COMPENSATE)
+        # a while loop, not range(N): the interpreter passes runtime ints as 1-element numpy arrays,
+        # which range() refuses (numpy >= 2.4); compiled, both are the same scf loop over chunks
+        i_c = 0
+        while i_c < N:
+            hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
+                                 o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, OP, K_EXACT, SOFT, COMPENSATE)
+            i_c += 1
 
         tl.store(sT_ptr + bh64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s)
-
-
-def _is_interpreted(fn) -> bool:
-    """Whether ``triton.jit`` made ``fn`` an interpreter function (TRITON_INTERPRET=1 at import); a
-    ``triton.heuristics`` wrapper is looked through."""
-    while type(fn).__name__ == "Heuristics":
-        fn = fn.fn
-    return type(fn).__name__ == "InterpretedFunction"
 
 
 def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted: bool, check_values: bool) -> None:
@@ -303,7 +253,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
     """
     if triton is None:
         raise ImportError("kernels.chunk_states needs triton (pip install triton); it is not installed")
-    interpreted = _is_interpreted(_chunk_state_kernel)
+    interpreted = is_interpreted(_chunk_state_kernel)
     _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted, check_values)
     B, T, Hh, D = k.shape
     Dv = v.shape[3]
@@ -319,6 +269,8 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
         H0 = G0 = None
     else:
         H0, G0 = (s.contiguous() for s in initial_state)
+    # the products: bf16x3 when split, else the input dtype's (fp32 inputs: ieee products)
+    op = OP_CODES["bf16x3"] if split else _INPUT_OPS[k.dtype]
     BLOCK_C = max(MIN_DOT_BLOCK, triton.next_power_of_2(C))
     BLOCK_K = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(D)))
     for left, s0, s, sT, w_left in ((k, H0, Hc, H_T, True), (v, G0, Gc, G_T, False))[:2 if values else 1]:
@@ -329,9 +281,8 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
             left, k, g, beta, s0, s, sT,
             T, Hh, DL, D, C, N,
             BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
-            HAS_INIT=s0 is not None, W_LEFT=w_left, IS_FP32=k.dtype == torch.float32,
-            IS_BF16=k.dtype == torch.bfloat16, SOFT_BF16=interpreted, INTERPRET=interpreted, SPLIT=split,
-            COMPENSATE=state_dtype == torch.float32,
+            HAS_INIT=s0 is not None, W_LEFT=w_left, OP=op, K_EXACT=k.dtype == torch.bfloat16,
+            SOFT=software_rounding(_chunk_state_kernel), COMPENSATE=state_dtype == torch.float32,
         )
     return Hc, Gc, (H_T, G_T)
 

@@ -30,8 +30,8 @@ from mesa_stability.solvers.precision import (
 from mesa_stability.solvers.spec import SolverSpec, solver_spec
 
 from . import chunk_cg, chunk_tier, decode, residual
-from .chunk_state import MIN_DOT_BLOCK, _is_interpreted, chunk_states
-from .operands import OP_CODES
+from .chunk_state import MIN_DOT_BLOCK, chunk_states
+from .operands import OP_CODES, is_interpreted, software_rounding
 
 try:
     import triton
@@ -104,7 +104,7 @@ def _require_triton(module, kernel: str) -> bool:
     if triton is None:
         raise ImportError("the Triton kernels need triton (pip install triton==3.6.0; on a CPU, run them with "
                           "TRITON_INTERPRET=1), and it is not installed; backend='torch' runs without it")
-    return _is_interpreted(getattr(module, kernel))
+    return is_interpreted(getattr(module, kernel))
 
 
 def _check_device(name: str, x: torch.Tensor, interpreted: bool) -> None:
@@ -373,7 +373,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolverSpec, num_w
     chunk (:mod:`kernels.chunk_tier`) is of another tier returns at once. With ``certify`` each
     program ends with its chunk's certificate (:mod:`kernels.residual`): the residual of the caller's
     system ``given = (q, k, v)``, not the policy's rounding of it."""
-    interpreted = _is_interpreted(chunk_cg._chunk_cg_kernel)
+    soft = software_rounding(chunk_cg._chunk_cg_kernel)
     pol = cfg.policy
     D, Dv = q.shape[3], v.shape[3]
     in_dt = pol.input_dtype
@@ -429,7 +429,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolverSpec, num_w
             H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
             OP_H=op_h, OP_K=op_k, MY_CLASS=my_class or 0, K_EXACT=k.dtype == torch.bfloat16,
             X0_JACOBI=cfg.x0 == "jacobi", PRECOND=cfg.precond == "jacobi", HAS_TOL=tol is not None,
-            SOFT=interpreted, num_warps=num_warps or (8 if wide else 4),
+            SOFT=soft, num_warps=num_warps or (8 if wide else 4),
         )
         name = "chunk_cg" if adjoint is None else "chunk_cg_adjoint"
         LAST_LAUNCH[name if my_class is None else f"{name}_{AUTO_TIERS[my_class]}"] = kernel
@@ -441,7 +441,7 @@ def _triton_forward(q, k, v, g, beta, lam, initial_state, cfg: SolverSpec, num_w
                     Hs, Gs, x, o, cls, cert_out, T, N, _residual_rounding(op_cert, D, C), eps_S,
                     H=H, D=D, Dv=Dv, C=C, BLOCK_C=BLOCK_C, BLOCK_D=BLOCK_D, BLOCK_DV=BLOCK_DV,
                     BLOCK_J=min(CERTIFY_BLOCK_J, BLOCK_D), OP=op_cert, MY_CLASS=my_class or 0,
-                    KG_EXACT=kg.dtype == vg.dtype == torch.bfloat16, SOFT=interpreted, num_warps=CERTIFY_WARPS)
+                    KG_EXACT=kg.dtype == vg.dtype == torch.bfloat16, SOFT=soft, num_warps=CERTIFY_WARPS)
     return o, final, n_steps, res, x, (brk, cert_out)
 
 

@@ -234,7 +234,9 @@ def test_module_imports_without_triton(monkeypatch):
     """kernels/chunk_state.py imports without triton; calling the kernel then raises ImportError."""
     monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
     monkeypatch.setitem(sys.modules, "triton.language", None)
-    spec = importlib.util.spec_from_file_location("_chunk_state_without_triton", kernels.chunk_state.__file__)
+    # named inside the package, so that its relative imports resolve
+    spec = importlib.util.spec_from_file_location("mesa_stability.kernels._chunk_state_without_triton",
+                                                  kernels.chunk_state.__file__)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)  # a fresh module object: the real one is left untouched
     assert mod.triton is None
