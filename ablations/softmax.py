@@ -309,7 +309,8 @@ def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = 
         pd.DataFrame({"step": range(1, len(res.losses) + 1), "loss": res.losses}).to_csv(
             os.path.join(out, "curves", name + ".csv"), index=False)
         tail = res.losses[-max(1, math.ceil(LOSS_TAIL * len(res.losses))):] if res.losses else [float("nan")]
-        row = {"study": study.name, "temperature": t, "seed": s, **provenance(str(device)), "size": study.size,
+        row = {"study": study.name, "temperature": t, "seed": s, **provenance(str(device)),
+               "corpus": corpus.provenance, "size": study.size,
                "solver": study.solver.label,
                "train_steps": study.train_steps, "steps_done": res.steps_done, "diverged": res.diverged,
                "final_train_loss": sum(tail) / len(tail), "train_wall_s": res.wall_s,

@@ -31,6 +31,14 @@ from .stability.provenance import provenance, provenance_line
 from .stability.reference import mp_solve
 
 
+def _on_cpu(res):
+    """A solve result with its tensors moved to the CPU."""
+    import dataclasses
+
+    return dataclasses.replace(res, **{f.name: getattr(res, f.name).cpu() for f in dataclasses.fields(res)
+                                       if hasattr(getattr(res, f.name), "cpu")})
+
+
 def _cmd_verify(args: argparse.Namespace) -> int:
     import pandas as pd
 
@@ -38,12 +46,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     if bad:
         print(f"mesa verify: error: {'; '.join(bad)}", file=sys.stderr)
         return 2
+    try:
+        device = _device(args.device, ValueError)
+    except ValueError as err:
+        print(f"mesa verify: error: {err}", file=sys.stderr)
+        return 2
     problem = random_problem(B=1, T=args.T, H=2, D=args.D, seed=args.seed)
     print(f"problem: {problem!r}, gamma in [0.9, 1], lam in [0.25, 1.25], seed {args.seed}")
     t0 = time.perf_counter()
     x_mp, o_mp = mp_solve(problem, dps=50)
     t_mp = time.perf_counter() - t0
-    ref = solvers.solve(problem, "exact")
+    # the solvers run on --device; the comparisons are made on the CPU
+    on_device = problem.to(device=device)
+    ref = _on_cpu(solvers.solve(on_device, "exact"))
     print(f"exact (fp64) vs mpmath (50 digits, {t_mp:.1f} s): rel. error x {metrics.rel_error(ref.x, x_mp):.2e}, "
           f"o {metrics.rel_error(ref.o, o_mp):.2e}")
     kappa = metrics.condition_numbers(problem)
@@ -54,8 +69,13 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         pol = solvers.get_policy(policy)
         for method, opts in configs:
             t0 = time.perf_counter()
-            res = solvers.solve(problem, method, pol, **opts)
+            res = solvers.solve(on_device, method, pol, **opts)
+            if device.startswith("cuda"):
+                import torch
+
+                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
+            res = _on_cpu(res)
             row = {"method": method, "options": ",".join(f"{k}={v}" for k, v in opts.items()) or "-",
                    "policy": pol.name}
             row.update(metrics.summarize(problem, res.x, res.o, ref.x, ref.o, pol.u, kappa))
@@ -75,7 +95,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         from .stability.render import to_markdown
 
         os.makedirs(args.out, exist_ok=True)
-        prov = provenance("cpu")
+        prov = provenance(device)
         df.assign(T=args.T, D=args.D, seed=args.seed, **prov).to_csv(os.path.join(args.out, "verify.csv"),
                                                                       index=False)
         with open(os.path.join(args.out, "verify.md"), "w") as fh:
@@ -154,14 +174,16 @@ def _flags(used: list[str]) -> str:
     return ", ".join(used) + (" applies" if len(used) == 1 else " apply")
 
 
-def _device(name: str | None) -> str:
+def _device(name: str | None, error: type[Exception] | None = None) -> str:
+    """The device of ``--device``: the one named, else cuda when available, else cpu. A CUDA device
+    that is not there raises ``error`` (default: the production grid's usage error, exit 2)."""
     import torch
 
-    from .stability.production import UsageError
-
+    if error is None:
+        from .stability.production import UsageError as error
     device = name or ("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda but no CUDA device is available")
+        raise error(f"--device {device}: no CUDA device is available here")
     return device
 
 
@@ -273,16 +295,13 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     """Check an implementation on the golden cases and the metamorphic properties against the error
     budgets of stability/budgets.toml (and a stored baseline); exit 0 when everything holds, 1 on any
     violation, 2 on a usage error."""
-    import torch
 
     from .stability import guard
 
     if args.preset != "golden":
         return _cmd_guard_production(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise guard.UsageError("--device cuda but no CUDA device is available")
+        device = _device(args.device, guard.UsageError)
         golden_flags = [("--families", args.families), ("--T", args.T), ("--D", args.D), ("--resume", args.resume),
                         ("--cache", args.cache), ("--backward-max-T", args.backward_max_T),
                         ("--no-reference-check", args.no_reference_check), ("--jobs", args.jobs != 1)]
@@ -367,12 +386,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         if args.seed is not None:
             grid.run["seed"] = args.seed
         if args.device is not None:
-            if args.device.startswith("cuda"):
-                import torch
-
-                if not torch.cuda.is_available():
-                    raise GridError(f"--device {args.device}: CUDA is not available here")
-            grid.run["device"] = args.device
+            grid.run["device"] = _device(args.device, GridError)
         if args.train_steps is not None:
             steps0, warm0 = grid.train_config.steps, grid.train_config.warmup
             grid.run["train_steps"] = args.train_steps
@@ -416,7 +430,8 @@ def _cmd_softmax(args: argparse.Namespace) -> int:
         else:
             study = load_study(args.preset, temperatures=args.temperatures, seeds=args.seeds,
                                train_steps=args.train_steps, rank_threshold=args.rank_threshold,
-                               loss_band=args.loss_band, device=args.device)
+                               loss_band=args.loss_band,
+                               device=None if args.device is None else _device(args.device, StudyError))
             out = args.out or os.path.join("results", "softmax", study.name)
             args.out = out
             run_study(study, out, resume=args.resume, progress=not args.no_progress)
@@ -498,6 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d", "--D", dest="D", type=int, default=16, help="head dimension (default 16)")
     p.add_argument("--seed", type=int, default=0, help="seed of the problem (default 0)")
     p.add_argument("--out", metavar="DIR", help="also write verify.csv and verify.md here")
+    p.add_argument("--device", help="where the solvers run: cpu or cuda (default: cuda when available)")
     p.add_argument("--policies", nargs="+", default=["fp64", "fp32", "tf32", "bf16-fp32state", "fp16-fp32state"],
                    choices=sorted(solvers.POLICIES) + sorted(solvers.POLICY_ALIASES), metavar="POLICY",
                    help="precision policies (default: fp64 fp32 tf32 bf16-fp32state fp16-fp32state)")

@@ -10,6 +10,8 @@ import subprocess
 import torch
 
 PROVENANCE_COLUMNS = ("device", "python", "torch", "triton", "numpy", "package", "commit")
+# Recorded where they apply: the ablations' corpus (ablations.data.Corpus.provenance).
+OPTIONAL_COLUMNS = ("corpus",)
 
 
 def git_commit(repo: str | None = None) -> str:
@@ -52,18 +54,19 @@ def provenance(device="cpu") -> dict:
 
 def provenance_line(prov: dict) -> str:
     """One Markdown line naming the device, versions and commit of ``prov`` (missing keys skipped)."""
-    parts = [f"{k} {prov[k]}" for k in PROVENANCE_COLUMNS if k in prov and prov[k] == prov[k]]
+    parts = [f"{k} {prov[k]}" for k in PROVENANCE_COLUMNS + OPTIONAL_COLUMNS if k in prov and prov[k] == prov[k]]
     return "Provenance: " + ", ".join(parts) + "."
 
 
 def provenance_of_table(df) -> str:
     """The provenance line of a results table: each column's distinct values (rows of resumed or merged
     runs may differ), or a note that the table predates these columns."""
-    have = [c for c in PROVENANCE_COLUMNS if c in df.columns]
-    if not have:
+    if not any(c in df.columns for c in PROVENANCE_COLUMNS):
         return "Provenance: not recorded (a table written before the provenance columns)."
+    have = [c for c in PROVENANCE_COLUMNS + OPTIONAL_COLUMNS if c in df.columns]
     vals = {c: " / ".join(str(v) for v in df[c].dropna().unique()) or "?" for c in have}
     return provenance_line(vals)
 
 
-__all__ = ["PROVENANCE_COLUMNS", "device_name", "git_commit", "provenance", "provenance_line", "provenance_of_table"]
+__all__ = ["OPTIONAL_COLUMNS", "PROVENANCE_COLUMNS", "device_name", "git_commit", "provenance", "provenance_line",
+           "provenance_of_table"]

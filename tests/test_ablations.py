@@ -101,3 +101,20 @@ def test_resume_continues_exactly(corpus, tmp_path):
     assert res.steps_done == 12 and res.losses == pytest.approx(ref.losses, rel=1e-5)
     for a, b in zip(whole.parameters(), resumed.parameters(), strict=True):
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_corpus_records_its_versions_and_warns_when_it_is_not_the_pinned_one(monkeypatch):
+    """The corpus is read from installed packages; its provenance (versions, full-split SHA-256) goes
+    into every results row, and data other than the pinned packages' gives a CorpusWarning that names
+    the split, the installed version and the pin."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", data.CorpusWarning)  # the pinned environment: no warning
+        c = data.load_corpus(max_bytes=100)
+    assert c.versions == data.PINNED and "sympy 1.13.3" in c.provenance
+    assert c.digests == data.DIGESTS
+    monkeypatch.setitem(c.versions, "sympy", "9.9")
+    monkeypatch.setitem(c.digests, "ood", "0" * 64)
+    with pytest.warns(data.CorpusWarning, match=r"\['ood'\].*sympy 9\.9.*sympy==1\.13\.3"):
+        assert data.check_corpus(c) == ["ood"]

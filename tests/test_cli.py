@@ -100,3 +100,15 @@ def test_quiet_prints_nothing_but_still_writes_the_results(tmp_path, capsys):
     assert capsys.readouterr().out == ""
     assert (tmp_path / "verify.csv").exists()
     assert main(["-q", "verify", "--t", "0"]) == 2 and "must be a positive integer" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["verify", "--t", "8", "--d", "4"], ["guard"], ["stability", "--preset", "gpu"],
+                                     ["ablate", "--preset", "smoke"], ["softmax", "--preset", "smoke"]])
+def test_every_command_takes_device_and_refuses_a_missing_gpu(command, tmp_path, monkeypatch, capsys):
+    """--device is a flag of every command that computes; naming CUDA where there is none is a usage
+    error (exit 2) with a message, not a traceback."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main([*command, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
+    assert "cuda" in capsys.readouterr().err.lower()
