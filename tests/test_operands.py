@@ -19,7 +19,6 @@ low-precision MMA. Three levels of check:
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -76,7 +75,7 @@ def _rounding_probe(dtype: torch.dtype) -> torch.Tensor:
     # exact ties: a value of the target format plus half its ulp, even and odd last bits
     # (base = m 2^e with m in [0.5, 1): its ulp is eps 2^(e-1); base +- ulp/2 is exact in fp32)
     base = torch.randn(512, generator=gen).to(dtype).to(torch.float32)
-    ulp = info.eps * torch.ldexp(torch.ones(()), torch.frexp(base).exponent - 1)
+    ulp = info.eps * torch.ldexp(torch.ones_like(base), torch.frexp(base).exponent - 1)
     ties = torch.cat([base + ulp / 2, base - ulp / 2])
     edges = torch.tensor([0.0, -0.0, info.max, -info.max, info.tiny, info.tiny / 4, -info.tiny / 3,
                           float("inf"), float("-inf"), float("nan"), 3.4e38, -3.4e38])
@@ -136,31 +135,40 @@ def test_soft_products_equal_the_mma_up_to_summation_order(op):
     assert excess <= 0, f"{op}: SOFT and the MMA differ by {excess:.3g} beyond the summation-order bound"
 
 
+def _op_and_grads(leaves, e, **options):
+    """o and the gradients of (o . e) with respect to q, k, v, g, beta, lam, as float64 tensors."""
+    xs = [t.detach().clone().requires_grad_(True) for t in leaves]
+    o = kernels.mesa_chunk(*xs, check=None, chunk_size=32, **options)
+    return [o.detach().double()] + [gr.double() for gr in torch.autograd.grad(o, xs, e.to(o.dtype))]
+
+
 @gpu_only
 @pytest.mark.parametrize("policy", KERNEL_POLICIES)
 def test_the_op_computes_the_same_numbers_with_software_rounding(policy):
     """The whole op (chunk states, CG, certificate, backward) with emulated_rounding() against the
-    compiled low-precision casts and MMAs, on a well-conditioned case (kappa below ~10). Both compute
-    the same rounded operands and differ only in the fp32 summation order, about n 2^-24 relative per
-    product (n = 32); where that moves a value across a rounding boundary of a later 16-bit operand,
-    that element moves by one 16-bit ulp, which happens with probability of the same order, so the
-    expected difference stays about kappa n 2^-24 after the solve. The test allows kappa 2^-16, 8
-    times that and far under the policies' own errors (kappa u: 4e-2 for bf16 operands), so a
-    branch that rounds differently (RTNE against truncation: a 2^-8 relative bias per operand)
-    fails it."""
+    compiled low-precision casts and MMAs, on a well-conditioned case (kappa below ~10), for o and
+    every gradient. Both branches round the same operands the same way and differ only in the fp32
+    summation order, about sqrt(n) 2^-24 relative per product (n = 32), where the policy's own operand
+    rounding is 2^-9 (bf16) to 2^-17 (bf16x3); where the order moves a value across a rounding boundary
+    of a later 16-bit operand, that element moves by one 16-bit ulp, with a probability of the same
+    small order. So their difference d is a small fraction of the compiled result's error e against
+    the float64 reference (the torch backend's fp64 policy on the same inputs). The test asks
+    d <= e / 8, plus kappa 2^-20 for policies whose error is that of fp32 alone; a branch that rounds
+    differently (truncation against round-to-nearest, say) gives d of the order of e and fails."""
     p = cases.make("well_conditioned", B=1, T=96, H=2, D=32, Dv=32, seed=3)
-    leaves = [t.to(DEVICE, torch.float32) for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
-    leaves = [t.to(torch.bfloat16) if i < 3 else t for i, t in enumerate(leaves)]
-    e = torch.randn(p.v.shape, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    out = {}
-    for soft in (True, False):
-        xs = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in leaves]
-        with operands.emulated_rounding() if soft else contextlib.nullcontext():
-            o = kernels.mesa_chunk(*xs, steps=30, policy=policy, backend="triton", check=None, chunk_size=32)
-            grads = torch.autograd.grad(o, xs, e)
-        out[soft] = [o.detach().float()] + [gr.float() for gr in grads]
+    f32 = [t.to(DEVICE, torch.float32) for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
+    leaves = [t.to(torch.bfloat16) if i < 3 else t for i, t in enumerate(f32)]
+    e = torch.randn(p.v.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEVICE)
+    ref = _op_and_grads([t.double() for t in leaves], e, steps=200, tol=1e-14, policy="fp64", backend="torch")
+    hw = _op_and_grads(leaves, e, steps=30, policy=policy, backend="triton")
+    with operands.emulated_rounding():
+        soft = _op_and_grads(leaves, e, steps=30, policy=policy, backend="triton")
     kappa = metrics.condition_numbers(p).max().item()
-    for name, s, h in zip(("o", "dq", "dk", "dv", "dg", "dbeta", "dlam"), out[True], out[False], strict=True):
-        rel = ((s - h).norm() / h.norm()).item()
-        assert rel <= kappa * 2.0**-16, f"{policy} {name}: SOFT and compiled differ by {rel:.3g}"
-
+    report, bad = [], []
+    for name, r, h, s in zip(("o", "dq", "dk", "dv", "dg", "dbeta", "dlam"), ref, hw, soft, strict=True):
+        err = ((h - r).norm() / r.norm()).item()
+        d = ((s - h).norm() / r.norm()).item()
+        report.append(f"{name}: d {d:.2e} e {err:.2e}")
+        if not d <= err / 8 + kappa * 2.0**-20:
+            bad.append(name)
+    assert not bad, f"{policy}: SOFT and compiled differ beyond e / 8 in {bad}: " + "; ".join(report)
