@@ -74,6 +74,8 @@ class MesaStats:
     # the certificate's refinement (tier 2, or None), and the verdicts not yet read
     _refine: Callable[[], cert.Certificate | None] | None = field(default=None, repr=False)
     _pending: list = field(default_factory=list, repr=False)
+    # packed sequences: the stats of each sequence, whose backward fills in its adjoint certificate
+    _parts: list | None = field(default=None, repr=False)
 
     @property
     def certificate(self) -> cert.Certificate | None:
@@ -87,6 +89,10 @@ class MesaStats:
     @property
     def adjoint_certificate(self) -> cert.Certificate | None:
         verdict.wait(self._pending)
+        if self._parts is not None and self._adjoint_certificate is None:
+            parts = [p.adjoint_certificate for p in self._parts]  # each waits for its own verdicts
+            if all(c is not None for c in parts):
+                return _merge_certificates(parts)
         return self._adjoint_certificate
 
     @adjoint_certificate.setter
@@ -522,9 +528,19 @@ def _upstream_scale(*grads) -> torch.Tensor:
     return torch.stack([1.0 / s, s])
 
 
+def _merge_certificates(certs: list) -> cert.Certificate:
+    """The certificates of packed sequences as one: tokens concatenated, the highest tier. An adjoint's
+    normwise verdict (``solution_norms``) then covers the packed tokens together, per head."""
+    norms = None if certs[0].solution_norms is None else torch.cat([c.solution_norms for c in certs], 1)
+    return cert.Certificate(
+        *(torch.cat([getattr(c, f) for c in certs], 1) for f in ("residual", "kappa", "bound", "breakdown")),
+        certs[0].threshold, max(c.tier for c in certs), certs[0].what, norms)
+
+
 def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, opts):
     """Packed sequences: each sequence runs from its own start state (one launch per sequence); the
-    outputs, final states and stats (certificates included) are concatenated."""
+    outputs, final states and stats (certificates included) are concatenated. The adjoint
+    certificates, which each sequence's backward fills in, are merged when read."""
     cs = cu_seqlens.tolist()
     outs, finals, stats = [], [], []
     for n, (a, b) in enumerate(zip(cs, cs[1:], strict=False)):
@@ -539,20 +555,15 @@ def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, opts):
         vals = [getattr(s, field) for s in stats]
         return None if vals[0] is None else torch.cat(vals, 1)
 
-    def merge(certs):
-        return cert.Certificate(
-            *(torch.cat([getattr(c, f) for c in certs], 1) for f in ("residual", "kappa", "bound", "breakdown")),
-            certs[0].threshold, max(c.tier for c in certs), certs[0].what)
-
     certs = [s._certificate for s in stats]
-    merged = MesaStats(cat("steps"), cat("residual"), cat("x"), cat("breakdown"))
+    merged = MesaStats(cat("steps"), cat("residual"), cat("x"), cat("breakdown"), _parts=stats)
     if certs[0] is not None:
-        merged.certificate = merge(certs)
+        merged.certificate = _merge_certificates(certs)
         refines = [s._refine for s in stats]
         if all(r is not None for r in refines):
             def refine():  # tier 2 of every sequence, or None if one cannot be formed
                 parts = [r() for r in refines]
-                return None if any(c is None for c in parts) else merge(parts)
+                return None if any(c is None for c in parts) else _merge_certificates(parts)
 
             merged._refine = refine
     final = tuple(torch.cat([f[i] for f in finals]) for i in range(2))

@@ -4,7 +4,8 @@ Every product of a kernel rounds its operands to an operand precision ``OP`` (a 
 :data:`OP_CODES`, named as in :mod:`solvers.precision`) and accumulates in float32:
 
 * ``fp32`` (0): true IEEE fp32 products (``input_precision="ieee"``; the GPU default would be TF32);
-* ``tf32`` (1): tensor cores with a 10-bit mantissa;
+* ``tf32`` (1): tensor cores with a 10-bit mantissa, the operands rounded to nearest even first (the
+  H100/H200 MMA truncates the fp32 values it is given: ``benchmarks/tf32_rounding.py``);
 * ``bf16`` (2), ``fp16`` (3): tensor cores;
 * ``bf16x3`` (4): operands split into bf16 ``hi + lo`` parts (``hi = bf16(a)``, ``lo = bf16(a - hi)``),
   ``a b ~ a_hi b_hi + a_hi b_lo + a_lo b_hi``: three bf16 MMAs, about 16 significant bits. A factor
@@ -13,14 +14,14 @@ Every product of a kernel rounds its operands to an operand precision ``OP`` (a 
 A stored state is rounded to its dtype by :func:`round_to` (the state codes are the dtypes
 themselves: float32, bfloat16 or float16, read off the output pointer).
 
-``SOFT`` (software rounding) is how the same arithmetic runs in the Triton interpreter, whose
-fp32 -> bf16 cast truncates, whose bf16 dot multiplies raw bit patterns, and whose tf32 dot is an
-fp32 dot: operands are rounded in software to fp32 values exactly representable in the operand
-precision (round to nearest even, as the GPU's conversions), and a dot of two such tiles in IEEE
-fp32 equals the low-precision MMA with fp32 accumulation up to summation order, since the products
-of such values are exact in fp32. It is the one interpreter-specific branch of the kernels.
-:func:`software_rounding` decides it per launch; on the GPU, :func:`emulated_rounding` forces it, so
-that a test can compare both branches on the same inputs (``tests/test_operands.py``).
+``SOFT`` (software rounding) is how the same arithmetic runs in the Triton interpreter, whose fp32
+-> bf16 cast truncates and whose bf16 dot multiplies raw bit patterns: operands are rounded in
+software to fp32 values exactly representable in the operand precision (round to nearest even, as
+the GPU's conversions), and a dot of two such tiles in IEEE fp32 equals the low-precision MMA with
+fp32 accumulation up to summation order, since the products of such values are exact in fp32. It is
+the one interpreter-specific branch of the kernels. :func:`software_rounding` decides it per launch;
+on the GPU, :func:`emulated_rounding` forces it, so that a test can compare both branches on the
+same inputs (``tests/test_operands.py``).
 """
 
 from __future__ import annotations
@@ -95,9 +96,11 @@ if triton is not None:
                 y = round_to(x, tl.float16, True)
             else:
                 y = x.to(tl.float16)
-        elif OP == 1 and SOFT:
-            # tf32 dots run in fp32 in the interpreter, so round to tf32 (10 explicit mantissa bits,
-            # round-to-nearest-even on the bit pattern, as solvers.precision.round_tf32 does)
+        elif OP == 1:
+            # round to tf32 (10 explicit mantissa bits) to nearest even on the bit pattern, as
+            # solvers.precision.round_tf32 does, on the GPU too: its tf32 MMA truncates the fp32
+            # operands it is given (benchmarks/tf32_rounding.py), which would double the unit
+            # roundoff, and the interpreter's tf32 dot is an fp32 dot; the rounded values are exact
             bits = x.to(tl.uint32, bitcast=True)
             bits = (bits + 0x0FFF + ((bits >> 13) & 1)) & 0xFFFFE000
             y = tl.where(x == x, bits.to(tl.float32, bitcast=True), x)
@@ -114,8 +117,8 @@ if triton is not None:
         elif OP == 1 and not SOFT:
             c = tl.dot(a, b, input_precision="tf32")
         elif SOFT:
-            # interpreter: tf32/bf16/fp16 operands were rounded in fp32 tiles; a product of two such
-            # values is exact in fp32, so an ieee fp32 dot equals the low-precision MMA
+            # interpreter: tf32/bf16/fp16 operands are rounded fp32 tiles; a product of two such values
+            # is exact in fp32, so an ieee fp32 dot equals the low-precision MMA
             c = tl.dot(a, b, input_precision="ieee")
         else:
             c = tl.dot(a, b)

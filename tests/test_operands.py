@@ -19,6 +19,7 @@ low-precision MMA. Three levels of check:
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -32,7 +33,7 @@ if not (INTERPRET or torch.cuda.is_available()):
 
 import triton.language as tl  # noqa: E402
 
-from mesa_stability import kernels  # noqa: E402
+from mesa_stability import kernels, solvers  # noqa: E402
 from mesa_stability.kernels import operands  # noqa: E402
 from mesa_stability.kernels.mesa import KERNEL_POLICIES  # noqa: E402
 from mesa_stability.stability import cases, metrics  # noqa: E402
@@ -147,14 +148,18 @@ def _op_and_grads(leaves, e, **options):
 def test_the_op_computes_the_same_numbers_with_software_rounding(policy):
     """The whole op (chunk states, CG, certificate, backward) with emulated_rounding() against the
     compiled low-precision casts and MMAs, on a well-conditioned case (kappa below ~10), for o and
-    every gradient. Both branches round the same operands the same way and differ only in the fp32
-    summation order, about sqrt(n) 2^-24 relative per product (n = 32), where the policy's own operand
-    rounding is 2^-9 (bf16) to 2^-17 (bf16x3); where the order moves a value across a rounding boundary
-    of a later 16-bit operand, that element moves by one 16-bit ulp, with a probability of the same
-    small order. So their difference d is a small fraction of the compiled result's error e against
-    the float64 reference (the torch backend's fp64 policy on the same inputs). The test asks
-    d <= e / 8, plus kappa 2^-20 for policies whose error is that of fp32 alone; a branch that rounds
-    differently (truncation against round-to-nearest, say) gives d of the order of e and fails."""
+    every gradient, both compared with the float64 reference (the torch backend's fp64 policy on the
+    same inputs): d the difference of the branches, e the compiled result's error.
+
+    Both branches round the same operands the same way; they differ in the fp32 summation order of
+    the products (the MMA's against IEEE FMAs), a relative difference delta ~ n 2^-24 (n = 32, the
+    inner dimension). Where delta moves a value across a rounding boundary of a later operand of unit
+    roundoff u (probability ~ delta / u per element), that element moves by one ulp, so the rounding
+    noise of the two branches differs by an RMS of about sqrt(delta / u) times the noise itself:
+    d ~ sqrt(delta / u) e. The test allows 4 sqrt(n 2^-24 / u) e (0.09 e for bf16 operands, 0.25 e
+    for fp16 and tf32), plus kappa 2^-18 for the policies whose error is that of the fp32 arithmetic
+    (fp32, bf16x3). A branch that rounds differently (truncation against round to nearest, as the
+    GPU's tf32 MMA does with raw fp32 operands) has d ~ e (measured 1.2 e) and fails."""
     p = cases.make("well_conditioned", B=1, T=96, H=2, D=32, Dv=32, seed=3)
     f32 = [t.to(DEVICE, torch.float32) for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
     leaves = [t.to(torch.bfloat16) if i < 3 else t for i, t in enumerate(f32)]
@@ -164,11 +169,12 @@ def test_the_op_computes_the_same_numbers_with_software_rounding(policy):
     with operands.emulated_rounding():
         soft = _op_and_grads(leaves, e, steps=30, policy=policy, backend="triton")
     kappa = metrics.condition_numbers(p).max().item()
+    allowed = 4 * math.sqrt(32 * 2.0**-24 / solvers.get_policy(policy).u)
     report, bad = [], []
     for name, r, h, s in zip(("o", "dq", "dk", "dv", "dg", "dbeta", "dlam"), ref, hw, soft, strict=True):
         err = ((h - r).norm() / r.norm()).item()
         d = ((s - h).norm() / r.norm()).item()
         report.append(f"{name}: d {d:.2e} e {err:.2e}")
-        if not d <= err / 8 + kappa * 2.0**-20:
+        if not d <= allowed * err + kappa * 2.0**-18:
             bad.append(name)
-    assert not bad, f"{policy}: SOFT and compiled differ beyond e / 8 in {bad}: " + "; ".join(report)
+    assert not bad, f"{policy}: SOFT and compiled differ beyond {allowed:.2g} e in {bad}: " + "; ".join(report)

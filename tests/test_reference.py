@@ -86,3 +86,24 @@ def test_backward_error_is_the_normwise_backward_error():
     bad[0, 3, 1, 0] = float("nan")  # a non-finite solution is infinitely wrong, the others unchanged
     be = backward_error(p, bad)
     assert torch.isinf(be[0, 3, 1]) and torch.equal(be[0, 3, 0], backward_error(p, x)[0, 3, 0])
+
+
+def test_backward_error_does_not_depend_on_the_token_blocks():
+    """``backward_error`` forms A_t in blocks of tokens (``metrics.systems``), an implementation detail:
+    blocks of 5 tokens (five of them, the last partial) give what one block gives, each token's q_t
+    and x_t paired with its own A_t, and a non-finite x_t in a later block is infinitely wrong there
+    only. The solution is an inexact one (3 CG steps), whose backward errors differ from token to
+    token (a single-block problem, as above, cannot see a block misaligned with q or x)."""
+    from mesa_stability.stability.metrics import backward_error
+
+    p = random_problem(1, 24, 2, 8, seed=5).to(torch.float64)
+    x = solve(p, "cg", steps=3).x
+    one = backward_error(p, x, block=64)
+    assert float(one.min()) > 1e3 * 2.0**-53  # far above rounding: a mispaired token changes it
+    assert torch.allclose(backward_error(p, x, block=5), one, rtol=1e-12, atol=0)
+    bad = x.clone()
+    bad[0, 17, 0, 2] = float("inf")
+    be = backward_error(p, bad, block=5)
+    inf = torch.isinf(be)
+    assert bool(inf[0, 17, 0]) and int(inf.sum()) == 1
+    assert torch.allclose(be[~inf], one[~inf], rtol=1e-12, atol=0)

@@ -6,6 +6,7 @@ import os
 
 import pandas as pd
 import pytest
+import torch
 
 from mesa_stability.cli import main
 from mesa_stability.stability import report
@@ -87,6 +88,20 @@ def test_resume_skips_finished_rows_and_redoes_missing_ones(quick, tmp_path):
     assert len(again) == len(sub) and not again.duplicated(list(report.KEY)).any()
     merged = again.merge(sub, on=list(report.KEY), suffixes=("", "_ref"))
     assert (merged.rel_err_x == merged.rel_err_x_ref).all()  # deterministic: same numbers
+
+
+def test_the_grid_backward_error_is_the_metrics_one():
+    """A grid row's backward error (``CaseContext.backward_error``, from the A_t blocks and 2-norms the
+    context keeps) equals :func:`stability.metrics.backward_error` token by token, on a case of two
+    token blocks (T = 80 > 64) and an inexact solution whose backward error varies per token."""
+    from mesa_stability import solvers
+    from mesa_stability.stability import metrics
+
+    ctx = report.CaseContext.build("well_conditioned", dict(B=1, T=80, H=2, D=8, Dv=8), seed=0)
+    x = solvers.solve(ctx.problem, "cg", steps=3).x
+    want = metrics.backward_error(ctx.problem, x)
+    assert float(want.min()) > 1e3 * 2.0**-53
+    assert torch.allclose(ctx.backward_error(x), want, rtol=1e-12, atol=0)
 
 
 def test_unknown_names_are_clear_errors(tmp_path, capsys):
