@@ -70,6 +70,10 @@ MIN_DOT_BLOCK = 16
 # The compiled kernels of the latest launches ("H", "G"): a diagnostic hook for benchmarks (registers,
 # the IR); nothing in the library reads it.
 LAST_LAUNCH: dict = {}
+# Compiled kernels loop over the chunks with range(), which the compiler software-pipelines (a while
+# loop, which the interpreter needs, made the scan 28-43% slower on an H200: benchmarks/
+# bench_chunk_states.py); False runs the while loop compiled too (for that benchmark).
+FOR_LOOP = True
 # Largest row/column tile of a state per program: a 64 x 64 float32 tile is 16 KiB of registers,
 # 32 registers per thread at 4 warps, which leaves room for the chunk's operand tiles.
 MAX_STATE_BLOCK = 64
@@ -161,6 +165,7 @@ if triton is not None:
         K_EXACT: tl.constexpr,  # k is bfloat16: its bf16x3 parts are (k, 0)
         SOFT: tl.constexpr,  # software rounding (kernels.operands: the interpreter)
         COMPENSATE: tl.constexpr,  # fp32 states: carry the rounding errors in a second tile (decay_add)
+        FOR_LOOP: tl.constexpr,  # loop over the chunks with range() (compiled) or while (interpreter)
     ):
         i_l = tl.program_id(0)
         i_k = tl.program_id(1)
@@ -186,13 +191,21 @@ if triton is not None:
         hi = round_to(hi, s_ptr.dtype.element_ty, SOFT)
         lo = tl.zeros([BLOCK_L, BLOCK_K], dtype=tl.float32)
 
-        # a while loop, not range(N): the interpreter passes runtime ints as 1-element numpy arrays,
-        # which range() refuses (numpy >= 2.4); compiled, both are the same scf loop over chunks
-        i_c = 0
-        while i_c < N:
-            hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
-                                 o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, OP, K_EXACT, SOFT, COMPENSATE)
-            i_c += 1
+        # The same step over the chunks either way. A for loop lets the compiler pipeline the next
+        # chunk's loads behind this chunk's products; the interpreter passes runtime ints as 1-element
+        # numpy arrays, which range() refuses (numpy >= 2.4), so it runs a while loop.
+        if FOR_LOOP:
+            for i_c in range(N):
+                hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
+                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, OP, K_EXACT, SOFT,
+                                     COMPENSATE)
+        else:
+            i_c = 0
+            while i_c < N:
+                hi, lo = _chunk_step(l_ptr, k_ptr, g_ptr, beta_ptr, s_ptr, hi, lo, i_c, bh64, tok0, i_h, o_c, o_l,
+                                     o_k, m_l, m_k, m_s, o_s, T, N, H, DL, D, C, W_LEFT, OP, K_EXACT, SOFT,
+                                     COMPENSATE)
+                i_c += 1
 
         tl.store(sT_ptr + bh64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s)
 
@@ -283,6 +296,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
             BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K,
             HAS_INIT=s0 is not None, W_LEFT=w_left, OP=op, K_EXACT=k.dtype == torch.bfloat16,
             SOFT=software_rounding(_chunk_state_kernel), COMPENSATE=state_dtype == torch.float32,
+            FOR_LOOP=FOR_LOOP and not interpreted,
         )
     return Hc, Gc, (H_T, G_T)
 
