@@ -81,7 +81,7 @@ MAX_STATE_BLOCK = 64
 
 if triton is not None:
     from .gates import chunk_log_decay, end_decays
-    from .operands import mm, round_to, split
+    from .operands import mm_parts, round_to, split
 
     @triton.jit
     def decay_add(hi, lo, d, upd, COMPENSATE: tl.constexpr):
@@ -131,10 +131,13 @@ if triton is not None:
             lt = lt.to(tl.float32) * w[:, None]
         else:
             kt = kt.to(tl.float32) * w[:, None]
-        # L^T diag(w) K in operand precision OP (kernels.operands), accumulated in fp32; the raw keys
-        # of the H update are exact bf16x3 operands when they are bf16 (K_EXACT: lo = 0, two MMAs)
+        # L^T diag(w) K in operand precision OP (kernels.operands), accumulated in fp32. The operands
+        # are rounded before L is transposed (16-bit tiles to move, not fp32); the raw bf16 factor of
+        # an update (k for H, v for G) is an exact bf16x3 operand (lo = 0: two MMAs instead of three)
+        l_hi, l_lo = split(lt.to(tl.float32), OP, SOFT)
         k_hi, k_lo = split(kt.to(tl.float32), OP, SOFT)
-        upd = mm(tl.trans(lt.to(tl.float32)), k_hi, k_lo, OP, SOFT, K_EXACT and W_LEFT)
+        upd = mm_parts(tl.trans(l_hi), tl.trans(l_lo), k_hi, k_lo, OP, SOFT, K_EXACT and not W_LEFT,
+                       K_EXACT and W_LEFT)
         hi, lo = decay_add(hi, lo, d, upd, COMPENSATE)
         if not COMPENSATE:
             # accumulated in fp32, rounded to the state dtype as stored: a 16-bit state compounds its rounding
@@ -162,7 +165,7 @@ if triton is not None:
         HAS_INIT: tl.constexpr,  # an initial state is given
         W_LEFT: tl.constexpr,  # diag(w) multiplies L (the H update) rather than K (the G update)
         OP: tl.constexpr,  # operand precision of the update's products (kernels.operands.OP_CODES)
-        K_EXACT: tl.constexpr,  # k is bfloat16: its bf16x3 parts are (k, 0)
+        K_EXACT: tl.constexpr,  # k and v are bfloat16: their bf16x3 parts are (k, 0), (v, 0)
         SOFT: tl.constexpr,  # software rounding (kernels.operands: the interpreter)
         COMPENSATE: tl.constexpr,  # fp32 states: carry the rounding errors in a second tile (decay_add)
         FOR_LOOP: tl.constexpr,  # loop over the chunks with range() (compiled) or while (interpreter)

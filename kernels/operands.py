@@ -136,15 +136,24 @@ if triton is not None:
         return hi, lo
 
     @triton.jit
-    def mm(a, b_hi, b_lo, OP: tl.constexpr, SOFT: tl.constexpr, B_EXACT: tl.constexpr):
-        """a @ b for an fp32 tile a and a prepared operand b = (b_hi, b_lo) (see :func:`split`).
+    def mm_parts(a_hi, a_lo, b_hi, b_lo, OP: tl.constexpr, SOFT: tl.constexpr, A_EXACT: tl.constexpr,
+                 B_EXACT: tl.constexpr):
+        """a @ b for two prepared operands a = (a_hi, a_lo), b = (b_hi, b_lo) (see :func:`split`).
 
-        bf16x3: a_hi b_hi + a_lo b_hi (+ a_hi b_lo unless b is exactly bf16, B_EXACT)."""
+        bf16x3: a_hi b_hi + a_lo b_hi (unless a is exactly bf16, A_EXACT) + a_hi b_lo (unless B_EXACT);
+        otherwise one product of the operands."""
         if OP == 4:
-            a_hi, a_lo = split(a, OP, SOFT)
-            c = dot(a_hi, b_hi, 2, SOFT) + dot(a_lo, b_hi, 2, SOFT)
+            c = dot(a_hi, b_hi, 2, SOFT)
+            if not A_EXACT:
+                c += dot(a_lo, b_hi, 2, SOFT)
             if not B_EXACT:
                 c += dot(a_hi, b_lo, 2, SOFT)
         else:
-            c = dot(operand(a, OP, SOFT), b_hi, OP, SOFT)
+            c = dot(a_hi, b_hi, OP, SOFT)
         return c
+
+    @triton.jit
+    def mm(a, b_hi, b_lo, OP: tl.constexpr, SOFT: tl.constexpr, B_EXACT: tl.constexpr):
+        """a @ b for an fp32 tile a and a prepared operand b = (b_hi, b_lo) (see :func:`split`)."""
+        a_hi, a_lo = split(a, OP, SOFT)
+        return mm_parts(a_hi, a_lo, b_hi, b_lo, OP, SOFT, False, B_EXACT)
