@@ -16,19 +16,15 @@ launch parameters, never its arithmetic: this is an accuracy check, not a timing
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
-import warnings
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mesa_stability.kernels import mesa_chunk  # noqa: E402
 from mesa_stability.kernels.mesa import KERNEL_POLICIES  # noqa: E402
-from mesa_stability.solvers.certificate import CertificateWarning  # noqa: E402
-from mesa_stability.solvers.verdict import flush as flush_checks  # noqa: E402
-from mesa_stability.stability.peer_cases import PEER_CASES, run_peer_case  # noqa: E402
+from mesa_stability.stability.peer_cases import PEER_CASES, check_cases  # noqa: E402
 from mesa_stability.stability.provenance import provenance  # noqa: E402
 
 
@@ -61,7 +57,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer-autotune", action="store_true",
                     help="let the peer autotune every kernel (minutes per shape); default: first config")
     args = ap.parse_args(argv)
-    impls = [] if args.peer_only else [("ours", p, functools.partial(mesa_chunk, policy=p)) for p in args.policies]
+    impls = [] if args.peer_only else [("ours", p, mesa_chunk, {"policy": p}) for p in args.policies]
     peer_version = "not run"
     if not args.no_peer:
         if not args.peer_autotune:
@@ -71,7 +67,7 @@ def main(argv=None) -> int:
 
             from mesa_stability.stability.peer import chunk_mesa_net
 
-            impls.append(("fla-core", "peer", chunk_mesa_net))
+            impls.append(("fla-core", "peer", chunk_mesa_net, {}))
             peer_version = getattr(fla, "__version__", "?")
         except ImportError as err:
             peer_version = f"unavailable: {err}"
@@ -79,18 +75,14 @@ def main(argv=None) -> int:
     prov = provenance("cuda")
     os.makedirs(args.out, exist_ok=True)
     for name in args.cases:
-        for impl, pol, fn in impls:
+        for impl, pol, fn, opts in impls:
             t0 = time.time()
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", CertificateWarning)
-                case_rows = run_peer_case(fn, name, device="cuda")
-                flush_checks()  # the certificate verdicts still pending, inside the capture
-            flagged = sum(issubclass(c.category, CertificateWarning) for c in caught)
+            case_rows = check_cases(fn, [name], device="cuda", progress=False, **opts)
             for r in case_rows:
-                rows.append(dict(r, impl=impl, policy=pol, flagged=flagged, wall_s=time.time() - t0, **prov,
-                                 fla_core=peer_version, peer_configs="autotuned" if args.peer_autotune else "first"))
+                rows.append(dict(r, impl=impl, policy=pol, wall_s=time.time() - t0, **prov, fla_core=peer_version,
+                                 peer_configs="autotuned" if args.peer_autotune else "first"))
             bad = [r["quantity"] for r in case_rows if r["verdict"] == "FAIL"]
-            print(f"{name:28s} {impl:8s} {pol:15s} fails {bad} warned {flagged}", flush=True)
+            print(f"{name:28s} {impl:8s} {pol:15s} fails {bad} warned {case_rows[0]['flagged']}", flush=True)
         pd.DataFrame(rows).to_csv(os.path.join(args.out, "peer_cases.csv"), index=False)
     df = pd.DataFrame(rows)
     summary = df.groupby(["impl", "policy"]).agg(checks=("verdict", "size"),

@@ -291,6 +291,62 @@ def _parse_option(text: str):
     return key, {"true": True, "false": False, "none": None}.get(val.lower(), val)
 
 
+def _cmd_guard_peer(args: argparse.Namespace) -> int:
+    """``mesa guard --preset peer``: the peer's op-test cases (stability.peer_cases) against the float64
+    reference, per policy; exit 1 on a check above the peer's tolerance that the op did not report and
+    that is not a documented limit of its policy."""
+    import pandas as pd
+
+    from .solvers.precision import DEFAULT_POLICY
+    from .stability import guard, peer_cases
+
+    try:
+        device = _device(args.device, guard.UsageError)
+        used = [flag for flag, val in (("--families", args.families), ("--T", args.T), ("--D", args.D),
+                                       ("--resume", args.resume), ("--steps", args.steps is not None),
+                                       ("--properties", args.properties is not None)) if val]
+        if used:
+            raise guard.UsageError(f"{_flags(used)} to another preset, not to --preset peer (its cases fix the "
+                                   "sizes and the CG steps)")
+        unknown = [c for c in args.cases or [] if c not in peer_cases.PEER_CASES]
+        if unknown:
+            raise guard.UsageError(f"--cases {unknown}: the peer preset's cases are {list(peer_cases.PEER_CASES)}")
+        targets = []
+        for pol in args.policy or [DEFAULT_POLICY]:
+            t = guard.resolve(args.impl, pol, device, 0, args.tol, dict(args.option or []))
+            t.options.pop("steps")  # each case sets its own (the peer's: D, or 30 for the packed cases)
+            targets.append(t)
+    except guard.UsageError as err:
+        print(f"mesa guard: error: {err}", file=sys.stderr)
+        return 2
+    rows = []
+    for t in targets:
+        for r in peer_cases.check_cases(t.fn, args.cases, device=device, progress=not args.no_progress,
+                                        **t.options):
+            rows.append(dict(r, impl=t.name))
+    df = pd.DataFrame(rows)
+    df["policy"] = df.policy.fillna("(none)")  # an implementation that takes no policy
+    counts = df.groupby("policy").guard_verdict.value_counts().unstack(fill_value=0)
+    print(f"implementation {targets[0].name}, device {device}: the peer's op-test cases, checks per verdict")
+    print(counts.to_string())
+    for r in df[df.guard_verdict.isin(["FAIL", "flagged", "limit"])].itertuples():
+        print(f"  {r.guard_verdict} {r.case} {r.policy} {r.quantity}: {r.measured:.3g} > {r.budget:.3g}")
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        prov = provenance(device)
+        df.assign(**prov).to_csv(os.path.join(args.out, "peer_cases.csv"), index=False)
+        from .stability import render
+
+        with open(os.path.join(args.out, "guard.md"), "w") as fh:
+            fh.write("# The peer's op-test cases\n\n" + render.to_markdown(counts.reset_index()) + "\n\n"
+                     + provenance_line(prov) + "\n")
+    silent = int((df.guard_verdict == "FAIL").sum())
+    if silent:
+        print(f"{silent} check(s) above the peer's tolerance, not reported by the op: a silent wrong answer",
+              file=sys.stderr)
+    return 1 if silent else 0
+
+
 def _cmd_guard(args: argparse.Namespace) -> int:
     """Check an implementation on the golden cases and the metamorphic properties against the error
     budgets of stability/budgets.toml (and a stored baseline); exit 0 when everything holds, 1 on any
@@ -298,6 +354,8 @@ def _cmd_guard(args: argparse.Namespace) -> int:
 
     from .stability import guard
 
+    if args.preset == "peer":
+        return _cmd_guard_peer(args)
     if args.preset != "golden":
         return _cmd_guard_production(args)
     try:
@@ -308,6 +366,11 @@ def _cmd_guard(args: argparse.Namespace) -> int:
         used = [flag for flag, val in golden_flags if val]
         if used:
             raise guard.UsageError(f"{_flags(used)} to --preset production, not to --preset golden")
+        from .stability.golden import BY_NAME
+
+        unknown = [c for c in args.cases or [] if c not in BY_NAME]
+        if unknown:
+            raise guard.UsageError(f"--cases {unknown}: the golden cases are {list(BY_NAME)}")
         policy = golden_policy(args.policy)
         steps = 100 if args.steps is None else args.steps
         target = guard.resolve(args.impl, policy, device, steps, args.tol, dict(args.option or []))
@@ -523,10 +586,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     gd = sub.add_parser("guard", help="regression guard: golden cases and properties against error budgets",
                         description=_cmd_guard.__doc__)
-    gd.add_argument("--preset", default="golden", choices=["golden", "production", "production-smoke"],
+    gd.add_argument("--preset", default="golden", choices=["golden", "production", "production-smoke", "peer"],
                     help="golden (default): the golden cases and properties; production: the production grid "
                          "(stability.production: families x sizes up to T = 65536, every kernel policy, one GPU; "
-                         "exit 1 on a silent failure); production-smoke: its families at CPU sizes")
+                         "exit 1 on a silent failure); production-smoke: its families at CPU sizes; peer: the "
+                         "peer's op-test cases (stability.peer_cases) at the peer's tolerances")
     gd.add_argument("--impl", metavar="MODULE:FUNCTION",
                     help="the implementation to check, any callable shaped like kernels.mesa_chunk (default: ours, "
                          "kernels:mesa_chunk; the peer: stability.peer:chunk_mesa_net with fla-core installed)")
@@ -541,8 +605,9 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--tol", type=float, default=None, help="CG relative tolerance (default: none, fixed steps)")
     gd.add_argument("--option", action="append", type=_parse_option, metavar="KEY=VALUE",
                     help="extra keyword option for the implementation (repeatable), e.g. --option chunk_size=16")
-    gd.add_argument("--cases", nargs="+", metavar="CASE", choices=[g.name for g in GOLDEN],
-                    help="only these golden cases (default all)")
+    gd.add_argument("--cases", nargs="+", metavar="CASE",
+                    help=f"only these cases (default all): golden {' '.join(g.name for g in GOLDEN)}; "
+                         "or, with --preset peer, the peer's (stability.peer_cases.PEER_CASES)")
     gd.add_argument("--properties", nargs="*", metavar="PROPERTY", choices=list(PROPERTY_CASES),
                     help=f"only these properties (default all: {' '.join(PROPERTY_CASES)}; none with no names)")
     gd.add_argument("--no-backward", action="store_true", help="forward checks only")

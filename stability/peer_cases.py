@@ -195,3 +195,65 @@ def run_peer_case(fn: Callable, name: str, seed: int = 0, device="cpu", **option
     rows.append(row("dH0", init[0].grad, ref.grads["H0"]))
     rows.append(row("dG0", init[1].grad, ref.grads["G0"]))
     return rows
+
+
+# --- the standing check: the peer cases in the guard ---------------------------------------------
+
+# Documented limits (docs/peer-cases-gpu/README.md, measured on an H200): the gates' gradient dg, a
+# reverse sum over tokens that cancels, of the policies with 16-bit or tf32 products misses the peer's
+# tolerance under strong forgetting (gamma in [0.01, 0.1]: 0.011 to 0.57), and bf16-bf16state's also
+# under the moderate forgetting of gamma in [0.8, 0.99] (0.015 to 0.026); the certificate, which
+# covers the solves x and y, does not report it. A check above its tolerance that is one of these is
+# reported as "limit", not as a silent FAIL.
+FAST_POLICIES = ("tf32", "bf16-fp32state", "bf16-bf16state", "fp16-fp32state", "fp16-fp16state")
+_DG_LIMIT = ("dg, a reverse sum that cancels, amplifies the errors of the {}'s solves "
+             "(docs/peer-cases-gpu/README.md); use auto, bf16x3 or fp32 when the gates' gradients matter")
+KNOWN_LIMITS = {(p, "dg", (0.01, 0.1)): _DG_LIMIT.format(p) for p in FAST_POLICIES}
+KNOWN_LIMITS[("bf16-bf16state", "dg", (0.8, 0.99))] = _DG_LIMIT.format("bf16-bf16state")
+
+
+def known_limit(policy: str | None, name: str, quantity: str) -> str | None:
+    """The documented reason a check of ``policy`` on case ``name`` misses its tolerance, or None."""
+    return KNOWN_LIMITS.get((policy, quantity, PEER_CASES[name].gate_range))
+
+
+def check_cases(fn: Callable, cases=None, *, device="cpu", progress: bool = True, **options) -> list[dict]:
+    """Every peer case (or ``cases``) through :func:`run_peer_case` with ``options``, as a guard: each
+    row also gets ``policy`` (the name of ``options["policy"]``, None without one), ``flagged`` (the
+    op's certificate warned during the case: forward or adjoint) and ``guard_verdict``: ``pass``;
+    ``flagged`` (above tolerance and reported by the op); ``limit`` (above tolerance, a documented
+    limit of the policy: :data:`KNOWN_LIMITS`); ``FAIL`` (above tolerance, silent); ``n/a``."""
+    import warnings
+
+    from mesa_stability.solvers import get_policy
+    from mesa_stability.solvers.certificate import CertificateWarning
+    from mesa_stability.solvers.verdict import flush
+
+    policy = get_policy(options["policy"]).name if options.get("policy") is not None else None
+
+    names = list(PEER_CASES) if cases is None else list(cases)
+    unknown = [n for n in names if n not in PEER_CASES]
+    if unknown:
+        raise ValueError(f"unknown peer case(s) {unknown}; cases: {list(PEER_CASES)}")
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(names), desc="peer cases", unit="case", disable=None)
+    rows = []
+    for name in names:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", CertificateWarning)
+            case_rows = run_peer_case(fn, name, device=device, **options)
+            flush()  # the verdicts still pending (CUDA), inside the capture
+        flagged = sum(issubclass(c.category, CertificateWarning) for c in caught)
+        for r in case_rows:
+            v = r["verdict"]
+            if v == "FAIL":
+                v = "flagged" if flagged else "limit" if known_limit(policy, name, r["quantity"]) else "FAIL"
+            rows.append(dict(r, policy=policy, flagged=flagged, guard_verdict=v))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return rows

@@ -128,3 +128,59 @@ def test_missing_initial_state_gradients_are_not_applicable():
     rows = {r["quantity"]: r for r in run_peer_case(detached_state, SMALLEST, backend="torch", policy="fp32")}
     assert rows["dH0"]["verdict"] == rows["dG0"]["verdict"] == "n/a"
     assert rows["dq"]["verdict"] == "pass"
+
+
+STRONG = "chunk-B2-T1024-H8-D128-gamma0.01-0.1"
+
+
+def test_the_guard_preset_judges_each_check_pass_flagged_limit_or_silent_fail():
+    """check_cases: a wrong answer the op does not report is a silent FAIL; one it reports (a
+    CertificateWarning) is flagged; the fast policies' dg under strong forgetting is a documented limit,
+    and nothing else is."""
+    from mesa_stability.solvers.certificate import CertificateWarning
+    from mesa_stability.stability.peer_cases import check_cases, known_limit
+
+    rows = check_cases(mesa_chunk, [SMALLEST], policy="fp32", progress=False, backend="torch")
+    assert {r["guard_verdict"] for r in rows} == {"pass"} and all(r["flagged"] == 0 for r in rows)
+
+    def wrong(*args, **kw):
+        o, final = mesa_chunk(*args, **kw)
+        return o * 1.05, final
+
+    def wrong_and_warned(*args, **kw):
+        import warnings
+
+        warnings.warn("accuracy certificate of x: a test", CertificateWarning, stacklevel=2)
+        return wrong(*args, **kw)
+
+    o = {r["quantity"]: r for r in check_cases(wrong, [SMALLEST], policy="fp32", progress=False,
+                                               backend="torch", check=None)}["o"]
+    assert o["verdict"] == "FAIL" and o["guard_verdict"] == "FAIL"
+    o = {r["quantity"]: r for r in check_cases(wrong_and_warned, [SMALLEST], policy="fp32", progress=False,
+                                               backend="torch", check=None)}["o"]
+    assert o["guard_verdict"] == "flagged" and o["flagged"] == 1
+    assert known_limit("fp16-fp16state", STRONG, "dg") and known_limit("tf32", STRONG, "dg")
+    for policy, name, q in (("auto", STRONG, "dg"), ("bf16x3", STRONG, "dg"), ("fp16-fp16state", SMALLEST, "dg"),
+                            ("fp16-fp16state", STRONG, "o")):
+        assert known_limit(policy, name, q) is None
+    with pytest.raises(ValueError, match="unknown peer case"):
+        check_cases(mesa_chunk, ["nope"], progress=False)
+
+
+def test_mesa_guard_preset_peer(tmp_path, capsys):
+    """``mesa guard --preset peer``: exit 0 when every check passes, with peer_cases.csv and guard.md;
+    usage errors (a golden case name, a size flag the cases fix) exit 2."""
+    import pandas as pd
+
+    from mesa_stability.cli import main
+
+    out = tmp_path / "peer"
+    assert main(["guard", "--preset", "peer", "--cases", SMALLEST, "--policy", "fp32", "--device", "cpu",
+                 "--option", "backend=torch", "--no-progress", "--out", str(out)]) == 0
+    df = pd.read_csv(out / "peer_cases.csv")
+    assert len(df) == len(QUANTITIES) and set(df.guard_verdict) == {"pass"} and "commit" in df
+    assert "Provenance:" in (out / "guard.md").read_text()
+    assert main(["guard", "--preset", "peer", "--cases", "well_conditioned"]) == 2
+    assert main(["guard", "--preset", "peer", "--steps", "5"]) == 2
+    assert "--preset peer" in capsys.readouterr().err
+    assert main(["guard", "--cases", SMALLEST]) == 2  # not a golden case
