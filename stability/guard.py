@@ -37,6 +37,7 @@ import torch
 
 from mesa_stability import solvers
 from mesa_stability.solvers.precision import SUPPORTED_DTYPES, PrecisionPolicy, unit_roundoff_of
+from mesa_stability.solvers.spec import SPEC_FIELDS, solver_spec
 
 from . import golden, properties
 from .metrics import rel_error
@@ -135,6 +136,11 @@ def resolve(spec: str | None, policy: str, device: str, steps: int, tol: float |
     unknown = [k for k in opts if k not in params and not takes_any]
     if unknown:
         raise UsageError(f"--impl {spec} does not take the option(s) {unknown}")
+    if "spec" in params:  # an op that takes a SolverSpec (ours): its options are validated once, here
+        try:
+            solver_spec(None, **{k: v for k, v in opts.items() if k in SPEC_FIELDS})
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--steps / --tol / --option: {err}") from err
     return Target(fn, spec, pol, opts, device)
 
 

@@ -181,3 +181,13 @@ def test_a_missing_dependency_is_a_usage_error_not_a_regression(monkeypatch, cap
         return
     assert main(["guard", "--device", "cuda", "--no-progress"]) == 2
     assert "no CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, field", [(["--steps", "-5"], "steps"), (["--tol", "0"], "tol"),
+                                          (["--tol", "-1"], "tol"), (["--option", "x0=bogus"], "x0")])
+def test_bad_solver_options_are_usage_errors_before_any_check(flags, field, capsys):
+    """The guard validates its solver options once, as a SolverSpec, before running anything: a bad
+    value is a usage error (exit 2) naming the field, not 16 checks reported as failed."""
+    assert main(["guard", *flags, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"SolverSpec.{field}" in err and "budget" not in err
