@@ -32,7 +32,7 @@ precision, accumulated in ``accum``). Under the ``auto`` policy each chunk's pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -96,6 +96,9 @@ class ChunkedSystem:
     lam: torch.Tensor  # [1,H,1,1,D]
     tier: torch.Tensor | None = None  # [B,H,N] int8: the auto policy's tier of each chunk (AUTO_TIERS)
     adjoint: bool = False  # auto: the tiers' products of the adjoint solve (solvers.precision.auto_ops)
+    # the constant right operands of the products, prepared (rounded or split) once per operand
+    # precision (PrecisionPolicy.prepare); not an init field, so dataclasses.replace starts afresh
+    _prepared: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @classmethod
     def build(cls, problem: MesaProblem, policy: PrecisionPolicy, chunk_size: int = 64) -> ChunkedSystem:
@@ -154,20 +157,36 @@ class ChunkedSystem:
         return cls(policy, T, C, Q, K, V, Gam, seg, zeta, M, Hc, torch.stack(Gs, dim=2), h, gs, lam, tier)
 
     # operators -----------------------------------------------------------------------------------
-    def _mm(self, a: torch.Tensor, b: torch.Tensor, which: int) -> torch.Tensor:
-        """``policy.mm(a, b)``; for ``auto`` in each chunk's tier (``which``: 0 products with the states,
-        1 with the chunk's keys and values; :func:`solvers.precision.auto_ops`, of the adjoint solve when
-        ``adjoint``), computed per tier and selected per chunk."""
+    # The constant right operands of the products, by name.
+    _OPERANDS = {
+        "Hc^T": lambda s: s.Hc.transpose(-1, -2), "Gc^T": lambda s: s.Gc.transpose(-1, -2), "Gc": lambda s: s.Gc,
+        "K^T": lambda s: s.K.transpose(-1, -2), "K": lambda s: s.K, "V^T": lambda s: s.V.transpose(-1, -2),
+        "V": lambda s: s.V,
+    }
+
+    def _mm(self, a: torch.Tensor, name: str, which: int) -> torch.Tensor:
+        """``policy.mm(a, b)`` for the constant operand ``b`` called ``name`` (:attr:`_OPERANDS`), which
+        is rounded once per operand precision; for ``auto`` in each chunk's tier (``which``: 0 products
+        with the states, 1 with the chunk's keys and values; :func:`solvers.precision.auto_ops`, of
+        the adjoint solve when ``adjoint``), computed per tier and selected per chunk."""
         if self.tier is None:
-            return self.policy.mm(a, b)
+            return self.policy.mm_prepared(a, self._operand(name, None))
         out = None
-        for i, name in enumerate(AUTO_TIERS):
+        for i, tier_name in enumerate(AUTO_TIERS):
             sel = (self.tier == i)[..., None, None]
             if not bool(sel.any()):
                 continue
-            prod = self.policy.mm(a, b, auto_ops(name, self.adjoint)[which])
+            op = auto_ops(tier_name, self.adjoint)[which]
+            prod = self.policy.mm_prepared(a, self._operand(name, op), op)
             out = prod if out is None else torch.where(sel, prod, out)
         return out
+
+    def _operand(self, name: str, op: str | None):
+        # keyed by grad mode too: an operand prepared under no_grad carries no graph to differentiate
+        key = (name, op, torch.is_grad_enabled())
+        if key not in self._prepared:
+            self._prepared[key] = self.policy.prepare(self._OPERANDS[name](self), op)
+        return self._prepared[key]
 
     def matvec(self, P: torch.Tensor) -> torch.Tensor:
         """A(P) = diag(zeta) P H_c^T + ((P K^T) * M) K + P diag(lam), for all chunks at once.
@@ -176,22 +195,22 @@ class ChunkedSystem:
         in value; writing the transpose keeps the derivative with respect to an initial state in the
         convention dL/dH = -y x^T of docs/design.md.)"""
         mm = self._mm
-        inter = self.zeta[..., None] * mm(P, self.Hc.transpose(-1, -2), 0)
-        intra = mm(mm(P, self.K.transpose(-1, -2), 1) * self.M, self.K, 1)
+        inter = self.zeta[..., None] * mm(P, "Hc^T", 0)
+        intra = mm(mm(P, "K^T", 1) * self.M, "K", 1)
         return inter + intra + P * self.lam
 
     def output(self, X: torch.Tensor) -> torch.Tensor:
         """O(X) = diag(zeta) X G_c^T + ((X K^T) * M) V: the outputs o_t = G_t x_t."""
         mm = self._mm
-        inter = self.zeta[..., None] * mm(X, self.Gc.transpose(-1, -2), 0)
-        intra = mm(mm(X, self.K.transpose(-1, -2), 1) * self.M, self.V, 1)
+        inter = self.zeta[..., None] * mm(X, "Gc^T", 0)
+        intra = mm(mm(X, "K^T", 1) * self.M, "V", 1)
         return inter + intra
 
     def output_adjoint(self, E: torch.Tensor) -> torch.Tensor:
         """G_t^T e_t for all tokens: diag(zeta) E G_c + ((E V^T) * M) K (the adjoint's right-hand side)."""
         mm = self._mm
-        inter = self.zeta[..., None] * mm(E, self.Gc, 0)
-        intra = mm(mm(E, self.V.transpose(-1, -2), 1) * self.M, self.K, 1)
+        inter = self.zeta[..., None] * mm(E, "Gc", 0)
+        intra = mm(mm(E, "V^T", 1) * self.M, "K", 1)
         return inter + intra
 
     def diag_H(self) -> torch.Tensor:

@@ -237,20 +237,39 @@ class PrecisionPolicy:
         """A matmul operand as the policy's tensor cores see it, held in ``accum``."""
         return round_to(a.to(self.accum_dtype), self.operand)
 
+    def _product_operand(self, operand: str | None) -> str:
+        op = self.operand if operand is None else operand
+        if op == "auto":
+            raise ValueError("an 'auto' policy multiplies in a tier's precision: pass operand=auto_tier(kappa)")
+        return op
+
+    def prepare(self, b: torch.Tensor, operand: str | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The right operand of :meth:`mm` as the products see it, held in ``accum``: ``(b_hi, b_lo)``,
+        the bf16 splits for ``bf16x3``, else ``(rounded b, None)``. A constant operand (a chunk's
+        keys or states, multiplied at every iteration) is prepared once (:meth:`mm_prepared`)."""
+        op = self._product_operand(operand)
+        b = b.to(self.accum_dtype)
+        if op == "bf16x3":
+            return split_bf16(b)
+        return round_to(b, op), None
+
+    def mm_prepared(self, a: torch.Tensor, b: tuple[torch.Tensor, torch.Tensor | None],
+                    operand: str | None = None) -> torch.Tensor:
+        """:meth:`mm` with the right operand already prepared by :meth:`prepare` (the same numbers)."""
+        op = self._product_operand(operand)
+        a = a.to(self.accum_dtype)
+        b_hi, b_lo = b
+        if op == "bf16x3":
+            a_hi, a_lo = split_bf16(a)
+            return torch.matmul(a_hi, b_hi) + torch.matmul(a_hi, b_lo) + torch.matmul(a_lo, b_hi)
+        return torch.matmul(round_to(a, op), b_hi)
+
     def mm(self, a: torch.Tensor, b: torch.Tensor, operand: str | None = None) -> torch.Tensor:
         """Batched ``a @ b`` with both operands rounded to ``operand`` (default: the policy's),
         accumulated in ``accum`` (for ``bf16x3``: ``a_hi b_hi + a_hi b_lo + a_lo b_hi`` of the bf16
         splits). An ``auto`` policy needs the tier: :class:`~solvers.chunk_state.ChunkedSystem`
         passes each chunk's."""
-        op = self.operand if operand is None else operand
-        if op == "auto":
-            raise ValueError("an 'auto' policy multiplies in a tier's precision: pass operand=auto_tier(kappa)")
-        if op == "bf16x3":
-            a_hi, a_lo = split_bf16(a.to(self.accum_dtype))
-            b_hi, b_lo = split_bf16(b.to(self.accum_dtype))
-            return torch.matmul(a_hi, b_hi) + torch.matmul(a_hi, b_lo) + torch.matmul(a_lo, b_hi)
-        a, b = a.to(self.accum_dtype), b.to(self.accum_dtype)
-        return torch.matmul(round_to(a, op), round_to(b, op))
+        return self.mm_prepared(a, self.prepare(b, operand), operand)
 
     def to_scalar(self, s: torch.Tensor) -> torch.Tensor:
         """A solver scalar (inner product, step length) rounded to the ``scalar`` dtype."""

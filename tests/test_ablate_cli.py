@@ -166,9 +166,3 @@ def test_short_runs_scale_the_warmup_and_warmup_is_a_flag(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "short" / "results.csv").train_steps_done.eq(1).all()
     assert main([*common, "--out", str(tmp_path / "bad"), "--train-steps", "4", "--warmup", "9"]) == 2
     assert "warmup" in capsys.readouterr().err
-
-
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only message")
-def test_ablate_device_cuda_without_cuda_is_a_usage_error(tmp_path, capsys):
-    assert main(["ablate", "--preset", "smoke", "--device", "cuda", "--out", str(tmp_path / "a")]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
