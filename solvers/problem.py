@@ -49,6 +49,16 @@ def _check_shape(name: str, x: torch.Tensor, shape: tuple, what: str) -> None:
         raise ValueError(f"{name} has shape {tuple(x.shape)}, expected {tuple(shape)} ({what})")
 
 
+def _check_bthd(name: str, x: torch.Tensor) -> tuple[int, int, int, int]:
+    """``(B, T, H, D)`` of a ``[B,T,H,D]`` tensor with no empty dimension."""
+    if x.dim() != 4:
+        raise ValueError(f"{name} must have 4 dims [B,T,H,D], got shape {tuple(x.shape)}")
+    B, T, H, D = x.shape
+    if T < 1 or D < 1 or B < 1 or H < 1:
+        raise ValueError(f"{name} has an empty dimension: shape {tuple(x.shape)}")
+    return B, T, H, D
+
+
 def _check_finite(name: str, x: torch.Tensor, *, resets: bool = False) -> None:
     """Reject inf and NaN; with ``resets`` (the log gate g), -inf is allowed: a hard reset."""
     bad = ~torch.isfinite(x)
@@ -94,11 +104,7 @@ def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, c
     named = {"k": k, "v": v, "g": g, "beta": beta}
     for name, x in named.items():
         _check_tensor(name, x)
-    if k.dim() != 4:
-        raise ValueError(f"k must have 4 dims [B,T,H,D], got shape {tuple(k.shape)}")
-    B, T, H, D = k.shape
-    if T < 1 or D < 1 or B < 1 or H < 1:
-        raise ValueError(f"k has an empty dimension: shape {tuple(k.shape)}")
+    B, T, H, D = _check_bthd("k", k)
     if v.dim() != 4 or tuple(v.shape[:3]) != (B, T, H) or v.shape[3] < 1:
         raise ValueError(f"v has shape {tuple(v.shape)}, expected [B,T,H,Dv] = [{B},{T},{H},Dv] with Dv >= 1")
     Dv = v.shape[3]
@@ -160,11 +166,7 @@ def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, 
     structural ones."""
     for name, x in (("q", q), ("lam", lam)):
         _check_tensor(name, x)
-    if q.dim() != 4:
-        raise ValueError(f"q must have 4 dims [B,T,H,D], got shape {tuple(q.shape)}")
-    B, T, H, D = q.shape
-    if T < 1 or D < 1 or B < 1 or H < 1:
-        raise ValueError(f"q has an empty dimension: shape {tuple(q.shape)}")
+    B, T, H, D = _check_bthd("q", q)
     _check_tensor("k", k)
     _check_shape("k", k, (B, T, H, D), "same as q [B,T,H,D]")
     _check_shape("lam", lam, (H, D), "[H,D]")
