@@ -148,12 +148,9 @@ class MesaLayer(nn.Module):
             # the reference solvers (exact, sherman_morrison, chebyshev): differentiable by autograd
             from mesa_stability import solvers
 
-            opts = dict(steps=spec.steps, tol=spec.tol, x0=spec.x0, precond=spec.precond) if method == "chebyshev" \
-                else {}
             # the policy, not an enclosing autocast, sets the solver's precision
             with torch.autocast(q.device.type, enabled=False):
-                res = solvers.solve(solvers.MesaProblem(q, k, v, g, beta, self.lam.to(q.dtype), init), method,
-                                    spec.policy, **opts)
+                res = solvers.solve(solvers.MesaProblem(q, k, v, g, beta, self.lam.to(q.dtype), init), spec)
             o, state = res.o, res.final_state
             self.last_steps = None if res.steps is None else res.steps.detach()
         B, T = u.shape[:2]

@@ -174,6 +174,20 @@ def _flags(used: list[str]) -> str:
     return ", ".join(used) + (" applies" if len(used) == 1 else " apply")
 
 
+def cli_spec(args: argparse.Namespace, base, error: type[Exception]):
+    """``base`` (a SolverSpec) with ``--steps`` / ``--tol`` / a single ``--policy`` where given; a bad value
+    raises ``error`` (a usage error, exit 2) naming the flag and the field."""
+    changes = {}
+    if getattr(args, "steps", None) is not None:
+        changes["steps"] = args.steps
+    if getattr(args, "tol", None) is not None:
+        changes["tol"] = args.tol
+    try:
+        return base.replace(**changes)
+    except ValueError as err:
+        raise error(f"--steps / --tol: {err}") from None
+
+
 def _device(name: str | None, error: type[Exception] | None = None) -> str:
     """The device of ``--device``: the one named, else cuda when available, else cpu. A CUDA device
     that is not there raises ``error`` (default: the production grid's usage error, exit 2)."""
@@ -195,9 +209,10 @@ def _run_production(args: argparse.Namespace, grid_name: str, policies, families
         raise production.UsageError(f"--backward-max-T must be >= 0, got {args.backward_max_T}")
     grid = production.get_grid(grid_name, seed=args.seed)
     device = _device(args.device)
+    spec = cli_spec(args, production.DEFAULT_SPEC, production.UsageError)
     df = production.run(grid, args.out, families=families, Ts=args.T, Ds=args.D, policies=policies,
-                        impl=args.impl, device=device, steps=args.steps if args.steps is not None else 100,
-                        tol=args.tol, extra=dict(args.option or []), resume=args.resume, cache_dir=args.cache,
+                        impl=args.impl, device=device, spec=spec, extra=dict(args.option or []), resume=args.resume,
+                        cache_dir=args.cache,
                         backward_max_T=args.backward_max_T, reference_check=not args.no_reference_check,
                         progress=not args.no_progress, jobs=args.jobs)
     return grid, df, device
@@ -311,10 +326,11 @@ def _cmd_guard_peer(args: argparse.Namespace) -> int:
         unknown = [c for c in args.cases or [] if c not in peer_cases.PEER_CASES]
         if unknown:
             raise guard.UsageError(f"--cases {unknown}: the peer preset's cases are {list(peer_cases.PEER_CASES)}")
+        spec = cli_spec(args, guard.GUARD_SPEC, guard.UsageError)
         targets = []
         for pol in args.policy or [DEFAULT_POLICY]:
-            t = guard.resolve(args.impl, pol, device, 0, args.tol, dict(args.option or []))
-            t.options.pop("steps")  # each case sets its own (the peer's: D, or 30 for the packed cases)
+            t = guard.resolve(args.impl, spec.replace(policy=pol), device, dict(args.option or []))
+            t.options.pop("steps", None)  # each case sets its own (the peer's: D, or 30 for the packed cases)
             targets.append(t)
     except guard.UsageError as err:
         print(f"mesa guard: error: {err}", file=sys.stderr)
@@ -371,9 +387,8 @@ def _cmd_guard(args: argparse.Namespace) -> int:
         unknown = [c for c in args.cases or [] if c not in BY_NAME]
         if unknown:
             raise guard.UsageError(f"--cases {unknown}: the golden cases are {list(BY_NAME)}")
-        policy = golden_policy(args.policy)
-        steps = 100 if args.steps is None else args.steps
-        target = guard.resolve(args.impl, policy, device, steps, args.tol, dict(args.option or []))
+        spec = cli_spec(args, guard.GUARD_SPEC, guard.UsageError).replace(policy=golden_policy(args.policy))
+        target = guard.resolve(args.impl, spec, device, dict(args.option or []))
         df = guard.run(target, cases=args.cases, props=args.properties, backward=not args.no_backward,
                        progress=not args.no_progress)
         times = None
@@ -387,8 +402,8 @@ def _cmd_guard(args: argparse.Namespace) -> int:
     except guard.UsageError as err:
         print(f"mesa guard: error: {err}", file=sys.stderr)
         return 2
-    print(f"implementation {target.name}, options {_show(target.options)}, budgets from policy {target.policy.name} "
-          f"(u = {target.policy.u:.3g}), device {device}")
+    print(f"implementation {target.name}, options {guard.show_options(target.options)}, budgets from policy "
+          f"{target.policy.name} (u = {target.policy.u:.3g}), device {device}")
     print(guard.render(df))
     if times:
         print(f"speed at {tuple(times['shape'])}: forward {times['fwd_ms']:.3f} ms, forward + backward "
@@ -503,10 +518,6 @@ def _cmd_softmax(args: argparse.Namespace) -> int:
         return 2
     print(f"report: {write_report(args.out, plots=not args.no_plots)}")
     return 0
-
-
-def _show(options: dict) -> str:
-    return ", ".join(f"{k}={getattr(v, 'name', v)}" for k, v in options.items()) or "-"
 
 
 def _add_production_args(p: argparse.ArgumentParser, where: str) -> None:

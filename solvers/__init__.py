@@ -1,6 +1,7 @@
 """Reference solvers for the Mesa layer, pure PyTorch, any dtype, float64 by default.
 
-``solve(problem, method, policy="fp64", **options)`` is the one entry point:
+``solve(problem, method, policy="fp64", **options)`` is the one entry point; ``solve(problem, spec)``
+takes a :class:`SolverSpec` instead (its method, policy and the options that apply to the method):
 
 * ``"exact"``: Cholesky per token (options: ``block``, ``regularizer``);
 * ``"sherman_morrison"``: the recurrent rank-one inverse update (no options);
@@ -20,7 +21,7 @@ from .precision import POLICIES, PrecisionPolicy, get_policy
 from .problem import MesaProblem, validate_inputs, validate_recurrence
 from .result import SolveResult
 from .sherman_morrison import own_problem_reference, solve_sherman_morrison
-from .spec import SolverSpec, solver_spec
+from .spec import SolverSpec, solve_options, solver_spec
 
 __version__ = "0.1.0"
 
@@ -34,11 +35,22 @@ METHOD_ALIASES = {"sm": "sherman_morrison", "cholesky": "exact", "cheb": "chebys
 ITERATIVE = ("cg", "chebyshev")
 
 
-def solve(problem: MesaProblem, method: str = "exact", policy: str | PrecisionPolicy = "fp64",
+def solve(problem: MesaProblem, method: str | SolverSpec = "exact", policy: str | PrecisionPolicy | None = None,
           **options) -> SolveResult:
-    """Solve every token's system ``(H_t + Lambda) x_t = q_t`` of ``problem`` and form ``o_t``."""
+    """Solve every token's system ``(H_t + Lambda) x_t = q_t`` of ``problem`` and form ``o_t``.
+
+    ``method``: a name of :data:`METHODS` (``policy`` default ``"fp64"``, ``options`` the method's), or a
+    :class:`SolverSpec`, which then says everything (:func:`solvers.spec.solve_options`; giving
+    ``policy`` or options as well is a TypeError)."""
     if not isinstance(problem, MesaProblem):
         raise TypeError(f"problem must be a MesaProblem, got {type(problem).__name__}")
+    if isinstance(method, SolverSpec):
+        if policy is not None or options:
+            raise TypeError("solve(problem, spec) takes no policy or options: they are fields of the spec "
+                            "(spec.replace(...))")
+        return solve(problem, method.method, method.policy, **solve_options(method))
+    if policy is None:
+        policy = "fp64"
     name = METHOD_ALIASES.get(method, method)
     if name not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {sorted(METHODS)} (aliases {sorted(METHOD_ALIASES)})")

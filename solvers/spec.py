@@ -164,5 +164,28 @@ def solver_spec(spec: SolverSpec | None = None, **options) -> SolverSpec:
     return dataclasses.replace(spec, **options) if options else spec
 
 
+def spec_changes(spec: SolverSpec, exclude: tuple[str, ...] = ()) -> dict:
+    """The fields of ``spec`` that differ from ``SolverSpec()``, the policy by name (``{"steps": 100}``)."""
+    default = SolverSpec()
+    out = {}
+    for name in SPEC_FIELDS:
+        val = getattr(spec, name)
+        if name not in exclude and val != getattr(default, name):
+            out[name] = val.name if isinstance(val, PrecisionPolicy) else val
+    return out
+
+
+def solve_options(spec: SolverSpec) -> dict:
+    """The keyword arguments of :func:`solvers.solve` for ``spec.method`` (the reference solvers take
+    only what applies to them: CG and Chebyshev the stopping rule, initial guess, chunking and the
+    preconditioner when one is set (Chebyshev refuses one); the direct methods nothing)."""
+    if spec.method not in ("cg", "chebyshev"):
+        return {}
+    opts = dict(steps=spec.steps, tol=spec.tol, x0=spec.x0, chunk_size=spec.chunk_size)
+    if spec.precond is not None:
+        opts["precond"] = spec.precond
+    return opts
+
+
 __all__ = ["BACKENDS", "CHECK_MODES", "METHODS", "PRECOND_CHOICES", "SPEC_FIELDS", "SolverSpec", "X0_CHOICES",
-           "solver_spec"]
+           "solve_options", "solver_spec", "spec_changes"]

@@ -37,7 +37,7 @@ import torch
 
 from mesa_stability import solvers
 from mesa_stability.solvers.precision import SUPPORTED_DTYPES, PrecisionPolicy, unit_roundoff_of
-from mesa_stability.solvers.spec import SPEC_FIELDS, solver_spec
+from mesa_stability.solvers.spec import SPEC_FIELDS, SolverSpec, solver_spec
 
 from . import golden, properties
 from .metrics import rel_error
@@ -88,14 +88,16 @@ def budget_of(cfg: dict, section: str, name: str, u: float, kappa: float, u_out:
 
 @dataclass
 class Target:
-    """What is checked: the callable, its display name, options passed on every call, the precision
-    policy whose unit roundoff sets the budgets, and the device of the inputs."""
+    """What is checked: the callable, its display name, the precision policy whose unit roundoff sets
+    the budgets, the keyword arguments passed on every call, the device of the inputs, and the
+    :class:`SolverSpec` it runs under (None for an implementation that takes none)."""
 
     fn: Callable
     name: str
     policy: PrecisionPolicy
     options: dict = field(default_factory=dict)
     device: str = "cpu"
+    spec: SolverSpec | None = None
 
 
 def default_backend(device: str) -> str:
@@ -105,43 +107,67 @@ def default_backend(device: str) -> str:
     return "torch"
 
 
-def resolve(spec: str | None, policy: str, device: str, steps: int, tol: float | None,
+OWN_OP = "kernels:mesa_chunk"
+# The guard's solve: the budgets bound rounding, not truncation, so CG runs far enough to converge every
+# golden case (30 steps do not converge tiny_lambda, kappa 1800, in fp32: docs/guard.md); the default
+# policy, the certificate on.
+GUARD_SPEC = SolverSpec(steps=100)
+
+
+def resolve(impl: str | None, spec: SolverSpec | None = None, device: str = "cpu",
             extra: dict | None = None) -> Target:
-    """The target of ``--impl module:function`` (None: ours, :func:`kernels.mesa_chunk`)."""
-    try:
-        pol = solvers.get_policy(policy)
-    except (KeyError, ValueError) as err:
-        raise UsageError(f"--policy: {err}") from err
-    spec = spec or "kernels:mesa_chunk"
-    mod_name, sep, fn_name = spec.partition(":")
+    """The target of ``--impl module:function`` (None: ours, :func:`kernels.mesa_chunk`) under ``spec``
+    (default ``SolverSpec()``; its policy sets the budgets).
+
+    An op with a ``spec`` parameter (ours) is called with the spec itself, ``extra``'s SolverSpec
+    fields merged into it (validated here: a bad field is a :class:`UsageError` that names it) and
+    ``backend="auto"`` made explicit for ``device``. Any other callable gets the spec's ``steps``,
+    ``tol`` (when set) and, where it takes one, ``policy`` as keyword arguments, and ``extra`` as given.
+    """
+    if spec is None:
+        spec = SolverSpec()
+    if not isinstance(spec, SolverSpec):
+        raise TypeError(f"spec must be a SolverSpec or None, got {type(spec).__name__}")
+    impl = impl or OWN_OP
+    mod_name, sep, fn_name = impl.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise UsageError(f"--impl must be module:function (e.g. kernels:mesa_chunk), got {spec!r}")
+        raise UsageError(f"--impl must be module:function (e.g. {OWN_OP}), got {impl!r}")
     try:
         mod = import_impl_module(mod_name)
     except ImportError as err:
-        raise UsageError(f"--impl {spec}: cannot import {mod_name!r}: {err}") from err
+        raise UsageError(f"--impl {impl}: cannot import {mod_name!r}: {err}") from err
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise UsageError(f"--impl {spec}: {mod_name} has no callable {fn_name!r}")
+        raise UsageError(f"--impl {impl}: {mod_name} has no callable {fn_name!r}")
     params = inspect.signature(fn).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    opts = {"steps": steps}
-    if tol is not None:
-        opts["tol"] = tol
-    if "policy" in params or takes_any:  # mesa_chunk takes it among its SolverSpec options (**options)
-        opts["policy"] = pol
-    if spec == "kernels:mesa_chunk":
-        opts["backend"] = default_backend(device)
-    opts.update(extra or {})
+    extra = dict(extra or {})
+    if "spec" in params:  # an op that takes a SolverSpec (ours): the spec's fields validated once, here
+        fields = {k: extra.pop(k) for k in list(extra) if k in SPEC_FIELDS}
+        try:
+            spec = solver_spec(spec, **fields)
+        except (TypeError, ValueError) as err:
+            raise UsageError(f"--steps / --tol / --policy / --option: {err}") from err
+        if spec.backend == "auto" and impl == OWN_OP:
+            spec = spec.replace(backend=default_backend(device))
+        opts = {"spec": spec}
+    else:
+        opts = {"steps": spec.steps}
+        if spec.tol is not None:
+            opts["tol"] = spec.tol
+        if "policy" in params or takes_any:
+            opts["policy"] = spec.policy
+    opts.update(extra)
     unknown = [k for k in opts if k not in params and not takes_any]
     if unknown:
-        raise UsageError(f"--impl {spec} does not take the option(s) {unknown}")
-    if "spec" in params:  # an op that takes a SolverSpec (ours): its options are validated once, here
-        try:
-            solver_spec(None, **{k: v for k, v in opts.items() if k in SPEC_FIELDS})
-        except (TypeError, ValueError) as err:
-            raise UsageError(f"--steps / --tol / --option: {err}") from err
-    return Target(fn, spec, pol, opts, device)
+        raise UsageError(f"--impl {impl} does not take the option(s) {unknown}")
+    return Target(fn, impl, spec.policy, opts, device, spec if "spec" in opts else None)
+
+
+def show_options(options: dict) -> str:
+    """The keyword arguments of a target, a spec by its label: ``spec=cg/steps=100/bf16x3, foo=1``."""
+    return ", ".join(f"{k}={v.label if isinstance(v, SolverSpec) else getattr(v, 'name', v)}"
+                     for k, v in options.items()) or "-"
 
 
 # The suite's own packages, which --impl may name without the namespace (kernels:mesa_chunk)
@@ -371,7 +397,8 @@ def time_target(target: Target, shape=(4, 2048, 16, 128)) -> dict:
 
 def write_baseline(path: str, df, target: Target, times: dict | None) -> None:
     data = {"impl": target.name, "policy": target.policy.name,
-            "options": {k: (v.name if isinstance(v, PrecisionPolicy) else v) for k, v in target.options.items()},
+            "options": {k: (v.to_dict() if isinstance(v, SolverSpec) else v.name if isinstance(v, PrecisionPolicy)
+                            else v) for k, v in target.options.items()},
             **provenance(target.device),
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "times": times,
             "rows": [{"kind": r.kind, "case": r.case, "quantity": r.quantity, "measured": _json_float(r.measured)}

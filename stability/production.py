@@ -79,6 +79,7 @@ from mesa_stability import solvers
 from mesa_stability.solvers import MesaProblem
 from mesa_stability.solvers.certificate import CertificateWarning
 from mesa_stability.solvers.precision import UNIT_ROUNDOFF
+from mesa_stability.solvers.spec import SolverSpec, spec_changes
 from mesa_stability.solvers.verdict import flush as flush_checks
 
 from . import cases, golden, guard, metrics, scale_reference
@@ -89,6 +90,7 @@ GRADIENTS = ("q", "k", "v", "g", "beta", "lam")
 VERDICTS = ("FAIL", "error", "flagged", "pass", "n/a")  # worst first
 REFERENCE_VERSION = 2  # bump when the cached reference's content changes
 BUDGET_CAP = 1.0  # no budget above a relative error of 1 (module docstring)
+DEFAULT_SPEC = guard.GUARD_SPEC  # the grid's solve (100 CG steps, the certificate on); the policy is each run's
 # relative compile cost of a policy's kernels (first calls on an H200, forward + backward, D = 64 and
 # 128: auto ~63 s, fp32 ~43 s, the others 12 to 21 s): weights of the split into parallel jobs
 COMPILE_WEIGHT = {"auto": 3.0, "fp32": 2.0}
@@ -389,16 +391,17 @@ def _takes(fn, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def targets(impl: str | None, policies: list[str], device: str, steps: int, tol: float | None,
+def targets(impl: str | None, policies: list[str], device: str, spec: SolverSpec,
             extra: dict | None = None) -> list[guard.Target]:
-    """One :class:`stability.guard.Target` per policy (:func:`stability.guard.resolve`); the policy is also
-    passed to ops that take ``**kwargs`` only (e.g. adapters)."""
+    """One :class:`stability.guard.Target` per policy: ``spec`` with that policy
+    (:func:`stability.guard.resolve`)."""
     out = []
     for pol in policies:
-        t = guard.resolve(impl, pol, device, steps, tol, extra)
-        if "policy" not in t.options and _takes(t.fn, "policy"):
-            t.options["policy"] = t.policy
-        out.append(t)
+        try:
+            pspec = spec.replace(policy=pol)
+        except ValueError as err:
+            raise UsageError(f"--policies: {err}") from err
+        out.append(guard.resolve(impl, pspec, device, extra))
     return out
 
 
@@ -576,7 +579,11 @@ def capped(budget: tuple[float, str]) -> tuple[float, str]:
 
 
 def _options_label(opts: dict) -> str:
-    keep = {k: getattr(v, "name", v) for k, v in opts.items() if k != "policy"}
+    """The options of a run, without the policy (a column of its own): a spec by its fields that differ
+    from ``SolverSpec()`` (``backend=triton,steps=100``), other keyword arguments as given."""
+    keep = {k: getattr(v, "name", v) for k, v in opts.items() if k not in ("policy", "spec")}
+    if isinstance(opts.get("spec"), SolverSpec):
+        keep = {**spec_changes(opts["spec"], exclude=("policy",)), **keep}
     return ",".join(f"{k}={v}" for k, v in sorted(keep.items())) or "-"
 
 
@@ -646,11 +653,12 @@ def _job(kwargs: dict) -> None:
 
 
 def run(grid: Grid, out_dir: str, *, families=None, Ts=None, Ds=None, policies=None, impl: str | None = None,
-        device: str = "cpu", steps: int = 100, tol: float | None = None, extra: dict | None = None,
+        device: str = "cpu", spec: SolverSpec | None = None, extra: dict | None = None,
         resume: bool = False, cache_dir: str | None = None, backward_max_T: int | None = None,
         reference_check: bool = True, progress: bool = True, jobs: int = 1, log: str | None = None) -> pd.DataFrame:
     """Run the selected cases x policies, appending rows to ``out_dir/results.csv``; returns the
-    selection's rows (those kept from a resumed file included). ``cache_dir`` (default
+    selection's rows (those kept from a resumed file included). Each policy runs ``spec`` (default
+    :data:`DEFAULT_SPEC`) with that policy; ``extra``: more options of the op. ``cache_dir`` (default
     ``out_dir/reference_cache``) holds the float64 references; ``jobs > 1`` splits the policies over that
     many processes (:func:`split_policies`); ``log`` (a prefix) prints a line per finished run instead of
     the progress bar. A job that dies leaves its runs out: ``df.attrs["missing"]`` counts them."""
@@ -659,11 +667,10 @@ def run(grid: Grid, out_dir: str, *, families=None, Ts=None, Ds=None, policies=N
     limit = grid.backward_max_T if backward_max_T is None else backward_max_T
     if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
         raise UsageError(f"--backward-max-T must be a non-negative integer, got {limit!r}")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-        raise UsageError(f"--steps must be a non-negative integer, got {steps!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise UsageError(f"--jobs must be a positive integer, got {jobs!r}")
-    tgts = targets(impl, pols, device, steps, tol, extra)
+    spec = DEFAULT_SPEC if spec is None else spec
+    tgts = targets(impl, pols, device, spec, extra)
     os.makedirs(out_dir, exist_ok=True)
     cache_dir = os.path.join(out_dir, "reference_cache") if cache_dir is None else cache_dir
     csv = os.path.join(out_dir, "results.csv")
@@ -680,8 +687,8 @@ def run(grid: Grid, out_dir: str, *, families=None, Ts=None, Ds=None, policies=N
             wanted.add(_unit_key("production", t.name, c.label, t.policy.name, _options_label(t.options)))
     if jobs > 1 and len(pols) > 1:
         _run_jobs(split_policies(pols, jobs), jobs, reference_check, dict(
-            grid=grid, out_dir=out_dir, families=families, Ts=Ts, Ds=Ds, impl=impl, device=device, steps=steps,
-            tol=tol, extra=extra, resume=True, cache_dir=cache_dir, backward_max_T=limit, progress=False))
+            grid=grid, out_dir=out_dir, families=families, Ts=Ts, Ds=Ds, impl=impl, device=device, spec=spec,
+            extra=extra, resume=True, cache_dir=cache_dir, backward_max_T=limit, progress=False))
     else:
         _run_units(units, grid, csv, cache_dir, device, limit, progress, log)
     df = _read_done(csv)

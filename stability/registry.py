@@ -72,8 +72,8 @@ from mesa_stability.solvers.spec import SolverSpec
 
 from . import golden, guard
 
-# The converged setting of every entry (the guard's default step cap); the budgets bound rounding.
-STEPS = 100
+# The converged setting of every entry (the guard's step cap, guard.GUARD_SPEC); the budgets bound rounding.
+STEPS = guard.GUARD_SPEC.steps
 # Steps at which the options' effect is measured on OPTIONS_SAMPLE: far from convergence (plain CG is
 # still 0.66 away from x there), where a preconditioner that is ignored shows (measured: Jacobi cuts the
 # error 3.4x in the chunkwise CG of every policy and 29x in the decode step)
@@ -195,9 +195,8 @@ def _backward(o: torch.Tensor, e: torch.Tensor, leaves) -> dict:
 
 
 def run_solve(p: MesaProblem, spec: SolverSpec, e: torch.Tensor | None = None) -> Outputs:
-    """:func:`solvers.solve` with the spec's method and CG options (forward only)."""
-    res = solvers.solve(p, spec.method, spec.policy, steps=spec.steps, tol=spec.tol, x0=spec.x0,
-                        precond=spec.precond, chunk_size=spec.chunk_size)
+    """:func:`solvers.solve` under the spec (forward only)."""
+    res = solvers.solve(p, spec)
     return Outputs(res.o, res.x, res.steps, res.residual, res.breakdown)
 
 

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mesa_stability.cli import main
+from mesa_stability.solvers import SolverSpec
 from mesa_stability.stability import golden, guard
 
 pytestmark = pytest.mark.guard
@@ -20,7 +21,7 @@ PROPS = ["scale_q", "independence", "scale_grad"]
 
 
 def ours(**extra):
-    return guard.resolve(None, "bf16x3", "cpu", 100, None, {"backend": "torch", **extra})
+    return guard.resolve(None, SolverSpec(policy="bf16x3", steps=100), "cpu", {"backend": "torch", **extra})
 
 
 def _fails(df):
@@ -69,7 +70,7 @@ def test_guard_fails_an_output_perturbed_by_1e_3():
 
 def test_guard_fails_a_solver_that_ignores_the_tolerance():
     base = ours()
-    target = guard.resolve(None, "bf16x3", "cpu", 60, 1e-6, {"backend": "torch"})
+    target = guard.resolve(None, SolverSpec(policy="bf16x3", steps=60, tol=1e-6), "cpu", {"backend": "torch"})
 
     def sloppy(*args, steps=30, tol=None, **kw):
         return base.fn(*args, steps=2, tol=None, **kw)  # stops after 2 steps whatever it was asked

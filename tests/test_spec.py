@@ -68,3 +68,28 @@ def test_every_entry_point_takes_the_spec():
     assert all(b.mixer.solver == spec.replace(backend="auto") for b in model.blocks)  # certificate off anyway
     grid = parse_grid({"train": [{"steps": 12, "policy": "fp64"}], "eval": [{"method": "exact", "policy": "fp64"}]})
     assert grid.train == [SolverSpec(steps=12, policy="fp64")] and grid.eval[0].method == "exact"
+    # the reference solvers: solve(problem, spec) is the named call with the spec's options
+    from mesa_stability import solvers
+
+    r1 = solvers.solve(p, spec.replace(chunk_size=8))
+    r2 = solvers.solve(p, "cg", "fp64", steps=12, tol=1e-6, chunk_size=8)
+    assert torch.equal(r1.x, r2.x) and torch.equal(r1.steps, r2.steps)
+    assert torch.equal(solvers.solve(p, spec.replace(method="exact")).x, solvers.solve(p, "exact").x)
+    with pytest.raises(TypeError, match="fields of the spec"):
+        solvers.solve(p, spec, "fp32")
+    with pytest.raises(ValueError, match="not supported by chebyshev"):
+        solvers.solve(p, spec.replace(method="chebyshev", precond="jacobi"))
+    # the guard and the production grid run the spec they are given (the policy per grid run)
+    from mesa_stability.stability import guard, production, report
+
+    t = guard.resolve(None, spec, "cpu", {"x0": "jacobi", "chunk_size": 8})
+    assert t.options == {"spec": spec.replace(x0="jacobi", chunk_size=8)} and t.policy is spec.policy
+    assert t.spec is t.options["spec"]
+    with pytest.raises(guard.UsageError, match=r"SolverSpec\.precond"):
+        guard.resolve(None, spec, "cpu", {"precond": "ilu"})
+    [t32] = production.targets(None, ["fp32"], "cpu", spec, None)
+    assert t32.spec == spec.replace(policy="fp32") and production._options_label(t32.options) == \
+        "backend=torch,check=None,steps=12,tol=1e-06"
+    # the stability report: each grid setting is a spec (tol "u" is the policy's unit roundoff)
+    s = report.setting_spec("cg", get_policy("fp32"), {"steps": 500, "tol": "u"})
+    assert (s.method, s.steps, s.tol, s.check) == ("cg", 500, get_policy("fp32").u, None)
