@@ -1,4 +1,4 @@
-"""Triton kernel: one decode step of the Mesa layer (state update, CG solve, output).
+"""Triton kernel: one decode step of the Mesa layer (state update, CG solve, output, certificate).
 
 One program per (batch entry b, head h), for one new token (docs/design.md section 2):
 
@@ -7,9 +7,20 @@ One program per (batch entry b, head h), for one new token (docs/design.md secti
          :mod:`kernels.chunk_cg` (``_cg_init``, ``_cg_step``: relative tolerance, breakdown flagged)
     o  = G' x
 
-The state tiles stay in registers: ``H' p`` is ``sum_j H'_ij p_j`` (a broadcast product and a row
-sum, no tensor cores, which suits a single vector). Everything is float32; the new state is
+The state tile H' stays in registers for the solve: ``H' p`` is ``sum_j H'_ij p_j`` (a broadcast
+product and a row sum, no tensor cores, which suits a single vector). G is read only after the
+solve, so that the two D x D tiles are never live together. Everything is float32; the new state is
 written back in float32.
+
+With a certificate buffer (``CERTIFY``), the program then forms the residual of the caller's system
+in float64 (:mod:`solvers.certificate`, the tier-2 quantities): H read again from the given state
+``BLOCK_J`` columns at a time (it is still in L2),
+
+    r = q - gamma (H x) - beta k (k . x) - lam * x,    rho = ||r|| / ||q||,   nu = ||x|| / ||q||,
+    tr H' = gamma tr H + beta ||k||^2,   kappa = (tr H' + max lam) / min lam,
+    bound = E / max(nu - E, 1 / lmax),   E = (rho + gamma_c (1 + lmax nu)) / min lam,  lmax = tr H' + max lam
+
+with ``gamma_c`` from the host (``2 u_fp64 sqrt(D)``) and ``bound = inf`` where x or o is not finite.
 """
 
 from __future__ import annotations
@@ -26,6 +37,39 @@ if triton is not None:
     from .chunk_tile import _pow2_row_scale
 
     @triton.jit
+    def _step_certificate(q, x, k, lam, m_d, o_d, log_gamma, beta, H_ptr, h_base, x_ptr, x_base, gamma_c, o_ok,
+                          D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_J: tl.constexpr):
+        """(rho, kappa, bound) of the module docstring, in float64 from the given state H (read again
+        ``BLOCK_J`` columns at a time) and the stored x."""
+        q64, x64, k64, lam64 = q.to(tl.float64), x.to(tl.float64), k.to(tl.float64), lam.to(tl.float64)
+        g64, b64 = tl.exp(log_gamma.to(tl.float64)), beta.to(tl.float64)  # the decay of the caller's g, in fp64
+        Hx = tl.zeros([BLOCK_D], dtype=tl.float64)
+        trH = tl.zeros([BLOCK_D], dtype=tl.float64)
+        o_j = tl.arange(0, BLOCK_J)
+        for j0 in range(0, D, BLOCK_J):
+            jj = j0 + o_j
+            m_j = jj < D
+            Hj = tl.load(H_ptr + h_base + o_d[:, None] * D + jj[None, :], mask=m_d[:, None] & m_j[None, :],
+                         other=0.0).to(tl.float64)  # H[:, j-block] of the given state
+            xj = tl.load(x_ptr + x_base + jj, mask=m_j, other=0.0).to(tl.float64)
+            Hx += tl.sum(Hj * xj[None, :], axis=1)
+            trH += tl.sum(tl.where(o_d[:, None] == jj[None, :], Hj, 0.0), axis=1)
+        r = q64 - g64 * Hx - b64 * k64 * tl.sum(k64 * x64, axis=0) - lam64 * x64
+        r = tl.where(m_d, r, 0.0)
+        qq = tl.sum(q64 * q64, axis=0)
+        qq = tl.where(qq > 0, qq, 1.0)
+        rho = tl.sqrt(tl.sum(r * r, axis=0) / qq)
+        nu = tl.sqrt(tl.sum(x64 * x64, axis=0) / qq)
+        trHn = g64 * tl.sum(trH, axis=0) + b64 * tl.sum(k64 * k64, axis=0)
+        lam_min = tl.min(tl.where(m_d, lam64, float("inf")), axis=0)
+        lam_max = tl.max(tl.where(m_d, lam64, 0.0), axis=0)
+        lmax = trHn + lam_max
+        E = (rho + gamma_c * (1.0 + lmax * nu)) / lam_min
+        bound = tl.where(o_ok, E / tl.maximum(nu - E, 1.0 / lmax), float("inf"))
+        return rho, lmax / lam_min, bound
+
+    @triton.heuristics({"CERTIFY": lambda a: a["cert_ptr"] is not None})
+    @triton.jit
     def _decode_kernel(
         q_ptr, k_ptr, v_ptr,  # [B, H, D], [B, H, D], [B, H, Dv] (any float dtype, read as fp32)
         g_ptr, beta_ptr,  # [B, H]
@@ -33,11 +77,12 @@ if triton is not None:
         H_ptr, G_ptr,  # [B, H, D, D], [B, H, Dv, D] state in (float32)
         Hn_ptr, Gn_ptr,  # [B, H, D, D], [B, H, Dv, D] state out (float32)
         o_ptr, x_ptr,  # [B, H, Dv], [B, H, D] float32
-        steps_ptr, res_ptr,  # [B, H] int32, float32
-        tol, steps,
+        steps_ptr, res_ptr, brk_ptr,  # [B, H] int32, float32, int8 (CG breakdown)
+        cert_ptr,  # optional (sets CERTIFY): [B, H, 3] float64 rho, kappa, bound
+        tol, steps, gamma_c,
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-        X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr,
+        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_J: tl.constexpr,
+        X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr, CERTIFY: tl.constexpr,
     ):
         i_bh = tl.program_id(0).to(tl.int64)
         i_h = i_bh % H
@@ -47,25 +92,23 @@ if triton is not None:
         m_v = o_v < Dv
         m_dd = m_d[:, None] & m_d[None, :]
         m_vd = m_v[:, None] & m_d[None, :]
-        gamma = tl.exp(tl.load(g_ptr + i_bh).to(tl.float32))
+        log_gamma = tl.load(g_ptr + i_bh).to(tl.float32)
+        gamma = tl.exp(log_gamma)
         beta = tl.load(beta_ptr + i_bh).to(tl.float32)
         k = tl.load(k_ptr + i_bh * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-        q = tl.load(q_ptr + i_bh * D + o_d, mask=m_d, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + i_bh * Dv + o_v, mask=m_v, other=0.0).to(tl.float32)
+        q_in = tl.load(q_ptr + i_bh * D + o_d, mask=m_d, other=0.0).to(tl.float32)
         # padded coordinates: lam = 1 keeps the diagonal positive; their r, p, x stay 0
         lam = tl.load(lam_ptr + i_h * D + o_d, mask=m_d, other=1.0).to(tl.float32)
-        Hs = tl.load(H_ptr + i_bh * D * D + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0)
-        Gs = tl.load(G_ptr + i_bh * Dv * D + o_v[:, None] * D + o_d[None, :], mask=m_vd, other=0.0)
+        h_base = i_bh * D * D
+        Hs = tl.load(H_ptr + h_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0)
         Hs = gamma * Hs.to(tl.float32) + beta * k[:, None] * k[None, :]
-        Gs = gamma * Gs.to(tl.float32) + beta * v[:, None] * k[None, :]
-        tl.store(Hn_ptr + i_bh * D * D + o_d[:, None] * D + o_d[None, :], Hs, mask=m_dd)
-        tl.store(Gn_ptr + i_bh * Dv * D + o_v[:, None] * D + o_d[None, :], Gs, mask=m_vd)
+        tl.store(Hn_ptr + h_base + o_d[:, None] * D + o_d[None, :], Hs, mask=m_dd)
 
         # diag(H' + Lambda), by selecting the diagonal (no strided gather). The CG vectors are
         # [1, BLOCK_D] tiles so that the chunk kernel's row-wise CG update serves here too.
         eye = o_d[:, None] == o_d[None, :]
         diag = (tl.sum(tl.where(eye, Hs, 0.0), axis=1) + lam)[None, :]
-        q = q[None, :]
+        q = q_in[None, :]
         q_scale = _pow2_row_scale(q)  # exact power-of-two scaling of the right-hand side, undone on x
         q = q / q_scale[:, None]
         if X0_JACOBI:
@@ -86,8 +129,24 @@ if triton is not None:
                                                              tol, PRECOND, HAS_TOL)
             it += 1
         x = tl.sum(x * q_scale[:, None], axis=0)  # unscaled, back to a [BLOCK_D] vector
+        # the value state, read after the solve: G' = gamma G + beta v k^T, o = G' x
+        g_base = i_bh * Dv * D
+        v = tl.load(v_ptr + i_bh * Dv + o_v, mask=m_v, other=0.0).to(tl.float32)
+        Gs = tl.load(G_ptr + g_base + o_v[:, None] * D + o_d[None, :], mask=m_vd, other=0.0)
+        Gs = gamma * Gs.to(tl.float32) + beta * v[:, None] * k[None, :]
+        tl.store(Gn_ptr + g_base + o_v[:, None] * D + o_d[None, :], Gs, mask=m_vd)
         o = tl.sum(Gs * x[None, :], axis=1)
         tl.store(o_ptr + i_bh * Dv + o_v, o, mask=m_v)
         tl.store(x_ptr + i_bh * D + o_d, x, mask=m_d)
         tl.store(steps_ptr + i_bh + tl.arange(0, 1), count)
         tl.store(res_ptr + i_bh + tl.arange(0, 1), tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0))
+        tl.store(brk_ptr + i_bh + tl.arange(0, 1), broke.to(tl.int8))
+        if CERTIFY:
+            tl.debug_barrier()  # x, stored above by other threads of this program, is read back by column block
+            finite = tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0) \
+                + tl.sum((~(tl.abs(o) < float("inf")) & m_v).to(tl.int32), axis=0)
+            rho, kappa, bound = _step_certificate(q_in, x, k, lam, m_d, o_d, log_gamma, beta, H_ptr, h_base, x_ptr,
+                                                  i_bh * D, gamma_c, finite == 0, D, BLOCK_D, BLOCK_J)
+            tl.store(cert_ptr + i_bh * 3, rho)
+            tl.store(cert_ptr + i_bh * 3 + 1, kappa)
+            tl.store(cert_ptr + i_bh * 3 + 2, bound)

@@ -13,7 +13,8 @@ For input ``u [B,T,d_model]``, per head h:
 ``conv4`` is a causal depthwise convolution of window 4 (the token and its three predecessors).
 The cap keeps ``tr H_t`` bounded when gamma would approach 1. The residual connection and the
 pre-norm belong to the block around the layer (``ablations``). Decoding one token reuses the
-state ``(H_T, G_T)`` and the last three conv inputs kept in a :class:`MesaCache`.
+state ``(H_T, G_T)`` and the last three conv inputs kept in a :class:`MesaCache`; on the Triton
+backend it runs the decode kernel (:func:`kernels.mesa_step`, :meth:`MesaLayer.step`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 
 from mesa_stability.solvers.spec import SolverSpec, solver_spec
 
-from .mesa import mesa_chunk
+from .mesa import STEP_POLICIES, mesa_chunk, mesa_step
 
 # gamma cap of docs/design.md: gamma = sigmoid(a) * (1 - (1 - 0.9975) beta^2)
 GATE_CAP = 0.9975
@@ -140,7 +141,11 @@ class MesaLayer(nn.Module):
         init = None if cache is None else cache.state
         spec = self.solver
         method = spec.method
-        if method == "cg":
+        if method == "cg" and init is not None and u.shape[1] == 1 and _decodes(spec, q):
+            # one token after a prefill: the decode kernel (state update, solve and certificate in one launch)
+            o, state, stats = mesa_step(q, k, v, g, beta, self.lam.to(q.dtype), init, spec, return_stats=True)
+            self.last_steps = stats.steps.detach()[:, None]
+        elif method == "cg":
             o, state, stats = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype), spec, initial_state=init,
                                          output_final_state=True, return_stats=True)
             self.last_steps = stats.steps.detach()  # [B,T,H] CG steps of the latest call (diagnostics)
@@ -164,9 +169,20 @@ class MesaLayer(nn.Module):
         return y
 
     def step(self, u: torch.Tensor, cache: MesaCache):
-        """Decode one token: ``u [B,1,d_model]`` (or ``[B,d_model]``) -> (y, new cache)."""
+        """Decode one token: ``u [B,1,d_model]`` (or ``[B,d_model]``) -> (y, new cache). With the Triton
+        backend (CUDA tensors, or the interpreter) and a policy of the decode kernel
+        (``kernels.mesa.STEP_POLICIES``: the default ``auto``, and ``fp32``) it runs
+        :func:`kernels.mesa_step`; otherwise ``mesa_chunk`` on the one token."""
         if u.dim() == 2:
             u = u[:, None]
         if u.shape[1] != 1:
             raise ValueError(f"step decodes one token; u has T = {u.shape[1]} (use forward for prefill)")
         return self.forward(u, cache=cache)
+
+
+def _decodes(spec: SolverSpec, q: torch.Tensor) -> bool:
+    """Whether a one-token call under ``spec`` runs the decode kernel: the Triton backend (``auto`` on
+    CUDA tensors) and a policy it implements."""
+    if spec.policy.name not in STEP_POLICIES or torch.is_grad_enabled() and q.requires_grad:
+        return False  # the decode kernel has no backward
+    return spec.backend == "triton" or (spec.backend == "auto" and q.is_cuda)

@@ -576,7 +576,7 @@ STEP_POLICIES = ("auto", "fp32")
 
 
 def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, return_stats: bool = False,
-              **options):
+              validate: bool = True, **options):
     """One decode step for one new token per sequence.
 
     Args:
@@ -585,14 +585,21 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
         spec, options: how to solve, as in :func:`mesa_chunk` (``steps``, ``tol``, ``x0``,
             ``precond``, ``check``, ``check_tol``); the policy must be one of :data:`STEP_POLICIES`
             (the kernel computes in fp32).
+        validate: check the token's values (finite, ``g <= 0``, ``beta`` in [0, 1], ``lam > 0``: one
+            reduction and one host synchronisation); shapes, dtypes and devices are always checked.
+            The state's values are not checked at every step (a float64 Cholesky per head would cost
+            the step many times over): a state that is not finite gives a non-finite x, which fails
+            the certificate; check a state made by hand once with :func:`solvers.validate_inputs`.
 
     Returns:
         ``(o [B,H,Dv], new_state)`` in float32 (and the stats if ``return_stats``). The update is
         ``H' = gamma H + beta k k^T``, ``G' = gamma G + beta v k^T`` in float32, then CG on
         ``(H' + Lambda) x = q`` and ``o = G' x``.
 
-    The accuracy certificate's residual ``q - (H' + Lambda) x`` is formed in float64 from the given
-    state (``B H D^2`` operations); the threshold is that of the fp32 policy.
+    The accuracy certificate is formed by the kernel after the solve: the residual
+    ``q - (H' + Lambda) x`` in float64 from the given state (:mod:`kernels.decode`), so its bound is
+    that of the float64 tier (tier 2), with no extra launch and no host sync; the threshold is that
+    of the fp32 policy.
     """
     spec = solver_spec(spec, **options)
     interpreted = _require_triton(decode, "_decode_kernel")
@@ -602,8 +609,6 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
         raise ValueError(f"mesa_step computes in fp32: SolverSpec.policy must be one of {STEP_POLICIES}, got "
                          f"{spec.policy.name!r}")
     verdict.poll()
-    steps, tol, x0, precond, check, check_tol = (spec.steps, spec.tol, spec.x0, spec.precond, spec.check,
-                                                  spec.check_tol)
     squeeze = q.dim() == 4
     if squeeze:
         if q.shape[1] != 1:
@@ -612,29 +617,42 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     if not (isinstance(state, (tuple, list)) and len(state) == 2):
         raise ValueError("state must be a pair (H [B,H,D,D], G [B,H,Dv,D])")
     # validate through the problem definition with T = 1
-    validate_inputs(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam, tuple(state))
+    validate_inputs(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam, tuple(state),
+                    check_values=validate, check_state=False)
     for name, x in (("q", q), ("k", k), ("v", v), ("state[0]", state[0]), ("state[1]", state[1])):
         _check_device(name, x, interpreted)
     B, H, D = q.shape
     Dv = v.shape[2]
+    if D > MAX_D or Dv > MAX_D:
+        raise ValueError(f"head dims up to {MAX_D} are supported (the D x D state is held on chip); got D = {D}, "
+                         f"Dv = {Dv}")
     dev = q.device
-    Hs, Gs = (s.to(torch.float32).contiguous() for s in state)
+    f32 = torch.float32
+    Hs, Gs = (s.to(f32).contiguous() for s in state)
     Hn, Gn = torch.empty_like(Hs), torch.empty_like(Gs)
-    o = torch.empty(B, H, Dv, dtype=torch.float32, device=dev)
-    x = torch.empty(B, H, D, dtype=torch.float32, device=dev)
+    o = torch.empty(B, H, Dv, dtype=f32, device=dev)
+    x = torch.empty(B, H, D, dtype=f32, device=dev)
     n_steps = torch.empty(B, H, dtype=torch.int32, device=dev)
-    res = torch.empty(B, H, dtype=torch.float32, device=dev)
-    decode._decode_kernel[(B * H,)](
-        q.contiguous(), k.contiguous(), v.contiguous(), g.to(torch.float32).contiguous(),
-        beta.to(torch.float32).contiguous(), lam.to(torch.float32).contiguous(), Hs, Gs, Hn, Gn, o, x, n_steps, res,
-        float(tol) if tol is not None else -1.0, steps,
-        H=H, D=D, Dv=Dv, BLOCK_D=triton.next_power_of_2(D), BLOCK_DV=triton.next_power_of_2(Dv),
-        X0_JACOBI=x0 == "jacobi", PRECOND=precond == "jacobi", HAS_TOL=tol is not None,
+    res = torch.empty(B, H, dtype=f32, device=dev)
+    brk = torch.empty(B, H, dtype=torch.int8, device=dev)
+    cert_buf = torch.empty(B, H, 3, dtype=torch.float64, device=dev) if spec.check is not None else None
+    BLOCK_D = triton.next_power_of_2(D)
+    LAST_LAUNCH["decode"] = decode._decode_kernel[(B * H,)](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.to(f32).contiguous(), beta.to(f32).contiguous(),
+        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, x, n_steps, res, brk, cert_buf,
+        float(spec.tol) if spec.tol is not None else -1.0, spec.steps, STEP_RESIDUAL_ROUNDING * math.sqrt(D),
+        H=H, D=D, Dv=Dv, BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_J=min(BLOCK_D, 32),
+        X0_JACOBI=spec.x0 == "jacobi", PRECOND=spec.precond == "jacobi", HAS_TOL=spec.tol is not None,
+        num_warps=decode_warps(D),
     )
-    stats = MesaStats(n_steps, res, x)
-    if check is not None:
-        stats.certificate = _step_certificate(q, k, g, beta, lam, state, x, check_tol)
-        stats._pending.append(verdict.submit(stats._certificate, check, get_policy("fp32")))
+    stats = MesaStats(n_steps, res, x, brk > 0)
+    if cert_buf is not None:
+        fp32 = get_policy("fp32")
+        threshold = fp32.check_tol if spec.check_tol is None else float(spec.check_tol)
+        stats.certificate = cert.Certificate(*(t[:, None] for t in (cert_buf[..., 0], cert_buf[..., 1],
+                                                                     cert_buf[..., 2], brk > 0)),
+                                             threshold, 2, "x (decode step)")
+        stats._pending.append(verdict.submit(stats._certificate, spec.check, fp32))
     if squeeze:
         o = o[:, None]
     out = (o, (Hn, Gn))
@@ -643,23 +661,12 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     return out
 
 
-def _step_certificate(q, k, g, beta, lam, state, x, check_tol) -> cert.Certificate:
-    """The certificate of one decode step (``[B,1,H]`` tensors): float64 residual from the given state."""
-    f64 = torch.float64
-    H64 = torch.exp(g.to(f64))[..., None, None] * state[0].to(f64)
-    kk = k.to(f64)
-    H64 = H64 + beta.to(f64)[..., None, None] * kk[..., :, None] * kk[..., None, :]
-    lam64 = lam.to(f64)
-    x64, q64 = x.to(f64), q.to(f64)
-    r = q64 - (H64 @ x64[..., None])[..., 0] - lam64 * x64
-    qn = q64.norm(dim=-1)
-    qn1 = torch.where(qn > 0, qn, 1.0)
-    rho, nu = r.norm(dim=-1) / qn1, x64.norm(dim=-1) / qn1
-    trH = torch.diagonal(H64, dim1=-2, dim2=-1).sum(-1)
-    lam_min, lam_max = lam64.amin(-1), lam64.amax(-1)
-    bound = cert.bound_from(rho, nu, trH, lam_min, lam_max, 2 * UNIT_ROUNDOFF["fp64"] * math.sqrt(q.shape[-1]), 0.0)
-    bound = torch.where(torch.isfinite(x).all(-1), bound, math.inf)
-    threshold = get_policy("fp32").check_tol if check_tol is None else float(check_tol)
-    kappa = (trH + lam_max) / lam_min
-    return cert.Certificate(*(t[:, None] for t in (rho, kappa, bound, torch.zeros_like(bound, dtype=torch.bool))),
-                            threshold, 2, "x (decode step)")
+# The decode certificate's residual rounding gamma_c = 2 u_fp64 sqrt(D) (solvers.certificate: float64
+# operands, sqrt(D) growth of the accumulation), as the float64 tier's
+STEP_RESIDUAL_ROUNDING = 2 * UNIT_ROUNDOFF["fp64"]
+
+
+def decode_warps(D: int) -> int:
+    """Warps of the decode kernel: the D x D state tile in registers, 64 fp32 values per thread at most
+    (8 warps at D = 128; the kernel holds one D x D tile at a time)."""
+    return max(4, min(16, triton.next_power_of_2(D) ** 2 // (64 * 32)))

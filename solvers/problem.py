@@ -91,7 +91,8 @@ def _check_psd(name: str, H0: torch.Tensor) -> None:
                          f"{float(ev[-1]):.3g})")
 
 
-def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, check_values: bool = True) -> dict:
+def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, check_values: bool = True,
+                        check_state: bool = True, _more: dict | None = None) -> dict:
     """Raise ``ValueError`` naming the argument for any invalid input of the state recurrence
     ``H_t = gamma_t H_{t-1} + beta_t k_t k_t^T``, ``G_t = gamma_t G_{t-1} + beta_t v_t k_t^T``: the part of
     :func:`validate_inputs` that the chunk-state kernels (``kernels.chunk_states``) share.
@@ -99,8 +100,10 @@ def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, c
     Checks: tensor type and supported dtype, shapes (``k [B,T,H,D]``, ``v [B,T,H,Dv]``, ``g``, ``beta``
     ``[B,T,H]``, the initial state ``[N,H,D,D]``, ``[N,H,Dv,D]``, N = B or the number of packed
     sequences of ``cu_seqlens``), a common device; with ``check_values`` also finiteness (except
-    ``g = -inf``, a hard reset), ``g <= 0``, ``0 <= beta <= 1`` and a symmetric positive semidefinite
-    initial H0. Returns the checked tensors by name."""
+    ``g = -inf``, a hard reset), ``g <= 0``, ``0 <= beta <= 1`` and (with ``check_state``) a finite,
+    symmetric positive semidefinite initial H0 and a finite G0. The value checks are reduced on the
+    device and read with one host synchronisation; the message is formed only for a failure.
+    Returns the checked tensors by name."""
     named = {"k": k, "v": v, "g": g, "beta": beta}
     for name, x in named.items():
         _check_tensor(name, x)
@@ -122,6 +125,7 @@ def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, c
         if cs[0] != 0 or cs[-1] != T or any(b <= a for a, b in zip(cs, cs[1:], strict=False)):
             raise ValueError(f"cu_seqlens must increase strictly from 0 to T = {T}, got {cs}")
         N = len(cs) - 1
+    state = {}
     if initial_state is not None:
         if not (isinstance(initial_state, (tuple, list)) and len(initial_state) == 2):
             raise ValueError("initial_state must be a pair (H0 [B,H,D,D], G0 [B,H,Dv,D])")
@@ -131,24 +135,66 @@ def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, c
         lead = "B" if cu_seqlens is None else "N"
         _check_shape("initial_state[0] (H0)", H0, (N, H, D, D), f"[{lead},H,D,D]")
         _check_shape("initial_state[1] (G0)", G0, (N, H, Dv, D), f"[{lead},H,Dv,D]")
-        named["initial_state[0] (H0)"] = H0
-        named["initial_state[1] (G0)"] = G0
-    _check_devices(named)
+        state = {"initial_state[0] (H0)": H0, "initial_state[1] (G0)": G0}
+    _check_devices({**(_more or {}), **named, **state})
     if check_values:
-        for name, x in named.items():
-            _check_finite(name, x, resets=name == "g")
-        if bool((g > 0).any()):
-            raise ValueError(f"g is the log forget gate and must be <= 0; max is {float(g.max()):.3g}")
-        if bool((beta < 0).any()) or bool((beta > 1).any()):
-            raise ValueError(f"beta must lie in [0, 1]; range is [{float(beta.min()):.3g}, {float(beta.max()):.3g}]")
-        if initial_state is not None:
+        _check_values({**(_more or {}), **named, **(state if check_state else {})})
+        if initial_state is not None and check_state:
             H0 = initial_state[0].detach().double()
             asym = float((H0 - H0.transpose(-1, -2)).abs().max())
             scale = float(H0.abs().max()) or 1.0
             if asym > 1e-3 * scale:
                 raise ValueError(f"initial_state[0] (H0) must be symmetric; max |H0 - H0^T| = {asym:.3g}")
             _check_psd("initial_state[0] (H0)", initial_state[0])
-    return named
+    return {**named, **state}
+
+
+# The range of each named input beyond finiteness (a device-side test of the bad values, and the message)
+_RANGES = {
+    "g": (lambda x: x > 0, lambda x: f"g is the log forget gate and must be <= 0; max is {float(x.max()):.3g}"),
+    "beta": (lambda x: (x < 0) | (x > 1),
+             lambda x: f"beta must lie in [0, 1]; range is [{float(x.min()):.3g}, {float(x.max()):.3g}]"),
+    "lam": (lambda x: x <= 0,
+            lambda x: f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(x.min()):.3g}"),
+}
+
+
+def _check_values(named: dict) -> None:
+    """Finiteness of every tensor (``g`` may be -inf: a hard reset) and the ranges of :data:`_RANGES`,
+    all reduced on the device and read at once; the first failure in the order of ``named``, finiteness
+    before range, raises with its message."""
+    flags = []
+    for name, x in named.items():
+        x = x.detach()
+        flags.append((~torch.isfinite(x) & ~torch.isneginf(x) if name == "g" else ~torch.isfinite(x)).any())
+    for name, (bad, _) in _RANGES.items():
+        if name in named:
+            flags.append(bad(named[name].detach()).any())
+    if not bool(torch.stack(flags).any()):  # the one host synchronisation
+        return
+    for name, x in named.items():
+        _check_finite(name, x, resets=name == "g")
+    for name, (bad, message) in _RANGES.items():
+        if name in named and bool(bad(named[name]).any()):
+            raise ValueError(message(named[name]))
+
+
+def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, *,
+                    check_values: bool = True, check_state: bool = True) -> None:
+    """Raise ``ValueError`` naming the argument for any invalid input of a Mesa call: ``q [B,T,H,D]``
+    and ``lam [H,D]`` (finite, ``lam > 0``) and everything :func:`validate_recurrence` checks.
+    ``check_values=False`` skips the value checks (which read the data) and keeps the cheap
+    structural ones; ``check_state=False`` skips those of the initial state (its finiteness, symmetry
+    and positive semidefiniteness: a float64 Cholesky per head, the cost of a decode step many times
+    over)."""
+    for name, x in (("q", q), ("lam", lam)):
+        _check_tensor(name, x)
+    B, T, H, D = _check_bthd("q", q)
+    _check_tensor("k", k)
+    _check_shape("k", k, (B, T, H, D), "same as q [B,T,H,D]")
+    _check_shape("lam", lam, (H, D), "[H,D]")
+    validate_recurrence(k, v, g, beta, initial_state, cu_seqlens, check_values=check_values,
+                        check_state=check_state, _more={"q": q, "lam": lam})
 
 
 def _check_devices(named: dict) -> None:
@@ -156,27 +202,6 @@ def _check_devices(named: dict) -> None:
     if len(devices) > 1:
         where = ", ".join(f"{n}: {x.device}" for n, x in named.items())
         raise ValueError(f"inputs are on different devices ({where})")
-
-
-def validate_inputs(q, k, v, g, beta, lam, initial_state=None, cu_seqlens=None, *,
-                    check_values: bool = True) -> None:
-    """Raise ``ValueError`` naming the argument for any invalid input of a Mesa call: ``q [B,T,H,D]``
-    and ``lam [H,D]`` (finite, ``lam > 0``) and everything :func:`validate_recurrence` checks.
-    ``check_values=False`` skips the value checks (which read the data) and keeps the cheap
-    structural ones."""
-    for name, x in (("q", q), ("lam", lam)):
-        _check_tensor(name, x)
-    B, T, H, D = _check_bthd("q", q)
-    _check_tensor("k", k)
-    _check_shape("k", k, (B, T, H, D), "same as q [B,T,H,D]")
-    _check_shape("lam", lam, (H, D), "[H,D]")
-    _check_devices({"q": q, "k": k, "lam": lam})
-    if check_values:
-        for name, x in (("q", q), ("lam", lam)):
-            _check_finite(name, x)
-        if bool((lam <= 0).any()):
-            raise ValueError(f"lam must be > 0 everywhere (Lambda = diag(lam) is SPD); min is {float(lam.min()):.3g}")
-    validate_recurrence(k, v, g, beta, initial_state, cu_seqlens, check_values=check_values)
 
 
 @dataclass(frozen=True, eq=False)

@@ -199,11 +199,13 @@ def check_reference(ref: GoldenReference, committed: dict) -> list[str]:
     return bad
 
 
-def check_or_write(write: bool = False, path: str = GOLDEN_FILE, log=print) -> int:
+def check_or_write(write: bool = False, path: str = GOLDEN_FILE, log=print,
+                   refs: list[GoldenReference] | None = None) -> int:
     """``mesa golden``: regenerate the golden cases and compare them with ``path`` (default
     :data:`GOLDEN_FILE`; exit 1 on a difference, each named), or with ``write`` rewrite it (after a
-    deliberate change)."""
-    refs = [reference(gc) for gc in GOLDEN]
+    deliberate change). ``refs``: the regenerated cases, when the caller already has them."""
+    if refs is None:
+        refs = [reference(gc) for gc in GOLDEN]
     if write:
         data = {r.case.name: record(r) for r in refs}
         with open(path, "w") as fh:

@@ -97,8 +97,10 @@ def _mp_tokens(problem: MesaProblem, regularizer: str = "static", delta: dict | 
                 beta = val("beta", problem.beta, (b, t, h))
                 k, v, q = (vec(n, getattr(problem, n), (b, t, h)) for n in ("k", "v", "q"))
                 zeta0 *= gamma
-                Hs = gamma * Hs + beta * (k * k.T)
-                Gs = gamma * Gs + beta * (v * k.T)
+                # matrix * scalar, not scalar * matrix: mpf.__mul__ first tries to convert the matrix
+                # (through its repr) before deferring to the matrix, a third of the time
+                Hs = Hs * gamma + (k * k.T) * beta
+                Gs = Gs * gamma + (v * k.T) * beta
                 A = Hs.copy()
                 scale = zeta0 if regularizer == "decayed" else 1
                 for i in range(D):

@@ -171,6 +171,34 @@ def test_decode_step_with_a_huge_state_is_flagged():
     assert st.certificate.ok
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("case", ["well_conditioned", "tiny_lambda", "low_rank_keys"])
+def test_decode_step_certificate_is_the_float64_one(case):
+    """The decode kernel's in-kernel certificate (float64 residual from the given state) against
+    solvers.certificate.certify_exact on the same one-token problem: the same rho, kappa and bound."""
+    from mesa_stability.kernels import mesa_step
+    from mesa_stability.solvers import certificate as cert
+
+    p = cases.make(case, B=2, T=24, H=2, D=16).to(torch.float32)  # the caller's system: fp32, as the kernel reads it
+    state = tuple(s.float() for s in p.tokens(0, p.T - 1).final_state(torch.float64))
+    last = [t[:, -1:] for t in (p.q, p.k, p.v, p.g, p.beta)]
+    dev = [t.to(TRITON_DEVICE) for t in (*last, p.lam)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CertificateWarning)
+        _, _, st = mesa_step(*dev, tuple(s.to(TRITON_DEVICE) for s in state), steps=8, return_stats=True)
+        c = st.certificate
+    one = solvers.MesaProblem(*last, p.lam, state)
+    ref = cert.certify_exact(one, st.x.double().cpu()[:, None], get_policy("fp32"), chunk_size=1)
+    assert c.tier == 2 and ref.tier == 2
+    assert c.residual.dtype == torch.float64
+    assert rel_error(c.residual.cpu(), ref.residual) <= 1e-6, (c.residual, ref.residual)
+    assert rel_error(c.kappa.cpu(), ref.kappa) <= 1e-12
+    assert rel_error(c.bound.cpu(), ref.bound) <= 1e-6
+    # 8 steps leave a measurable error, and the bound holds it
+    err = _x_errors(st.x.cpu()[:, None], solvers.solve(one, "exact").x)
+    assert bool((err <= c.bound.cpu()).all()) and float(err.max()) > 0
+
+
 @pytest.mark.parametrize("backend", ["torch", pytest.param("triton", marks=pytest.mark.triton)])
 def test_autocast_does_not_change_the_policy(backend):
     """The op computes in its policy's precision whatever autocast is active (torch's fp32 matmuls
