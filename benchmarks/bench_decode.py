@@ -7,7 +7,8 @@ keys), the median time (``triton.testing.do_bench``) of
 * ``ours``: ``mesa_step`` as a user calls it (the defaults: 30 CG steps, the token's values checked,
   the certificate on, its verdict read without a host sync);
 * ``ours, no value check``: ``validate=False``;
-* ``ours, kernel only``: ``validate=False, check=None``;
+* ``ours, kernel only``: ``validate=False, check=None`` (also with 4 and 16 warps instead of the
+  default of ``kernels.mesa.decode_warps``);
 * ``peer``: ``fla.ops.mesa_net.mesa_net_decoding_one_step`` (30 steps), when fla-core is installed;
 
 and ``loop_ms``: the wall time per call of 200 calls issued back to back (what a generation loop
@@ -86,10 +87,25 @@ def configurations(a: tuple, peer) -> dict:
         "ours, no value check": lambda: mesa_step(q, k, v, g, beta, lam, state, validate=False),
         "ours, kernel only": lambda: mesa_step(q, k, v, g, beta, lam, state, validate=False, check=None),
     }
+    for w in WARP_SWEEP:
+        out[f"ours, kernel only, {w} warps"] = _with_warps(w, out["ours, kernel only"])
     if peer is not None:
         hkv = state[1].transpose(-1, -2).contiguous()  # the peer's layout: h_kv as [K, V] (ours is [V, K])
         out["peer"] = lambda: peer(q, k, v, g, lam, beta, state[0], hkv, max_CG_iteration=30)
     return out
+
+
+WARP_SWEEP = (4, 16)  # besides the default of kernels.mesa.decode_warps (8 at D = 128)
+
+
+def _with_warps(w: int, fn):
+    def run():
+        default, mesa.decode_warps = mesa.decode_warps, lambda D: w
+        try:
+            return fn()
+        finally:
+            mesa.decode_warps = default
+    return run
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

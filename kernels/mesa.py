@@ -585,11 +585,14 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
         spec, options: how to solve, as in :func:`mesa_chunk` (``steps``, ``tol``, ``x0``,
             ``precond``, ``check``, ``check_tol``); the policy must be one of :data:`STEP_POLICIES`
             (the kernel computes in fp32).
-        validate: check the token's values (finite, ``g <= 0``, ``beta`` in [0, 1], ``lam > 0``: one
-            reduction and one host synchronisation); shapes, dtypes and devices are always checked.
-            The state's values are not checked at every step (a float64 Cholesky per head would cost
-            the step many times over): a state that is not finite gives a non-finite x, which fails
-            the certificate; check a state made by hand once with :func:`solvers.validate_inputs`.
+        validate: raise ``ValueError`` (naming the argument) for invalid token values: q, k, v, lam
+            not finite, ``lam <= 0``, ``g > 0`` or NaN, ``beta`` outside [0, 1]. The kernel checks
+            them as it reads them; reading its flags is the step's one host synchronisation, which
+            ``validate=False`` skips (the values are then trusted). Shapes, dtypes and devices are
+            always checked. The state's values are not checked at every step (a float64 Cholesky per
+            head would cost the step many times over): a state that is not finite gives a
+            non-finite x, which fails the certificate; check a state made by hand once with
+            :func:`solvers.validate_inputs`.
 
     Returns:
         ``(o [B,H,Dv], new_state)`` in float32 (and the stats if ``return_stats``). The update is
@@ -617,8 +620,8 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     if not (isinstance(state, (tuple, list)) and len(state) == 2):
         raise ValueError("state must be a pair (H [B,H,D,D], G [B,H,Dv,D])")
     # validate through the problem definition with T = 1
-    validate_inputs(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam, tuple(state),
-                    check_values=validate, check_state=False)
+    token = (q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam)
+    validate_inputs(*token, tuple(state), check_values=False)
     for name, x in (("q", q), ("k", k), ("v", v), ("state[0]", state[0]), ("state[1]", state[1])):
         _check_device(name, x, interpreted)
     B, H, D = q.shape
@@ -635,16 +638,21 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     n_steps = torch.empty(B, H, dtype=torch.int32, device=dev)
     res = torch.empty(B, H, dtype=f32, device=dev)
     brk = torch.empty(B, H, dtype=torch.int8, device=dev)
+    bad = torch.empty(B, H, dtype=torch.int8, device=dev)
     cert_buf = torch.empty(B, H, 3, dtype=torch.float64, device=dev) if spec.check is not None else None
     BLOCK_D = triton.next_power_of_2(D)
     LAST_LAUNCH["decode"] = decode._decode_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.to(f32).contiguous(), beta.to(f32).contiguous(),
-        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, x, n_steps, res, brk, cert_buf,
+        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, x, n_steps, res, brk, bad, cert_buf,
         float(spec.tol) if spec.tol is not None else -1.0, spec.steps, STEP_RESIDUAL_ROUNDING * math.sqrt(D),
         H=H, D=D, Dv=Dv, BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_J=min(BLOCK_D, 32),
         X0_JACOBI=spec.x0 == "jacobi", PRECOND=spec.precond == "jacobi", HAS_TOL=spec.tol is not None,
         num_warps=decode_warps(D),
     )
+    if validate and bool(bad.any()):  # the one host synchronisation; the message from the inputs
+        validate_inputs(*token, check_values=True)
+        raise ValueError("mesa_step: the kernel found an invalid token value (not finite, lam <= 0, g > 0 or "
+                         "beta outside [0, 1])")  # pragma: no cover - the host check above names it first
     stats = MesaStats(n_steps, res, x, brk > 0)
     if cert_buf is not None:
         fp32 = get_policy("fp32")

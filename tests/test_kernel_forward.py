@@ -7,6 +7,7 @@ test session); skips otherwise. Sizes are small: the interpreter executes every 
 from __future__ import annotations
 
 import os
+import warnings
 
 import pytest
 import torch
@@ -178,6 +179,34 @@ def test_bad_inputs_name_the_argument(prob, field, bad, msg):
     with pytest.raises(ValueError) as err:
         mesa_chunk(**a)
     assert str(err.value).split()[0] == msg
+
+
+@pytest.mark.parametrize("field,bad,msg", [
+    ("q", lambda x: x.clone().fill_(float("inf")), "q"),
+    ("v", lambda x: x.clone().fill_(float("nan")), "v"),
+    ("lam", lambda x: -x, "lam"),
+    ("g", lambda x: x + 1, "g"),
+    ("g", lambda x: x.clone().fill_(float("nan")), "g"),
+    ("beta", lambda x: x * 3, "beta"),
+])
+def test_decode_step_names_a_bad_token_value(prob, field, bad, msg):
+    """The decode kernel flags an invalid token value as it reads it; mesa_step raises naming the
+    argument, and with validate=False trusts the values (no raise). A hard reset (g = -inf) is valid."""
+    p = _dev(prob)
+    state = tuple(s.to(device=DEVICE, dtype=torch.float32) for s in prob.tokens(0, 20).final_state())
+    a = {n: (t[:, 20] if n != "lam" else t) for n, t in _args(p).items()}
+    good = dict(a)
+    a[field] = bad(a[field])
+    with pytest.raises(ValueError) as err:
+        mesa_step(**a, state=state)
+    assert str(err.value).split()[0] == msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mesa_step(**a, state=state, validate=False)
+    reset = dict(good, g=torch.full_like(good["g"], float("-inf")))
+    o, _ = mesa_step(**reset, state=state)
+    fresh, _ = mesa_step(**dict(good, g=torch.zeros_like(good["g"])), state=tuple(torch.zeros_like(s) for s in state))
+    assert rel_error(o.cpu(), fresh.cpu()) <= 1e-6  # a reset forgets the state
 
 
 def test_bad_options_and_devices(prob):
