@@ -99,15 +99,12 @@ if triton is not None:
         q_in = tl.load(q_ptr + i_bh * D + o_d, mask=m_d, other=0.0).to(tl.float32)
         # padded coordinates: lam = 1 keeps the diagonal positive; their r, p, x stay 0
         lam = tl.load(lam_ptr + i_h * D + o_d, mask=m_d, other=1.0).to(tl.float32)
-        v = tl.load(v_ptr + i_bh * Dv + o_v, mask=m_v, other=0.0).to(tl.float32)
         # the token's values, checked on the way (mesa_step raises on a flag): q, k, v, lam finite,
-        # lam > 0, g <= 0 (-inf, a hard reset, allowed; NaN not), 0 <= beta <= 1
+        # lam > 0, g <= 0 (-inf, a hard reset, allowed; NaN not), 0 <= beta <= 1 (v once it is read)
         bad = tl.sum((~(tl.abs(q_in) < float("inf"))).to(tl.int32), axis=0) \
             + tl.sum((~(tl.abs(k) < float("inf"))).to(tl.int32), axis=0) \
-            + tl.sum((~(tl.abs(v) < float("inf"))).to(tl.int32), axis=0) \
             + tl.sum((~((lam > 0) & (lam < float("inf")))).to(tl.int32), axis=0) \
             + (~(log_gamma <= 0)).to(tl.int32) + (~((beta >= 0) & (beta <= 1))).to(tl.int32)
-        tl.store(bad_ptr + i_bh, (bad > 0).to(tl.int8))
         h_base = i_bh * D * D
         Hs = tl.load(H_ptr + h_base + o_d[:, None] * D + o_d[None, :], mask=m_dd, other=0.0)
         Hs = gamma * Hs.to(tl.float32) + beta * k[:, None] * k[None, :]
@@ -140,6 +137,9 @@ if triton is not None:
         x = tl.sum(x * q_scale[:, None], axis=0)  # unscaled, back to a [BLOCK_D] vector
         # the value state, read after the solve: G' = gamma G + beta v k^T, o = G' x
         g_base = i_bh * Dv * D
+        v = tl.load(v_ptr + i_bh * Dv + o_v, mask=m_v, other=0.0).to(tl.float32)
+        bad += tl.sum((~(tl.abs(v) < float("inf"))).to(tl.int32), axis=0)
+        tl.store(bad_ptr + i_bh, (bad > 0).to(tl.int8))
         Gs = tl.load(G_ptr + g_base + o_v[:, None] * D + o_d[None, :], mask=m_vd, other=0.0)
         Gs = gamma * Gs.to(tl.float32) + beta * v[:, None] * k[None, :]
         tl.store(Gn_ptr + g_base + o_v[:, None] * D + o_d[None, :], Gs, mask=m_vd)
