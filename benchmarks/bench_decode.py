@@ -7,8 +7,8 @@ keys), the median time (``triton.testing.do_bench``) of
 * ``ours``: ``mesa_step`` as a user calls it (the defaults: 30 CG steps, the token's values checked,
   the certificate on, its verdict read without a host sync);
 * ``ours, no value check``: ``validate=False``;
-* ``ours, kernel only``: ``validate=False, check=None`` (also with 4 and 16 warps instead of the
-  default of ``kernels.mesa.decode_warps``);
+* ``ours, kernel only``: ``validate=False, check=None`` (also with 4, 8 and 16 warps instead of the
+  choice of ``kernels.mesa.decode_warps``);
 * ``peer``: ``fla.ops.mesa_net.mesa_net_decoding_one_step`` (30 steps), when fla-core is installed;
 
 and ``loop_ms``: the wall time per call of 200 calls issued back to back (what a generation loop
@@ -95,12 +95,12 @@ def configurations(a: tuple, peer) -> dict:
     return out
 
 
-WARP_SWEEP = (4, 16)  # besides the default of kernels.mesa.decode_warps (8 at D = 128)
+WARP_SWEEP = (4, 8, 16)  # against the choice of kernels.mesa.decode_warps
 
 
 def _with_warps(w: int, fn):
     def run():
-        default, mesa.decode_warps = mesa.decode_warps, lambda D: w
+        default, mesa.decode_warps = mesa.decode_warps, lambda D, programs, device: w
         try:
             return fn()
         finally:

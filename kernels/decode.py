@@ -76,8 +76,9 @@ if triton is not None:
         lam_ptr,  # [H, D]
         H_ptr, G_ptr,  # [B, H, D, D], [B, H, Dv, D] state in (float32)
         Hn_ptr, Gn_ptr,  # [B, H, D, D], [B, H, Dv, D] state out (float32)
-        o_ptr, x_ptr,  # [B, H, Dv], [B, H, D] float32
-        steps_ptr, res_ptr, brk_ptr, bad_ptr,  # [B, H] int32, float32, int8 (CG breakdown), int8 (bad input)
+        o_ptr,  # [B, H, Dv] float32
+        out_ptr,  # [B, H, D + 1] float32: x and the final relative residual of each (b, h)
+        steps_ptr, brk_ptr, bad_ptr,  # [B, H] int32, int8 (CG breakdown), int8 (bad input)
         cert_ptr,  # optional (sets CERTIFY): [B, H, 3] float64 rho, kappa, bound
         tol, steps, gamma_c,
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr,
@@ -144,17 +145,18 @@ if triton is not None:
         Gs = gamma * Gs.to(tl.float32) + beta * v[:, None] * k[None, :]
         tl.store(Gn_ptr + g_base + o_v[:, None] * D + o_d[None, :], Gs, mask=m_vd)
         o = tl.sum(Gs * x[None, :], axis=1)
+        out_base = i_bh * (D + 1)
         tl.store(o_ptr + i_bh * Dv + o_v, o, mask=m_v)
-        tl.store(x_ptr + i_bh * D + o_d, x, mask=m_d)
+        tl.store(out_ptr + out_base + o_d, x, mask=m_d)
         tl.store(steps_ptr + i_bh + tl.arange(0, 1), count)
-        tl.store(res_ptr + i_bh + tl.arange(0, 1), tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0))
+        tl.store(out_ptr + out_base + D + tl.arange(0, 1), tl.where(r0 > 0, rn / tl.where(r0 > 0, r0, 1.0), 0.0))
         tl.store(brk_ptr + i_bh + tl.arange(0, 1), broke.to(tl.int8))
         if CERTIFY:
             tl.debug_barrier()  # x, stored above by other threads of this program, is read back by column block
             finite = tl.sum((~(tl.abs(x) < float("inf"))).to(tl.int32), axis=0) \
                 + tl.sum((~(tl.abs(o) < float("inf")) & m_v).to(tl.int32), axis=0)
-            rho, kappa, bound = _step_certificate(q_in, x, k, lam, m_d, o_d, log_gamma, beta, H_ptr, h_base, x_ptr,
-                                                  i_bh * D, gamma_c, finite == 0, D, BLOCK_D, BLOCK_J)
+            rho, kappa, bound = _step_certificate(q_in, x, k, lam, m_d, o_d, log_gamma, beta, H_ptr, h_base, out_ptr,
+                                                  out_base, gamma_c, finite == 0, D, BLOCK_D, BLOCK_J)
             tl.store(cert_ptr + i_bh * 3, rho)
             tl.store(cert_ptr + i_bh * 3 + 1, kappa)
             tl.store(cert_ptr + i_bh * 3 + 2, bound)

@@ -633,32 +633,35 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     f32 = torch.float32
     Hs, Gs = (s.to(f32).contiguous() for s in state)
     Hn, Gn = torch.empty_like(Hs), torch.empty_like(Gs)
+    # the small outputs in few allocations (a step is short enough for each to count): x and the residual
+    # in one float32 buffer; the breakdown and bad-input flags (0 / 1, read as bool) in one int8 buffer
     o = torch.empty(B, H, Dv, dtype=f32, device=dev)
-    x = torch.empty(B, H, D, dtype=f32, device=dev)
+    out32 = torch.empty(B, H, D + 1, dtype=f32, device=dev)
+    x, res = out32[..., :D], out32[..., D]
     n_steps = torch.empty(B, H, dtype=torch.int32, device=dev)
-    res = torch.empty(B, H, dtype=f32, device=dev)
-    brk = torch.empty(B, H, dtype=torch.int8, device=dev)
-    bad = torch.empty(B, H, dtype=torch.int8, device=dev)
+    flags = torch.empty(2, B, H, dtype=torch.int8, device=dev)
+    brk, bad = flags[0], flags[1]
     cert_buf = torch.empty(B, H, 3, dtype=torch.float64, device=dev) if spec.check is not None else None
     BLOCK_D = triton.next_power_of_2(D)
     LAST_LAUNCH["decode"] = decode._decode_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.to(f32).contiguous(), beta.to(f32).contiguous(),
-        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, x, n_steps, res, brk, bad, cert_buf,
+        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, out32, n_steps, brk, bad, cert_buf,
         float(spec.tol) if spec.tol is not None else -1.0, spec.steps, STEP_RESIDUAL_ROUNDING * math.sqrt(D),
         H=H, D=D, Dv=Dv, BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_J=min(BLOCK_D, 32),
         X0_JACOBI=spec.x0 == "jacobi", PRECOND=spec.precond == "jacobi", HAS_TOL=spec.tol is not None,
-        num_warps=decode_warps(D),
+        num_warps=decode_warps(D, B * H, dev),
     )
-    if validate and bool(bad.any()):  # the one host synchronisation; the message from the inputs
+    brk = brk.view(torch.bool)
+    if validate and bool(bad.view(torch.bool).any()):  # the one host synchronisation; the message from the inputs
         validate_inputs(*token, check_values=True)
         raise ValueError("mesa_step: the kernel found an invalid token value (not finite, lam <= 0, g > 0 or "
                          "beta outside [0, 1])")  # pragma: no cover - the host check above names it first
-    stats = MesaStats(n_steps, res, x, brk > 0)
+    stats = MesaStats(n_steps, res, x, brk)
     if cert_buf is not None:
         fp32 = get_policy("fp32")
         threshold = fp32.check_tol if spec.check_tol is None else float(spec.check_tol)
         stats.certificate = cert.Certificate(*(t[:, None] for t in (cert_buf[..., 0], cert_buf[..., 1],
-                                                                     cert_buf[..., 2], brk > 0)),
+                                                                     cert_buf[..., 2], brk)),
                                              threshold, 2, "x (decode step)")
         stats._pending.append(verdict.submit(stats._certificate, spec.check, fp32))
     if squeeze:
@@ -674,7 +677,18 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
 STEP_RESIDUAL_ROUNDING = 2 * UNIT_ROUNDOFF["fp64"]
 
 
-def decode_warps(D: int) -> int:
-    """Warps of the decode kernel: the D x D state tile in registers, 64 fp32 values per thread at most
-    (8 warps at D = 128; the kernel holds one D x D tile at a time)."""
-    return max(4, min(16, triton.next_power_of_2(D) ** 2 // (64 * 32)))
+def decode_warps(D: int, programs: int, device: torch.device) -> int:
+    """Warps of the decode kernel, measured on an H200 at D = 128 (docs/decode-gpu/): while the grid
+    of ``programs`` (B H) leaves SMs idle the step is latency-bound and more threads per program help
+    (8 warps: 64 fp32 values of the D x D tile per thread); once it fills them the step is
+    bandwidth-bound and 4 warps (fewer, fuller threads; no spills) moved the states fastest."""
+    if programs < _sm_count(device):
+        return max(4, min(16, triton.next_power_of_2(D) ** 2 // (64 * 32)))
+    return 4
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the interpreter: any count gives the same numbers
+    return torch.cuda.get_device_properties(device).multi_processor_count
