@@ -121,8 +121,8 @@ def submit(certificate: Certificate, mode, policy: PrecisionPolicy, *, refine: C
     return p
 
 
-# Pinned host booleans of read verdicts, for reuse: allocating pinned memory (cudaHostAlloc) costs more
-# than a whole decode step (measured on an H200: ~0.3 ms of a 1.2 ms step, docs/decode-gpu/)
+# Pinned host booleans of read verdicts, for reuse: allocating pinned memory (cudaHostAlloc) at every
+# verdict is slow next to a decode step of ~0.1 ms (docs/decode-gpu/)
 _FREE_FLAGS: list[torch.Tensor] = []
 
 
