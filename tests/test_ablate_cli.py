@@ -53,16 +53,22 @@ def test_bad_files_and_presets(tmp_path, capsys):
         main(["ablate", "--preset", "no-such-preset"])
 
 
+@pytest.fixture(scope="module")
+def smoke_whole(tmp_path_factory):
+    """One uninterrupted run of the smoke preset (seed 0), shared by the tests that compare with it."""
+    out = tmp_path_factory.mktemp("smoke") / "whole"
+    assert main(["ablate", "--preset", "smoke", "--out", str(out), "--no-plots", "--no-progress"]) == 0
+    return out
+
+
 def _ablate(out, *extra):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     return [sys.executable, "-m", "mesa_stability", "ablate", "--preset", "smoke", "--out", str(out), "--no-plots",
             "--no-progress", *extra], env
 
 
-def test_resume_after_a_killed_run_gives_the_same_table(tmp_path):
-    cmd, env = _ablate(tmp_path / "whole")
-    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=300)
-    whole = pd.read_csv(tmp_path / "whole" / "results.csv")
+def test_resume_after_a_killed_run_gives_the_same_table(tmp_path, smoke_whole):
+    whole = pd.read_csv(smoke_whole / "results.csv")
 
     out = tmp_path / "killed"
     cmd, env = _ablate(out)
@@ -90,21 +96,20 @@ def test_resume_after_a_killed_run_gives_the_same_table(tmp_path):
     assert r.returncode == 2 and "--resume" in r.stderr
 
 
-def test_split_grid_merges_to_the_whole_table(tmp_path, capsys):
+def test_split_grid_merges_to_the_whole_table(tmp_path, capsys, smoke_whole):
     """Training configs run as separate parts (--only-train, e.g. one per GPU) and merged (--merge)
     give the same table as one run of the whole grid."""
     common = ["ablate", "--preset", "smoke", "--no-plots", "--no-progress"]
-    assert main([*common, "--out", str(tmp_path / "whole")]) == 0
     assert main([*common, "--out", str(tmp_path / "p1"), "--only-train", "1"]) == 0
     assert main([*common, "--out", str(tmp_path / "p0"), "--only-train", "0"]) == 0
     assert main(["ablate", "--no-plots", "--merge", str(tmp_path / "p0"), str(tmp_path / "p1"),
                  "--out", str(tmp_path / "merged")]) == 0
     key = ["train", "eval"]
-    whole = pd.read_csv(tmp_path / "whole" / "results.csv").sort_values(key).reset_index(drop=True)
+    whole = pd.read_csv(smoke_whole / "results.csv").sort_values(key).reset_index(drop=True)
     merged = pd.read_csv(tmp_path / "merged" / "results.csv").sort_values(key).reset_index(drop=True)
     assert list(whole[key].itertuples(index=False)) == list(merged[key].itertuples(index=False))
     pd.testing.assert_frame_equal(whole[METRICS], merged[METRICS], rtol=1e-5)
-    assert sorted(os.listdir(tmp_path / "merged" / "curves")) == sorted(os.listdir(tmp_path / "whole" / "curves"))
+    assert sorted(os.listdir(tmp_path / "merged" / "curves")) == sorted(os.listdir(smoke_whole / "curves"))
     assert (tmp_path / "merged" / "report.md").exists()
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "bad"), "--only-train", "2"]) == 2
@@ -138,12 +143,14 @@ def test_torchrun_two_processes(tmp_path):
     assert (out / "report.md").exists()
 
 
-def test_resume_with_another_seed_adds_its_replicate(tmp_path):
+def test_resume_with_another_seed_adds_its_replicate(tmp_path, smoke_whole):
     """--seed S --resume on a finished seed-0 run trains and evaluates seed S (its own checkpoint), and
     keeps the seed-0 rows; a second identical call has nothing left to do."""
+    import shutil
+
     out = tmp_path / "run"
+    shutil.copytree(smoke_whole, out)  # the finished seed-0 run
     args = ["ablate", "--preset", "smoke", "--out", str(out), "--no-plots", "--no-progress"]
-    assert main(args) == 0
     first = pd.read_csv(out / "results.csv")
     assert main([*args, "--seed", "1", "--resume"]) == 0
     both = pd.read_csv(out / "results.csv")
