@@ -79,8 +79,9 @@ if triton is not None:
         o_ptr,  # [B, H, Dv] float32
         out_ptr,  # [B, H, D + 1] float32: x and the final relative residual of each (b, h)
         steps_ptr, brk_ptr, bad_ptr,  # [B, H] int32, int8 (CG breakdown), int8 (bad input)
+        fail_ptr,  # [B, H] int8: the certificate failed (bound above threshold, or not finite); CERTIFY only
         cert_ptr,  # optional (sets CERTIFY): [B, H, 3] float64 rho, kappa, bound
-        tol, steps, gamma_c,
+        tol, steps, gamma_c, threshold,
         H: tl.constexpr, D: tl.constexpr, Dv: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_J: tl.constexpr,
         X0_JACOBI: tl.constexpr, PRECOND: tl.constexpr, HAS_TOL: tl.constexpr, CERTIFY: tl.constexpr,
@@ -160,3 +161,4 @@ if triton is not None:
             tl.store(cert_ptr + i_bh * 3, rho)
             tl.store(cert_ptr + i_bh * 3 + 1, kappa)
             tl.store(cert_ptr + i_bh * 3 + 2, bound)
+            tl.store(fail_ptr + i_bh, (~(bound <= threshold)).to(tl.int8))

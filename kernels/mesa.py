@@ -634,36 +634,48 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     Hs, Gs = (s.to(f32).contiguous() for s in state)
     Hn, Gn = torch.empty_like(Hs), torch.empty_like(Gs)
     # the small outputs in few allocations (a step is short enough for each to count): x and the residual
-    # in one float32 buffer; the breakdown and bad-input flags (0 / 1, read as bool) in one int8 buffer
+    # in one float32 buffer; the breakdown, bad-input and failed-certificate flags (0 / 1, read as
+    # bool) in one int8 buffer
     o = torch.empty(B, H, Dv, dtype=f32, device=dev)
     out32 = torch.empty(B, H, D + 1, dtype=f32, device=dev)
     x, res = out32[..., :D], out32[..., D]
     n_steps = torch.empty(B, H, dtype=torch.int32, device=dev)
-    flags = torch.empty(2, B, H, dtype=torch.int8, device=dev)
-    brk, bad = flags[0], flags[1]
-    cert_buf = torch.empty(B, H, 3, dtype=torch.float64, device=dev) if spec.check is not None else None
+    flags = torch.empty(3, B, H, dtype=torch.int8, device=dev)
+    check = spec.check
+    cert_buf = torch.empty(B, H, 3, dtype=torch.float64, device=dev) if check is not None else None
+    fp32 = get_policy("fp32")
+    threshold = fp32.check_tol if spec.check_tol is None else float(spec.check_tol)
     BLOCK_D = triton.next_power_of_2(D)
     LAST_LAUNCH["decode"] = decode._decode_kernel[(B * H,)](
         q.contiguous(), k.contiguous(), v.contiguous(), g.to(f32).contiguous(), beta.to(f32).contiguous(),
-        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, out32, n_steps, brk, bad, cert_buf,
+        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, out32, n_steps, flags[0], flags[1], flags[2], cert_buf,
         float(spec.tol) if spec.tol is not None else -1.0, spec.steps, STEP_RESIDUAL_ROUNDING * math.sqrt(D),
+        threshold,
         H=H, D=D, Dv=Dv, BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_J=min(BLOCK_D, 32),
         X0_JACOBI=spec.x0 == "jacobi", PRECOND=spec.precond == "jacobi", HAS_TOL=spec.tol is not None,
         num_warps=decode_warps(D, B * H, dev),
     )
-    brk = brk.view(torch.bool)
-    if validate and bool(bad.view(torch.bool).any()):  # the one host synchronisation; the message from the inputs
-        validate_inputs(*token, check_values=True)
-        raise ValueError("mesa_step: the kernel found an invalid token value (not finite, lam <= 0, g > 0 or "
-                         "beta outside [0, 1])")  # pragma: no cover - the host check above names it first
+    flags = flags.view(torch.bool)
+    brk = flags[0]
     stats = MesaStats(n_steps, res, x, brk)
-    if cert_buf is not None:
-        fp32 = get_policy("fp32")
-        threshold = fp32.check_tol if spec.check_tol is None else float(spec.check_tol)
+    if check is not None:
         stats.certificate = cert.Certificate(*(t[:, None] for t in (cert_buf[..., 0], cert_buf[..., 1],
                                                                      cert_buf[..., 2], brk)),
                                              threshold, 2, "x (decode step)")
-        stats._pending.append(verdict.submit(stats._certificate, spec.check, fp32))
+    # With the value check (or a verdict that must be decided now) the flags are read at once, in one
+    # host synchronisation that also decides the certificate's verdict; otherwise the verdict is deferred.
+    now = validate or (check is not None and (check == "raise" or not flags.is_cuda))
+    if now:
+        read = (flags[1:3] if check is not None else flags[1:2]).flatten(1).any(1).tolist()
+        bad, failed = read[0], check is not None and read[1]
+        if validate and bad:  # the message from the inputs
+            validate_inputs(*token, check_values=True)
+            raise ValueError("mesa_step: the kernel found an invalid token value (not finite, lam <= 0, g > 0 or "
+                             "beta outside [0, 1])")  # pragma: no cover - the host check above names it first
+        if failed:
+            verdict.report(stats._certificate, check, fp32, verdict.call_site())
+    elif check is not None:
+        stats._pending.append(verdict.submit(stats._certificate, check, fp32, failed=flags[2].any()))
     if squeeze:
         o = o[:, None]
     out = (o, (Hn, Gn))

@@ -80,13 +80,14 @@ _QUEUE: deque[Pending] = deque()
 
 def submit(certificate: Certificate, mode, policy: PrecisionPolicy, *, refine: Callable[[], Certificate | None]
            | None = None, store: Callable[[Certificate], None] | None = None, where: CallSite | None = None,
-           ) -> Pending | None:
+           failed: torch.Tensor | None = None) -> Pending | None:
     """Check ``certificate`` under ``mode`` (``"warn"``, ``"raise"`` or None: nothing).
 
     ``refine()``: a tighter certificate (or None when none can be formed), computed only if this one
     fails; ``store(c)`` puts it where the caller keeps the certificate (the stats). ``where``: the call
-    site the warning names (default: the caller's). Returns the pending verdict (``"warn"`` on CUDA),
-    else None after deciding at once."""
+    site the warning names (default: the caller's). ``failed``: the verdict as a 0-dim bool tensor when
+    the caller has it already (a kernel's flags), else ``certificate.failed.any()``. Returns the
+    pending verdict (``"warn"`` on CUDA), else None after deciding at once."""
     if mode is None:
         return None
     where = where or call_site()
@@ -102,7 +103,8 @@ def submit(certificate: Certificate, mode, policy: PrecisionPolicy, *, refine: C
         if not c.ok:
             report(c, mode, policy, where)
 
-    failed = certificate.failed.any()
+    if failed is None:
+        failed = certificate.failed.any()
     if mode == "raise" or not failed.is_cuda:
         if bool(failed):
             resolve()

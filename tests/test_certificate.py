@@ -169,6 +169,12 @@ def test_decode_step_with_a_huge_state_is_flagged():
         mesa_step(q[:, -1], k[:, -1], v[:, -1], g[:, -1], beta[:, -1], lam, (H_T * 1e38, G_T), check="raise")
     o, _, st = mesa_step(q[:, -1], k[:, -1], v[:, -1], g[:, -1], beta[:, -1], lam, (H_T, G_T), return_stats=True)
     assert st.certificate.ok
+    # the verdict with the token check (decided at its host read) and without it (deferred on CUDA)
+    for validate in (True, False):
+        with pytest.warns(CertificateWarning, match="decode step"):
+            mesa_step(q[:, -1], k[:, -1], v[:, -1], g[:, -1], beta[:, -1], lam, (H_T * 1e38, G_T),
+                      validate=validate)
+            flush_checks()
 
 
 @pytest.mark.triton
