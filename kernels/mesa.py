@@ -159,6 +159,8 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
               included) or ``"auto"``: Triton on CUDA tensors, torch otherwise. Both are
               differentiable with the implicit backward of :mod:`solvers.implicit`.
         initial_state: ``(H0 [N,H,D,D], G0 [N,H,Dv,D])``, N = B (or the number of packed sequences).
+            G is ``sum beta v k^T``: the transpose of flash-linear-attention's ``h_kv`` ``[N,H,K,V]``
+            (``mesa_stability.compat.fla.chunk_mesa_net`` takes and returns fla's layouts).
         output_final_state: also return ``(H_T, G_T)`` (float32 or the policy's state dtype).
         cu_seqlens: packed variable-length sequences (B = 1), int tensor ``[N+1]``.
         return_stats: also return a :class:`MesaStats` (per-token steps, residuals).

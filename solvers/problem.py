@@ -134,6 +134,10 @@ def validate_recurrence(k, v, g, beta, initial_state=None, cu_seqlens=None, *, c
         _check_tensor("initial_state[1] (G0)", G0)
         lead = "B" if cu_seqlens is None else "N"
         _check_shape("initial_state[0] (H0)", H0, (N, H, D, D), f"[{lead},H,D,D]")
+        if Dv != D and tuple(G0.shape) == (N, H, D, Dv):
+            raise ValueError(f"initial_state[1] (G0) has shape {tuple(G0.shape)}, expected [{lead},H,Dv,D] = "
+                             f"{[N, H, Dv, D]}: this is flash-linear-attention's h_kv layout [N,H,K,V]; G0 is its "
+                             "transpose (sum beta v k^T), or use mesa_stability.compat.fla.chunk_mesa_net")
         _check_shape("initial_state[1] (G0)", G0, (N, H, Dv, D), f"[{lead},H,Dv,D]")
         state = {"initial_state[0] (H0)": H0, "initial_state[1] (G0)": G0}
     _check_devices({**(_more or {}), **named, **state})

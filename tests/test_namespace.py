@@ -25,7 +25,8 @@ def test_the_packages_are_the_top_level_folders_under_one_name():
         import tomli as tomllib
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
         cfg = tomllib.load(fh)
-    assert cfg["tool"]["setuptools"]["packages"] == ["mesa_stability", *(f"mesa_stability.{p}" for p in LIBRARIES)]
+    assert cfg["tool"]["setuptools"]["packages"] == ["mesa_stability", *(f"mesa_stability.{p}" for p in LIBRARIES),
+                                                     "mesa_stability.compat"]
     assert cfg["project"]["scripts"]["mesa"] == "mesa_stability.cli:main"
 
 
