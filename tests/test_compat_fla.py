@@ -84,3 +84,37 @@ def test_l2norm_in_kernel_and_gradients():
     assert hkv.grad is not None and rel_error(hkv.grad.transpose(-1, -2), G0n.grad) <= 1e-12
     for a, b in zip(leaves, leaves_n, strict=True):
         assert rel_error(a.grad, b.grad) <= 1e-12
+
+
+@pytest.mark.gpu
+def test_matches_fla_on_a_gpu():
+    """Against fla-core's own chunk_mesa_net (when installed) on the same inputs and initial states:
+    the same dtypes and state layouts (fla's h_kv [N, H, K, V]), final states equal to fla's within its
+    fp16 rounding of k, and o at least as close to the float64 reference as fla's."""
+    peer = pytest.importorskip("fla.ops.mesa_net").chunk_mesa_net
+    F = torch.nn.functional
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    B, T, H, K = 2, 512, 4, 64  # fla requires V = K
+
+    def rand(*shape):
+        return torch.randn(*shape, device="cuda", generator=gen)
+
+    q, k = (F.normalize(rand(B, T, H, K), dim=-1).bfloat16() for _ in range(2))
+    v = rand(B, T, H, K).bfloat16()
+    g, beta = F.logsigmoid(3 + rand(B, T, H)), torch.sigmoid(rand(B, T, H))
+    lamb = 0.25 + F.softplus(rand(H, K))
+    kk = F.normalize(rand(B, H, 64, K), dim=-1)
+    h_kk0 = torch.einsum("bhtk,bhtj->bhkj", kk, kk).contiguous()
+    h_kv0 = torch.einsum("bhtk,bhtv->bhkv", kk, rand(B, H, 64, K)).contiguous()  # fla's layout: sum k v^T
+    args = (q, k, v, g, beta, lamb, h_kk0, h_kv0, True, 30)
+    o_f, hkk_f, hkv_f = peer(*args)
+    o_c, hkk_c, hkv_c = chunk_mesa_net(*args)
+    assert o_c.dtype == o_f.dtype and hkk_c.shape == hkk_f.shape and hkv_c.shape == hkv_f.shape
+    assert rel_error(hkk_c.double(), hkk_f.double()) <= 1e-2
+    assert rel_error(hkv_c.double(), hkv_f.double()) <= 1e-2
+    assert rel_error(hkv_c.double(), hkv_f.double().transpose(-1, -2)) >= 0.1  # the layout tells
+    p = solvers.MesaProblem(*(t.double() for t in (q, k, v, g, beta, lamb)),
+                            (h_kk0.double(), h_kv0.double().transpose(-1, -2)))
+    ref = solvers.solve(p, "exact").o
+    err_c, err_f = rel_error(o_c.double(), ref), rel_error(o_f.double(), ref)
+    assert err_c <= max(err_f, 1e-2), (err_c, err_f)
