@@ -28,7 +28,7 @@ from torch import nn
 
 from mesa_stability.solvers.spec import SolverSpec, solver_spec
 
-from .mesa import STEP_POLICIES, mesa_chunk, mesa_step
+from .mesa import STEP_POLICIES, mesa_chunk, mesa_step, traced
 
 # gamma cap of docs/design.md: gamma = sigmoid(a) * (1 - (1 - 0.9975) beta^2)
 GATE_CAP = 0.9975
@@ -130,7 +130,8 @@ class MesaLayer(nn.Module):
             raise ValueError(f"u has d_model = {u.shape[2]}, the layer expects {self.d_model}")
         if cache is not None and cache.state[0].shape[0] != u.shape[0]:
             raise ValueError(f"cache is for batch size {cache.state[0].shape[0]}, u has {u.shape[0]}")
-        if not bool(torch.isfinite(u).all()):
+        compiling = traced()
+        if not compiling and not bool(torch.isfinite(u).all()):
             # an earlier layer (or the parameters) diverged: propagate NaN so that the caller's loss
             # check reports the divergence, instead of raising on the solver's input validation
             y = torch.full_like(u, float("nan"))
@@ -141,10 +142,13 @@ class MesaLayer(nn.Module):
         init = None if cache is None else cache.state
         spec = self.solver
         method = spec.method
-        if method == "cg" and init is not None and u.shape[1] == 1 and _decodes(spec, q):
+        if method == "cg" and init is not None and u.shape[1] == 1 and not compiling and _decodes(spec, q):
             # one token after a prefill: the decode kernel (state update, solve and certificate in one launch)
             o, state, stats = mesa_step(q, k, v, g, beta, self.lam.to(q.dtype), init, spec, return_stats=True)
             self.last_steps = stats.steps.detach()[:, None]
+        elif method == "cg" and compiling:  # one graph node (the registered op); no per-call diagnostics
+            o, state = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype), spec, initial_state=init,
+                                  output_final_state=True)
         elif method == "cg":
             o, state, stats = mesa_chunk(q, k, v, g, beta, self.lam.to(q.dtype), spec, initial_state=init,
                                          output_final_state=True, return_stats=True)

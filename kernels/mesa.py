@@ -20,7 +20,7 @@ import torch
 from mesa_stability.solvers import MesaProblem, get_policy, validate_inputs, verdict
 from mesa_stability.solvers import certificate as cert
 from mesa_stability.solvers.gates import segmented_cumsum_grad
-from mesa_stability.solvers.implicit import MesaImplicit, implicit_backward
+from mesa_stability.solvers.implicit import MesaImplicit, implicit_backward, spec_json
 from mesa_stability.solvers.precision import (
     AUTO_TIERS,
     UNIT_ROUNDOFF,
@@ -175,7 +175,10 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
             ``"torch"`` on an H100, benchmarks/README.md) or in PyTorch (``"torch"``: the chunkwise
             formulas of :func:`solvers.implicit.chunked_gradients`, fp32, a cross-check).
 
-    The op computes in the policy's precision whatever ``torch.autocast`` is active.
+    The op computes in the policy's precision whatever ``torch.autocast`` is active. Under
+    ``torch.compile`` the torch backend is one registered operator (``fullgraph=True`` traces it; pass
+    a prebuilt spec and no keyword options there, and no stats are returned); the Triton backend runs
+    eagerly there (a graph break). ``torch.func.grad`` differentiates the torch backend.
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
@@ -185,6 +188,9 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
     if spec.method != "cg":
         raise ValueError(f"mesa_chunk solves by CG (SolverSpec.method 'cg'), got {spec.method!r}; the reference "
                          "solvers are solvers.solve's (and MesaLayer's)")
+    if traced():
+        return _traced_chunk(q, k, v, g, beta, lam, spec, initial_state, output_final_state, cu_seqlens,
+                             return_stats or return_x)
     verdict.poll()  # the warnings of earlier calls whose verdicts the GPU has computed by now
     dev_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
     where = verdict.call_site() if spec.check is not None else None  # named by the warnings, also the backward's
@@ -205,6 +211,37 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
             stats.x = None
         res.append(stats)
     return res[0] if len(res) == 1 else tuple(res)
+
+
+def traced() -> bool:
+    """Whether the op is being traced by torch.compile (it then runs as one registered operator)."""
+    return torch.compiler.is_compiling()
+
+
+def _traced_chunk(q, k, v, g, beta, lam, spec: SolverSpec, initial_state, output_final_state, cu_seqlens,
+                  wants_stats: bool):
+    """mesa_chunk under torch.compile: the torch backend as one registered operator
+    (``torch.ops.mesa_stability.mesa_torch``, :mod:`solvers.implicit`), whose certificate is decided
+    inside it; the Triton backend and packed sequences run eagerly (a graph break). Pass a
+    :class:`SolverSpec` made outside the compiled code (as ``MesaLayer`` holds one) and no keyword
+    options: building a spec is not traceable."""
+    if wants_stats:
+        raise ValueError("return_stats / return_x are not available under torch.compile (the op is one graph "
+                         "node); call the op eagerly for its stats")
+    backend = spec.backend if spec.backend != "auto" else ("triton" if q.is_cuda else "torch")
+    if backend == "triton" or cu_seqlens is not None:
+        return _eager_chunk(q, k, v, g, beta, lam, spec.replace(backend=backend), initial_state, output_final_state,
+                            cu_seqlens)
+    validate_inputs(q, k, v, g, beta, lam, initial_state, check_values=False)  # the values: inside the operator
+    H0, G0 = (None, None) if initial_state is None else initial_state
+    o, H_T, G_T, *_ = torch.ops.mesa_stability.mesa_torch(q, k, v, g, beta, lam, H0, G0, spec_json(spec))
+    return (o, (H_T, G_T)) if output_final_state else o
+
+
+@torch.compiler.disable
+def _eager_chunk(q, k, v, g, beta, lam, spec, initial_state, output_final_state, cu_seqlens):
+    return mesa_chunk(q, k, v, g, beta, lam, spec, initial_state=initial_state, output_final_state=output_final_state,
+                      cu_seqlens=cu_seqlens)
 
 
 def _mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec, *, initial_state, cu_seqlens, validate, num_warps,

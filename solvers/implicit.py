@@ -175,18 +175,22 @@ class MesaImplicit(torch.autograd.Function):
     its hook, called with the adjoint solution)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, g, beta, lam, H0, G0, cfg: SolverSpec, on_adjoint=None):
+    def forward(q, k, v, g, beta, lam, H0, G0, cfg: SolverSpec, on_adjoint=None):
         init = None if H0 is None else (H0, G0)
         problem = MesaProblem(q, k, v, g, beta, lam, init)
         S = ChunkedSystem.build(problem, cfg.policy, cfg.chunk_size)
         x, count, rel, _ = cg_iterate(S, S.Q, cfg.policy, steps=cfg.steps, tol=cfg.tol, x0=cfg.x0,
                                       precond=cfg.precond)
         o = S.to_tokens(S.output(x))
-        x = S.to_tokens(x)
-        ctx.cfg, ctx.on_adjoint = cfg, on_adjoint
+        return o, S.H_final, S.G_final, S.to_tokens(x), S.to_tokens(count), S.to_tokens(rel)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):  # separate from forward: torch.func transforms need it
+        q, k, v, g, beta, lam, H0, G0, cfg, *hook = inputs
+        x, count, rel = output[3:]
+        ctx.cfg, ctx.on_adjoint = cfg, (hook[0] if hook else None)
         ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, x)
         ctx.mark_non_differentiable(x, count, rel)
-        return o, S.H_final, S.G_final, x, S.to_tokens(count), S.to_tokens(rel)
 
     @staticmethod
     def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res):
@@ -213,3 +217,103 @@ def mesa_implicit(problem_or_inputs, *, policy="fp64", steps: int = 30, tol: flo
     H0, G0 = (None, None) if init is None else init
     o, H_T, G_T, x, count, rel = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg)
     return o, (H_T, G_T), x, count, rel
+
+
+# --- the same op, registered with torch.library ------------------------------------------------------
+#
+# torch.compile and torch.func cannot trace MesaImplicit (a Python autograd Function whose forward
+# validates its inputs and branches on the data). The op below is the same forward (CG) and the same
+# backward (implicit_backward), registered as two custom operators with a fake (shape) implementation
+# and an autograd formula, so that a compiled graph holds it as one node and torch.func.grad
+# differentiates it. The spec travels as JSON (SolverSpec.to_dict); the certificate, when the spec
+# asks for one, is formed and decided inside the operators (solvers.certificate, tier 2).
+
+def _spec_of(spec_json: str) -> SolverSpec:
+    import json
+
+    return SolverSpec.from_dict(json.loads(spec_json))
+
+
+@torch.compiler.assume_constant_result
+def spec_json(spec: SolverSpec) -> str:
+    """The spec as the registered operators take it (a constant of the traced graph)."""
+    import json
+
+    return json.dumps(spec.to_dict(), sort_keys=True)
+
+
+@torch.library.custom_op("mesa_stability::mesa_torch", mutates_args=())
+def mesa_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+               lam: torch.Tensor, H0: torch.Tensor | None, G0: torch.Tensor | None, spec: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(o, H_T, G_T, x, steps, residual)`` of :class:`MesaImplicit`'s forward, as a registered operator."""
+    from . import verdict
+    from .certificate import certify_exact
+
+    cfg = _spec_of(spec)
+    init = None if H0 is None else (H0, G0)
+    problem = MesaProblem(q, k, v, g, beta, lam, init)
+    S = ChunkedSystem.build(problem, cfg.policy, cfg.chunk_size)
+    x, count, rel, _ = cg_iterate(S, S.Q, cfg.policy, steps=cfg.steps, tol=cfg.tol, x0=cfg.x0, precond=cfg.precond)
+    o, x = S.to_tokens(S.output(x)), S.to_tokens(x)
+    if cfg.check is not None:
+        c = certify_exact(problem, x, cfg.policy, threshold=cfg.threshold, chunk_size=cfg.chunk_size)
+        c.bound = torch.where(torch.isfinite(o).all(-1), c.bound, torch.inf)
+        verdict.submit(c, cfg.check, cfg.policy)
+    outs = (o, S.H_final, S.G_final, x, S.to_tokens(count), S.to_tokens(rel))
+    return tuple(t.contiguous().clone() if t._base is not None or not t.is_contiguous() else t.clone() for t in outs)
+
+
+@mesa_torch.register_fake
+def _(q, k, v, g, beta, lam, H0, G0, spec):
+    cfg = _spec_of(spec)
+    B, T, H, D = q.shape
+    Dv = v.shape[-1]
+    dt = cfg.policy.accum_dtype
+    new = q.new_empty
+    return (new(B, T, H, Dv, dtype=dt), new(B, H, D, D, dtype=dt), new(B, H, Dv, D, dtype=dt),
+            new(B, T, H, D, dtype=dt), new(B, T, H, dtype=torch.int64), new(B, T, H, dtype=dt))
+
+
+@torch.library.custom_op("mesa_stability::mesa_torch_backward", mutates_args=())
+def mesa_torch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.Tensor,
+                        lam: torch.Tensor, H0: torch.Tensor | None, G0: torch.Tensor | None, x: torch.Tensor,
+                        do: torch.Tensor, dH_T: torch.Tensor | None, dG_T: torch.Tensor | None, spec: str
+                        ) -> list[torch.Tensor]:
+    """The input gradients of :func:`implicit_backward` (an empty tensor for an initial state not given)."""
+    from . import verdict
+    from .certificate import certify_exact
+
+    cfg = _spec_of(spec)
+    inputs = (q, k, v, g, beta, lam, H0, G0)
+    hook = None
+    if cfg.check is not None:
+        def hook(y, e):
+            init = None if H0 is None else (H0, G0)
+            c = certify_exact(MesaProblem(q, k, v, g, beta, lam, init), y, cfg.policy, threshold=cfg.threshold,
+                              e=e, chunk_size=cfg.chunk_size, what="adjoint y")
+            verdict.submit(c, cfg.check, cfg.policy)
+    grads = implicit_backward(inputs, [True] * 6 + [H0 is not None] * 2, x, cfg, do, dH_T, dG_T, on_adjoint=hook)
+    return [t.contiguous().clone() if t is not None else q.new_empty(0) for t in grads]
+
+
+@mesa_torch_backward.register_fake
+def _(q, k, v, g, beta, lam, H0, G0, x, do, dH_T, dG_T, spec):
+    out = [torch.empty_like(t) for t in (q, k, v, g, beta, lam)]
+    return out + [torch.empty_like(t) if t is not None else q.new_empty(0) for t in (H0, G0)]
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, g, beta, lam, H0, G0, spec = inputs
+    ctx.spec = spec
+    ctx.save_for_backward(q, k, v, g, beta, lam, H0, G0, output[3])
+
+
+def _backward(ctx, do, dH_T, dG_T, _dx, _dsteps, _dres):
+    q, k, v, g, beta, lam, H0, G0, x = ctx.saved_tensors
+    grads = mesa_torch_backward(q, k, v, g, beta, lam, H0, G0, x, do, dH_T, dG_T, ctx.spec)
+    dH0, dG0 = (None if t is None else d for t, d in zip((H0, G0), grads[6:], strict=True))
+    return (*grads[:6], dH0, dG0, None)
+
+
+mesa_torch.register_autograd(_backward, setup_context=_setup)

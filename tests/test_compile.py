@@ -1,0 +1,69 @@
+"""torch.compile and torch.func on the torch backend: the op is one registered operator
+(``torch.ops.mesa_stability.mesa_torch``, solvers/implicit.py) under compile, with its fake
+implementation and autograd formula; MesaImplicit works with torch.func.grad."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mesa_stability.kernels import MesaLayer, mesa_chunk
+from mesa_stability.solvers.certificate import CertificateWarning
+from mesa_stability.solvers.implicit import spec_json
+from mesa_stability.solvers.spec import SolverSpec
+from mesa_stability.stability import cases
+from mesa_stability.stability.metrics import rel_error
+
+
+@pytest.mark.parametrize("initial", [False, True])
+def test_the_registered_operator_passes_opcheck(initial):
+    """Schema, fake (meta) implementation, autograd registration and AOT dispatch of the operator."""
+    p = cases.random_problem(B=2, T=20, H=2, D=8, Dv=6, seed=0, initial_state=initial)
+    st = p.initial_state or (None, None)
+    args = [t.clone().requires_grad_() if t is not None else None for t in (p.q, p.k, p.v, p.g, p.beta, p.lam, *st)]
+    spec = SolverSpec(policy="fp64", steps=60, check=None, chunk_size=8)
+    torch.library.opcheck(torch.ops.mesa_stability.mesa_torch.default, (*args, spec_json(spec)))
+
+
+def test_compiled_layer_is_one_graph_with_the_eager_numbers():
+    """torch.compile(fullgraph=True) traces MesaLayer without a graph break; forward and parameter
+    gradients equal the eager layer's (the same solver; float32 rounding of the compiled graph)."""
+    torch.manual_seed(0)
+    layer = MesaLayer(32, 2, steps=30, policy="fp32", backend="torch")
+    u = torch.randn(2, 16, 32)
+    eager = layer(u)
+    eager.square().sum().backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(u)
+    compiled.square().sum().backward()
+    assert rel_error(compiled.detach(), eager.detach()) <= 1e-6
+    for name, prm in layer.named_parameters():
+        assert rel_error(prm.grad, grads[name]) <= 1e-5, name
+
+
+def test_the_certificate_is_decided_inside_the_compiled_operator():
+    p = cases.make("well_conditioned", T=24, H=2, D=8).to(torch.float32)
+    spec = SolverSpec(steps=1, policy="fp32", backend="torch", check="warn")  # made outside the compiled code
+
+    def f(q):
+        return mesa_chunk(q, p.k, p.v, p.g, p.beta, p.lam, spec)
+
+    with pytest.warns(CertificateWarning, match="accuracy certificate"):
+        torch.compile(f, fullgraph=True, backend="aot_eager")(p.q)
+
+
+def test_torch_func_grad_equals_autograd():
+    p = cases.random_problem(B=1, T=12, H=2, D=8, seed=1)
+
+    def f(q, lam):
+        return mesa_chunk(q, p.k, p.v, p.g, p.beta, lam, policy="fp64", backend="torch", steps=60, check=None).sum()
+
+    gq, glam = torch.func.grad(f, argnums=(0, 1))(p.q, p.lam)
+    q, lam = p.q.clone().requires_grad_(), p.lam.clone().requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        f(q, lam).backward()
+    assert torch.equal(gq, q.grad) and torch.equal(glam, lam.grad)
