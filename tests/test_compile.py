@@ -67,3 +67,12 @@ def test_torch_func_grad_equals_autograd():
         warnings.simplefilter("error")
         f(q, lam).backward()
     assert torch.equal(gq, q.grad) and torch.equal(glam, lam.grad)
+
+
+def test_the_ablation_lm_compiles_as_one_graph():
+    from mesa_stability.ablations.model import MesaLM
+
+    torch.manual_seed(0)
+    model = MesaLM("tiny", SolverSpec(steps=5, policy="fp32", backend="torch", check=None))
+    x = torch.randint(0, 256, (2, 32))
+    assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))
