@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-from .chunk_state import MIN_DOT_BLOCK
+from .chunk_state import MIN_DOT_BLOCK, scan_segments, segment_scan
 
 if triton is not None:
     from .chunk_state import decay_add
@@ -74,20 +74,26 @@ if triton is not None:
         x_ptr,  # [B*T, H, D] forward solution, float32
         g_ptr,  # [B*T, H] log forget gate
         s_ptr,  # [B, H, N, DL, D] adjoint state at the end of each chunk (output, the policy's state dtype)
-        s0_ptr,  # [B, H, DL, D] adjoint state before the first token (output)
-        sT_ptr,  # [B, H, DL, D] final-state gradient (read when HAS_FINAL)
+        s0_ptr,  # [B, H, DL, D] adjoint state before the first token (output; END_ALL: [B, H, S, DL, D] float32)
+        sT_ptr,  # [B, H, DL, D] final-state gradient (HAS_FINAL), or [B, H, S, DL, D] state at each segment end
+        dseg_ptr,  # [B, H, S] float32: each segment's decay (END_ALL)
         scale_ptr,  # [1/s, s] float32: the upstream scale (kernels.mesa._upstream_scale)
-        T, N, SIGN,  # tokens per sequence, chunks, +1 (DG) or -1 (DH)
+        T, N, S, M, SIGN,  # tokens per sequence, chunks, segments, chunks per segment, +1 (DG) or -1 (DH)
         H: tl.constexpr, DL: tl.constexpr, D: tl.constexpr, C: tl.constexpr,
-        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, HAS_FINAL: tl.constexpr,
+        BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+        HAS_FINAL: tl.constexpr,  # sT_ptr holds the final-state gradient (read divided by s)
+        SEGMENT_INIT: tl.constexpr,  # sT_ptr holds each segment's end state (the two-level scan's step 3)
+        END_ALL: tl.constexpr,  # the local pass: store each segment's start state and decay, no chunk states
         SCALE_L: tl.constexpr,  # L is an upstream gradient (e): read as L / s (y already is)
         OP: tl.constexpr, SOFT: tl.constexpr,
     ):
         # the chunk states are kept in units of 1/s (the final-state gradient is read divided by s);
         # the state before the first token is stored times s: a true gradient
         inv_s = tl.load(scale_ptr)
-        i_bh = tl.program_id(0)
+        i_p = tl.program_id(0)  # (batch*head, segment)
         i_r = tl.program_id(1)  # block of state rows
+        i_bh = i_p // S
+        i_s = i_p % S
         i_b = i_bh // H
         i_h = i_bh % H
         o_c = tl.arange(0, BLOCK_C)
@@ -98,14 +104,20 @@ if triton is not None:
         m_s = m_l[:, None] & m_d[None, :]
         o_s = o_l[:, None] * D + o_d[None, :]
         bh64 = i_bh.to(tl.int64)
+        p64 = i_p.to(tl.int64)
         if HAS_FINAL:
-            hi = tl.load(sT_ptr + bh64 * DL * D + o_s, mask=m_s, other=0.0).to(tl.float32) * inv_s
+            hi = tl.load(sT_ptr + bh64 * DL * D + o_s, mask=m_s, other=0.0).to(tl.float32) * inv_s  # (S = 1)
+        elif SEGMENT_INIT:
+            hi = tl.load(sT_ptr + p64 * DL * D + o_s, mask=m_s, other=0.0)
         else:
             hi = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
         lo = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)  # compensation of the running fp32 sum
-        i_c = N - 1
-        while i_c >= 0:  # a while loop: the interpreter cannot range() over a runtime bound
-            tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, (hi + lo).to(s_ptr.dtype.element_ty), mask=m_s)
+        decay = tl.full([], 1.0, tl.float32)  # the segment's decay, the product of its chunks' exp(Gam_C)
+        c0 = i_s * M
+        i_c = tl.minimum(c0 + M, N) - 1
+        while i_c >= c0:  # a while loop: the interpreter cannot range() over a runtime bound
+            if not END_ALL:
+                tl.store(s_ptr + (bh64 * N + i_c) * DL * D + o_s, (hi + lo).to(s_ptr.dtype.element_ty), mask=m_s)
             t = i_c * C + o_c
             m_t = (o_c < C) & (t < T)
             row = (i_b.to(tl.int64) * T + t) * H + i_h
@@ -118,8 +130,13 @@ if triton is not None:
                 Lt = Lt * inv_s
             X = tl.load(x_ptr + row[:, None] * D + o_d[None, :], mask=m_t[:, None] & m_d[None, :], other=0.0)
             hi, lo = decay_add(hi, lo, d, _mmp(Lt, X.to(tl.float32), OP, SOFT, False), True)
+            decay *= d
             i_c -= 1
-        tl.store(s0_ptr + bh64 * DL * D + o_s, (hi + lo) * tl.load(scale_ptr + 1), mask=m_s)
+        if END_ALL:
+            tl.store(s0_ptr + p64 * DL * D + o_s, hi + lo, mask=m_s)
+            tl.store(dseg_ptr + p64, decay, mask=i_r == 0)
+        else:
+            tl.store(s0_ptr + bh64 * DL * D + o_s, (hi + lo) * tl.load(scale_ptr + 1), mask=m_s & (i_s == 0))
 
     @triton.jit
     def _contract_kernel(
@@ -234,7 +251,8 @@ def _scale_or_one(scale, device) -> torch.Tensor:
     return scale.to(device=device, dtype=torch.float32).contiguous()
 
 
-def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy="fp32", scale=None):
+def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy="fp32", scale=None,
+                   segments: int | None = None):
     """``(DG [B,H,N,Dv,D], DH [B,H,N,D,D], dG_0, dH_0)``: adjoint states at chunk ends, with the
     products in the operand precision of ``policy``, accumulated in float32 and stored in its state
     dtype (as the forward's chunk states; half the bytes for the 16-bit state policies); dG_0 and
@@ -242,7 +260,11 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy=
 
     ``scale = [1/s, s]`` (a float32 tensor, s a power of two): e, dG_T and dH_T are read divided
     by s and y is taken as already divided (the adjoint of e / s); DG and DH are then in units of
-    1/s, and dG_0, dH_0 are returned times s (true gradients)."""
+    1/s, and dG_0, dH_0 are returned times s (true gradients).
+
+    ``segments``: the chunks are scanned in this many segments in parallel (the two-level scan of
+    :mod:`kernels.chunk_state`, backwards; 1: sequential); None picks
+    :func:`kernels.chunk_state.scan_segments`."""
     from mesa_stability.solvers import get_policy
 
     Dv = e.shape[3]
@@ -257,11 +279,28 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy=
         s = torch.empty(B, H, N, DL, D, dtype=state_dtype, device=dev)
         s0 = torch.empty(B, H, DL, D, dtype=torch.float32, device=dev)
         fin = None if final is None else final.to(torch.float32).contiguous()
+        L = L.to(torch.float32).contiguous()
         BLOCK_R = min(BLOCK_ROWS, max(MIN_DOT_BLOCK, triton.next_power_of_2(DL)))
-        LAST_LAUNCH["reverse_states"] = _reverse_state_kernel[(B * H, triton.cdiv(DL, BLOCK_R))](
-            L.to(torch.float32).contiguous(), xf, gf, s, s0, fin, sc, T, N, sign, H=H, DL=DL, D=D, C=C,
-            BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, HAS_FINAL=final is not None, SCALE_L=scale_l,
-            OP=op, SOFT=soft, num_warps=4)
+        rows = triton.cdiv(DL, BLOCK_R)
+        S = scan_segments(N, B * H * rows, dev) if segments is None else max(1, min(segments, N))
+        M = triton.cdiv(N, S)
+        S = triton.cdiv(N, M)
+        common = dict(H=H, DL=DL, D=D, C=C, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, SCALE_L=scale_l,
+                      OP=op, SOFT=soft, num_warps=4)
+        if S > 1:
+            # the two-level scan (kernels.chunk_state), run backwards: each segment from a zero state at
+            # its end, the scan over the segment boundaries from the last, then each segment again
+            E = torch.empty(B, H, S, DL, D, dtype=torch.float32, device=dev)
+            dseg = torch.empty(B, H, S, dtype=torch.float32, device=dev)
+            LAST_LAUNCH["reverse_states_local"] = _reverse_state_kernel[(B * H * S, rows)](
+                L, xf, gf, s, E, None, dseg, sc, T, N, S, M, sign, HAS_FINAL=False, SEGMENT_INIT=False,
+                END_ALL=True, **common)
+            ends = torch.empty_like(E)
+            segment_scan(fin, E, dseg, ends, reverse=True, scale=sc if fin is not None else None)
+            fin = ends
+        LAST_LAUNCH["reverse_states"] = _reverse_state_kernel[(B * H * S, rows)](
+            L, xf, gf, s, s0, fin, None, sc, T, N, S, M, sign, HAS_FINAL=fin is not None and S == 1,
+            SEGMENT_INIT=S > 1, END_ALL=False, **common)
         out.append((s, s0))
     (DG, dG0), (DH, dH0) = out
     return DG, DH, dG0, dH0

@@ -48,6 +48,38 @@ def test_contractions_match_the_torch_formulas(T, C, D, Dv, final):
     assert rel_error(dbeta.cpu(), S.to_tokens(ref["beta"][..., None])[..., 0].cpu()) <= 1e-5
 
 
+@pytest.mark.parametrize("segments,final,reset,scaled", [(2, True, None, False), (4, False, 70, False),
+                                                         (4, True, 70, True), (20, True, None, True)])
+def test_two_level_reverse_scan_is_the_sequential_scan(segments, final, reset, scaled):
+    """reverse_states(segments=S) (uneven segments, S > N clamped, a hard reset inside a segment, the
+    final-state gradients read through the upstream scale): the sequential scan's adjoint states to
+    fp32 accuracy, and the float64 contractions' dG_0, dH_0 (IEEE fp32 products: ~ C N u, 1e-5)."""
+    T, C, D, Dv = 130, 16, 16, 24
+    p = cases.make("well_conditioned", B=2, T=T, H=2, D=D, Dv=Dv, seed=8).to(torch.float32, DEVICE)
+    if reset is not None:
+        g = p.g.clone()
+        g[:, reset] = -float("inf")
+        p = p.replace(g=g)
+    gen = torch.Generator().manual_seed(9)
+    x, y = (torch.randn(2, T, 2, D, generator=gen).to(DEVICE) for _ in range(2))
+    e = torch.randn(2, T, 2, Dv, generator=gen).to(DEVICE)
+    dH_T = torch.randn(2, 2, D, D, generator=gen).to(DEVICE) if final else None
+    dG_T = torch.randn(2, 2, Dv, D, generator=gen).to(DEVICE) if final else None
+    # s = 4: e and the final-state gradients are read divided by 4 (y is taken as already divided)
+    sc = torch.tensor([0.25, 4.0], device=DEVICE) if scaled else None
+    kw = dict(chunk_size=C, dH_T=dH_T, dG_T=dG_T, scale=sc)
+    seq = reverse_states(e, y, x, p.g, segments=1, **kw)
+    got = reverse_states(e, y, x, p.g, segments=segments, **kw)
+    for name, a, b in zip(("DG", "DH", "dG0", "dH0"), got, seq, strict=True):
+        assert rel_error(a.cpu(), b.cpu()) <= 1e-6, (name, rel_error(a.cpu(), b.cpu()))
+    p64 = p.to(torch.float64)
+    S = ChunkedSystem.build(p64, solvers.get_policy("fp64"), C)
+    y64 = y.double() * (4.0 if scaled else 1.0)  # the adjoint of e itself
+    ref = chunked_gradients(S, S.from_tokens(x.double()), S.from_tokens(y64), S.from_tokens(e.double()),
+                            None if dH_T is None else dH_T.double(), None if dG_T is None else dG_T.double())
+    assert rel_error(got[2].cpu(), ref["G0"].cpu()) <= 1e-5 and rel_error(got[3].cpu(), ref["H0"].cpu()) <= 1e-5
+
+
 @pytest.mark.parametrize("policy", ["bf16x3", "tf32", "fp16-fp32state", "bf16-fp32state", "fp16-fp16state"])
 def test_low_precision_contractions_stay_within_the_operand_precision(policy):
     """The contractions with the policy's operands against the fp32 (IEEE) ones: each product's

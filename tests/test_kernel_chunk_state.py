@@ -190,6 +190,42 @@ def test_low_precision_matches_policy_emulation(policy, in_dtype, state_dtype):
     assert_states_close(f"vs float64 ({policy})", got, boundary_states(problem.to(torch.float64), C), scale, tol64)
 
 
+# (T, C, init, D, Dv, segments, state dtype, reset token): segments that divide the chunks and that
+# do not (a shorter last segment), more segments than chunks (clamped), a partial last chunk, 16-bit
+# states, and a hard reset (g = -inf) inside a middle segment
+TWO_LEVEL = [
+    (100, 16, False, 16, 16, 3, torch.float32, None),
+    (96, 16, True, 24, 20, 2, torch.float32, None),
+    (37, 16, True, 24, 8, 9, torch.float32, None),
+    (130, 16, True, 16, 16, 4, torch.bfloat16, None),
+    (130, 16, True, 16, 24, 4, torch.float32, 70),
+]
+
+
+@pytest.mark.parametrize("T,C,init,D,Dv,segments,state_dtype,reset", TWO_LEVEL)
+def test_two_level_scan_is_the_sequential_scan(T, C, init, D, Dv, segments, state_dtype, reset):
+    """chunk_states(segments=S): every state within the fp32 bound of the sequential scan and of
+    float64 (fp32 states), and within the 16-bit state bound of float64 (16-bit states)."""
+    problem = make_problem(2, T, 2, D, Dv, init=init, seed=T + segments)
+    if reset is not None:
+        g = problem.g.clone()
+        g[:, reset] = -float("inf")
+        problem = problem.replace(g=g)
+    kw = dict(chunk_size=C, initial_state=problem.initial_state, state_dtype=state_dtype)
+    seq = chunk_states(problem.k, problem.v, problem.g, problem.beta, segments=1, **kw)
+    got = chunk_states(problem.k, problem.v, problem.g, problem.beta, segments=segments, **kw)
+    N = got[0].shape[2]
+    scale = boundary_states(abs_problem(problem), C)
+    ref = boundary_states(problem.to(torch.float64), C)
+    if state_dtype == torch.float32:
+        assert_states_close("vs sequential", got[:2] + got[2], tuple(t.double() for t in seq[:2] + seq[2]), scale,
+                            TOL_FP32)
+        assert_states_close("vs float64", got[:2] + got[2], ref, scale, TOL_FP32)
+    else:
+        u = UNIT_ROUNDOFF["bf16"]  # one rounding of every stored state, as the sequential scan's
+        assert_states_close("vs float64", got[:2] + got[2], ref, scale, u * (N + 1) + TOL_FP32)
+
+
 # -- validation --------------------------------------------------------------------------------------
 
 def _inputs():
@@ -213,6 +249,8 @@ def _bad_cases():
         ("chunk_size", dict(chunk_size=0)),
         ("chunk_size", dict(chunk_size=16.0)),
         ("chunk_size", dict(chunk_size=True)),
+        ("segments", dict(segments=0)),
+        ("segments", dict(segments=2.0)),
         ("state_dtype", dict(state_dtype=torch.float64)),
         ("initial_state", dict(initial_state=(H0,))),
         ("initial_state[0] (H0)", dict(initial_state=(H0[..., :-1], G0))),
@@ -266,18 +304,20 @@ def test_split_bf16x3_matches_policy_emulation_and_float64(in_dtype):
     assert torch.equal(Hc, got[0]) and torch.equal(H_T, got[2][0])
 
 
-def test_fp32_states_carry_no_accumulated_rounding():
+@pytest.mark.parametrize("segments", [1, 8])
+def test_fp32_states_carry_no_accumulated_rounding(segments):
     """Long sequence, no forgetting, repeated keys: the fp32 running state must not accumulate one
     rounding per chunk (or, folded into the dot's accumulator on the GPU, one per token). With the
     compensated accumulation only the final rounding of each stored state remains: normwise error
     within 2 u of the float64 states (it was 3.3 u at T = 4096 in the interpreter without
     compensation, and 74 u at T = 16384 on an H200, where the fold made the fp32 policy's outputs
-    finite garbage)."""
+    finite garbage). The two-level scan (8 segments) keeps the bound: its segment boundaries are
+    compensated too."""
     p = cases.random_problem(1, 4096, 1, 16, seed=0, gamma_range=(1.0, 1.0), lam_range=(0.25, 0.25), key_rank=2)
     k, v = (t.to(torch.bfloat16).float() for t in (p.k, p.v))
     exact = ChunkedSystem.build(p.replace(k=k.double(), v=v.double()), solvers.get_policy("fp64"), 32)
     Hc, _, _ = chunk_states(k.to(DEVICE), v.to(DEVICE), p.g.float().to(DEVICE), p.beta.float().to(DEVICE),
-                            chunk_size=32)
+                            chunk_size=32, segments=segments)
     ref = exact.Hc.flatten(-2)
     err = (Hc.double().cpu().flatten(-2) - ref).norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)
     assert float(err.max()) <= 2 * 2.0**-24, float(err.max()) / 2.0**-24
