@@ -76,7 +76,7 @@ def main(argv=None) -> int:
             if in_dt != torch.bfloat16:  # the float64 reference reads the same rounded inputs
                 ref = ChunkedSystem.build(p64.replace(k=kk.double(), v=vv.double()), solvers.get_policy("fp64"), C)
             for segments in (1, None):
-                def run(segments=segments, kk=kk, vv=vv, split=split, state_dt=state_dt):
+                def run(segments=segments, kk=kk, vv=vv, g=g, beta=beta, split=split, state_dt=state_dt):
                     return chunk_state.chunk_states(kk, vv, g, beta, chunk_size=C, state_dtype=state_dt,
                                                     split=split, check_values=False, segments=segments)
 
