@@ -134,9 +134,10 @@ if triton is not None:
             i_c -= 1
         if END_ALL:
             tl.store(s0_ptr + p64 * DL * D + o_s, hi + lo, mask=m_s)
-            tl.store(dseg_ptr + p64, decay, mask=i_r == 0)
-        else:
-            tl.store(s0_ptr + bh64 * DL * D + o_s, (hi + lo) * tl.load(scale_ptr + 1), mask=m_s & (i_s == 0))
+            if i_r == 0:  # one program per segment stores its decay
+                tl.store(dseg_ptr + p64, decay)
+        elif i_s == 0:  # the first segment ends at the first token
+            tl.store(s0_ptr + bh64 * DL * D + o_s, (hi + lo) * tl.load(scale_ptr + 1), mask=m_s)
 
     @triton.jit
     def _contract_kernel(

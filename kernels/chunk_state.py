@@ -253,9 +253,10 @@ if triton is not None:
 
         if END_ALL:
             tl.store(sT_ptr + p64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s)
-            tl.store(dseg_ptr + p64, decay, mask=(i_l == 0) & (i_k == 0))
-        else:  # the last segment ends at the last token
-            tl.store(sT_ptr + bh64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s & (i_s == S - 1))
+            if (i_l == 0) & (i_k == 0):  # one program per segment stores its decay
+                tl.store(dseg_ptr + p64, decay)
+        elif i_s == S - 1:  # the last segment ends at the last token
+            tl.store(sT_ptr + bh64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s)
 
     @triton.jit
     def _segment_scan_kernel(
