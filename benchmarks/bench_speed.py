@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_certificate import make_inputs  # noqa: E402
-from mesa_stability.kernels import chunk_bwd, chunk_state, mesa_chunk  # noqa: E402
+from mesa_stability.kernels import chunk_state, mesa_chunk  # noqa: E402
 from mesa_stability.solvers.certificate import CertificateWarning  # noqa: E402
 from mesa_stability.stability.production import git_commit  # noqa: E402
 
@@ -102,12 +102,13 @@ class sequential_scan:
     """Context: the chunk-state and adjoint scans with one segment (the scan before the two-level one)."""
 
     def __enter__(self):
-        self.saved = chunk_state.scan_segments, chunk_bwd.scan_segments
-        chunk_state.scan_segments = chunk_bwd.scan_segments = lambda *a: 1
+        # both scans take their segments from chunk_state.segment_layout, which calls scan_segments
+        self.saved = chunk_state.scan_segments
+        chunk_state.scan_segments = lambda *a: 1
         return self
 
     def __exit__(self, *exc):
-        chunk_state.scan_segments, chunk_bwd.scan_segments = self.saved
+        chunk_state.scan_segments = self.saved
 
 
 def main(argv=None) -> int:

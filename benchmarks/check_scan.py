@@ -82,7 +82,7 @@ def main(argv=None) -> int:
 
                 Hc, Gc, _ = run()
                 ms = do_bench(run, warmup=10, rep=100, return_mode="median")
-                S = 1 if segments == 1 else chunk_state.scan_segments(Hc.shape[2], 4 * k.shape[2], k.device)
+                S = chunk_state.segment_layout(Hc.shape[2], 4 * k.shape[2], k.device, segments)[0]
                 for name, a, r in (("H", Hc, ref.Hc), ("G", Gc, ref.Gc)):
                     mx, med = rel(a, r)
                     rows.append(dict(case=case, T=args.T, H=k.shape[2], D=k.shape[3], scan=label,

@@ -44,7 +44,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is missing
     triton = None
     tl = None
 
-from .chunk_state import MIN_DOT_BLOCK, scan_segments, segment_scan
+from .chunk_state import MIN_DOT_BLOCK, segment_layout, segment_scan
 
 if triton is not None:
     from .chunk_state import decay_add
@@ -283,9 +283,7 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy=
         L = L.to(torch.float32).contiguous()
         BLOCK_R = min(BLOCK_ROWS, max(MIN_DOT_BLOCK, triton.next_power_of_2(DL)))
         rows = triton.cdiv(DL, BLOCK_R)
-        S = scan_segments(N, B * H * rows, dev) if segments is None else max(1, min(segments, N))
-        M = triton.cdiv(N, S)
-        S = triton.cdiv(N, M)
+        S, M = segment_layout(N, B * H * rows, dev, segments)
         common = dict(H=H, DL=DL, D=D, C=C, BLOCK_C=BLOCK_C, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, SCALE_L=scale_l,
                       OP=op, SOFT=soft, num_warps=4)
         if S > 1:

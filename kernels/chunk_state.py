@@ -310,11 +310,14 @@ def segment_scan(init, E, dseg, out, *, reverse: bool = False, scale=None, state
     B, Hh, S, DL, D = E.shape
     BLOCK_L = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(DL)))
     BLOCK_K = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(D)))
-    tl_state = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}[state_dtype]
     _segment_scan_kernel[(triton.cdiv(DL, BLOCK_L), triton.cdiv(D, BLOCK_K), B * Hh)](
         init, scale, E, dseg, out, S, DL=DL, D=D, BLOCK_L=BLOCK_L, BLOCK_K=BLOCK_K, HAS_INIT=init is not None,
-        HAS_SCALE=scale is not None, REVERSE=reverse, STATE_DTYPE=tl_state,
+        HAS_SCALE=scale is not None, REVERSE=reverse, STATE_DTYPE=_TL_STATE[state_dtype],
         SOFT=software_rounding(_segment_scan_kernel))
+
+
+_TL_STATE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+"""Each of :data:`STATE_DTYPES` as the kernels' dtype (``STATE_DTYPE`` of the segment scan)."""
 
 
 def scan_segments(N: int, programs: int, device: torch.device) -> int:
@@ -327,6 +330,15 @@ def scan_segments(N: int, programs: int, device: torch.device) -> int:
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     want = -(-SCAN_PROGRAMS_PER_SM * sms // programs)
     return max(1, min(want, N // MIN_SEGMENT_CHUNKS))
+
+
+def segment_layout(N: int, programs: int, device: torch.device, segments: int | None) -> tuple[int, int]:
+    """``(S, M)``: the two-level scan's segments and chunks per segment for ``N`` chunks, from the
+    requested ``segments`` (None: :func:`scan_segments`; clipped to ``[1, N]``). M = ceil(N / S) and S
+    is then recomputed as ceil(N / M), so that no segment is empty."""
+    S = scan_segments(N, programs, device) if segments is None else max(1, min(segments, N))
+    M = triton.cdiv(N, S)
+    return triton.cdiv(N, M), M
 
 
 def _validate(k, v, g, beta, chunk_size, initial_state, state_dtype, interpreted: bool, check_values: bool,
@@ -415,9 +427,7 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
         DL = left.shape[3]
         BLOCK_L = max(MIN_DOT_BLOCK, min(MAX_STATE_BLOCK, triton.next_power_of_2(DL)))
         tiles = (triton.cdiv(DL, BLOCK_L), triton.cdiv(D, BLOCK_K))
-        S = scan_segments(N, tiles[0] * tiles[1] * B * Hh, dev) if segments is None else max(1, min(segments, N))
-        M = triton.cdiv(N, S)
-        S = triton.cdiv(N, M)  # no empty segment
+        S, M = segment_layout(N, tiles[0] * tiles[1] * B * Hh, dev, segments)
         common = dict(T=T, H=Hh, DL=DL, D=D, C=C, N=N, S=S, M=M, BLOCK_C=BLOCK_C, BLOCK_L=BLOCK_L,
                       BLOCK_K=BLOCK_K, W_LEFT=w_left, OP=op, K_EXACT=k.dtype == torch.bfloat16, SOFT=soft,
                       COMPENSATE=state_dtype == torch.float32, FOR_LOOP=FOR_LOOP and not interpreted)
@@ -439,4 +449,4 @@ def chunk_states(k: torch.Tensor, v: torch.Tensor, g: torch.Tensor, beta: torch.
     return Hc, Gc, (H_T, G_T)
 
 
-__all__ = ["chunk_states", "scan_segments", "segment_scan"]
+__all__ = ["chunk_states", "scan_segments", "segment_layout", "segment_scan"]
