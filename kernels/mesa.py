@@ -645,22 +645,106 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     """
     spec = solver_spec(spec, **options)
     interpreted = _require_triton(decode, "_decode_kernel")
+    verdict.poll()
+    if not (isinstance(state, (tuple, list)) and len(state) == 2):
+        raise ValueError("state must be a pair (H [B,H,D,D], G [B,H,Dv,D])")
+    squeeze = isinstance(q, torch.Tensor) and q.dim() == 4
+    if squeeze:
+        if q.shape[1] != 1:
+            raise ValueError(f"mesa_step takes one token: q has T = {q.shape[1]}; use mesa_chunk for prefill")
+        q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
+    plan = _step_plan(q, k, v, g, beta, lam, state, spec, interpreted)
+    B, H, D, Dv = plan.shape
+    dev = q.device
+    f32 = torch.float32
+    Hs, Gs = (s.to(f32).contiguous() for s in state)
+    Hn, Gn = torch.empty_like(Hs), torch.empty_like(Gs)
+    # the small outputs in few allocations (at B = 1 the host's work is the step's time,
+    # docs/decode-gpu/): x and the residual in one float32 buffer; the breakdown, bad-input and
+    # failed-certificate flags (0 / 1, read as bool) in one int8 buffer
+    o = torch.empty(B, H, Dv, dtype=f32, device=dev)
+    out32 = torch.empty(B, H, D + 1, dtype=f32, device=dev)
+    n_steps = torch.empty(B, H, dtype=torch.int32, device=dev)
+    flags = torch.empty(3, B, H, dtype=torch.int8, device=dev)
+    check = spec.check
+    cert_buf = torch.empty(B, H, 3, dtype=torch.float64, device=dev) if check is not None else None
+    LAST_LAUNCH["decode"] = decode._decode_kernel[(B * H,)](
+        q.contiguous(), k.contiguous(), v.contiguous(), g.to(f32).contiguous(), beta.to(f32).contiguous(),
+        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, out32, n_steps, flags[0], flags[1], flags[2], cert_buf,
+        *plan.scalars, **plan.constexprs)
+
+    def stats() -> MesaStats:  # formed only when asked for, or for a failed verdict's message
+        brk = flags[0].view(torch.bool)
+        st = MesaStats(n_steps, out32[..., D], out32[..., :D], brk)
+        if check is not None:
+            st.certificate = cert.Certificate(*(t[:, None] for t in (cert_buf[..., 0], cert_buf[..., 1],
+                                                                     cert_buf[..., 2], brk)),
+                                              plan.threshold, 2, "x (decode step)")
+        return st
+
+    # With the value check (or a verdict that must be decided now) the flags are read at once, in one
+    # host synchronisation that also decides the certificate's verdict; otherwise the verdict is deferred.
+    now = validate or (check is not None and (check == "raise" or not flags.is_cuda))
+    st = stats() if return_stats else None
+    if now:
+        read = (flags[1:3] if check is not None else flags[1:2]).flatten(1).any(1).tolist()
+        bad, failed = read[0], check is not None and read[1]
+        if validate and bad:  # the message from the inputs
+            token = (q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam)
+            validate_inputs(*token, check_values=True)
+            raise ValueError("mesa_step: the kernel found an invalid token value (not finite, lam <= 0, g > 0 or "
+                             "beta outside [0, 1])")  # pragma: no cover - the host check above names it first
+        if failed:
+            verdict.report((st or stats())._certificate, check, plan.fp32, verdict.call_site())
+    elif check is not None:
+        pending = verdict.submit(st._certificate if st else lambda: stats()._certificate, check, plan.fp32,
+                                 failed=flags[2].any())
+        if st is not None:
+            st._pending.append(pending)
+    if squeeze:
+        o = o[:, None]
+    out = (o, (Hn, Gn))
+    if return_stats:
+        out = out + (st,)
+    return out
+
+
+@dataclass(frozen=True)
+class _StepPlan:
+    """What a decode step's inputs' metadata decides (checked once per shape, dtype, device and spec):
+    ``shape`` (B, H, D, Dv), the kernel's runtime ``scalars`` (tol, steps, gamma_c, threshold) and
+    ``constexprs`` (with the warps), the certificate's ``threshold`` and the fp32 policy it names."""
+
+    shape: tuple[int, int, int, int]
+    scalars: tuple
+    constexprs: dict
+    threshold: float
+    fp32: object
+
+
+_STEP_PLANS: dict = {}
+MAX_STEP_PLANS = 256  # distinct (shapes, dtypes, devices, spec) kept; a generation loop uses one
+
+
+def _step_plan(q, k, v, g, beta, lam, state, spec: SolverSpec, interpreted: bool) -> _StepPlan:
+    """The :class:`_StepPlan` of these inputs, after the structural checks of :func:`mesa_step`
+    (ValueError naming the argument). The checks read only metadata, so they run once per key."""
+    tensors = (q, k, v, g, beta, lam, *state)
+    if all(isinstance(t, torch.Tensor) for t in tensors):
+        key = (spec, interpreted, *((t.shape, t.dtype, t.device) for t in tensors))
+        plan = _STEP_PLANS.get(key)
+        if plan is not None:
+            return plan
+    else:
+        key = None
     if spec.method != "cg":
         raise ValueError(f"mesa_step solves by CG (SolverSpec.method 'cg'), got {spec.method!r}")
     if spec.policy.name not in STEP_POLICIES:
         raise ValueError(f"mesa_step computes in fp32: SolverSpec.policy must be one of {STEP_POLICIES}, got "
                          f"{spec.policy.name!r}")
-    verdict.poll()
-    squeeze = q.dim() == 4
-    if squeeze:
-        if q.shape[1] != 1:
-            raise ValueError(f"mesa_step takes one token: q has T = {q.shape[1]}; use mesa_chunk for prefill")
-        q, k, v, g, beta = q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0]
-    if not (isinstance(state, (tuple, list)) and len(state) == 2):
-        raise ValueError("state must be a pair (H [B,H,D,D], G [B,H,Dv,D])")
     # validate through the problem definition with T = 1
-    token = (q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam)
-    validate_inputs(*token, tuple(state), check_values=False)
+    validate_inputs(q[:, None], k[:, None], v[:, None], g[:, None], beta[:, None], lam, tuple(state),
+                    check_values=False)
     for name, x in (("q", q), ("k", k), ("v", v), ("state[0]", state[0]), ("state[1]", state[1])):
         _check_device(name, x, interpreted)
     B, H, D = q.shape
@@ -668,59 +752,22 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
     if D > MAX_D or Dv > MAX_D:
         raise ValueError(f"head dims up to {MAX_D} are supported (the D x D state is held on chip); got D = {D}, "
                          f"Dv = {Dv}")
-    dev = q.device
-    f32 = torch.float32
-    Hs, Gs = (s.to(f32).contiguous() for s in state)
-    Hn, Gn = torch.empty_like(Hs), torch.empty_like(Gs)
-    # the small outputs in few allocations (a step is short enough for each to count): x and the residual
-    # in one float32 buffer; the breakdown, bad-input and failed-certificate flags (0 / 1, read as
-    # bool) in one int8 buffer
-    o = torch.empty(B, H, Dv, dtype=f32, device=dev)
-    out32 = torch.empty(B, H, D + 1, dtype=f32, device=dev)
-    x, res = out32[..., :D], out32[..., D]
-    n_steps = torch.empty(B, H, dtype=torch.int32, device=dev)
-    flags = torch.empty(3, B, H, dtype=torch.int8, device=dev)
-    check = spec.check
-    cert_buf = torch.empty(B, H, 3, dtype=torch.float64, device=dev) if check is not None else None
     fp32 = get_policy("fp32")
     threshold = fp32.check_tol if spec.check_tol is None else float(spec.check_tol)
     BLOCK_D = triton.next_power_of_2(D)
-    LAST_LAUNCH["decode"] = decode._decode_kernel[(B * H,)](
-        q.contiguous(), k.contiguous(), v.contiguous(), g.to(f32).contiguous(), beta.to(f32).contiguous(),
-        lam.to(f32).contiguous(), Hs, Gs, Hn, Gn, o, out32, n_steps, flags[0], flags[1], flags[2], cert_buf,
-        float(spec.tol) if spec.tol is not None else -1.0, spec.steps, STEP_RESIDUAL_ROUNDING * math.sqrt(D),
-        threshold,
-        H=H, D=D, Dv=Dv, BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_J=min(BLOCK_D, 32),
-        X0_JACOBI=spec.x0 == "jacobi", PRECOND=spec.precond == "jacobi", HAS_TOL=spec.tol is not None,
-        num_warps=decode_warps(D, B * H, dev),
-    )
-    flags = flags.view(torch.bool)
-    brk = flags[0]
-    stats = MesaStats(n_steps, res, x, brk)
-    if check is not None:
-        stats.certificate = cert.Certificate(*(t[:, None] for t in (cert_buf[..., 0], cert_buf[..., 1],
-                                                                     cert_buf[..., 2], brk)),
-                                             threshold, 2, "x (decode step)")
-    # With the value check (or a verdict that must be decided now) the flags are read at once, in one
-    # host synchronisation that also decides the certificate's verdict; otherwise the verdict is deferred.
-    now = validate or (check is not None and (check == "raise" or not flags.is_cuda))
-    if now:
-        read = (flags[1:3] if check is not None else flags[1:2]).flatten(1).any(1).tolist()
-        bad, failed = read[0], check is not None and read[1]
-        if validate and bad:  # the message from the inputs
-            validate_inputs(*token, check_values=True)
-            raise ValueError("mesa_step: the kernel found an invalid token value (not finite, lam <= 0, g > 0 or "
-                             "beta outside [0, 1])")  # pragma: no cover - the host check above names it first
-        if failed:
-            verdict.report(stats._certificate, check, fp32, verdict.call_site())
-    elif check is not None:
-        stats._pending.append(verdict.submit(stats._certificate, check, fp32, failed=flags[2].any()))
-    if squeeze:
-        o = o[:, None]
-    out = (o, (Hn, Gn))
-    if return_stats:
-        out = out + (stats,)
-    return out
+    plan = _StepPlan(
+        (B, H, D, Dv),
+        (float(spec.tol) if spec.tol is not None else -1.0, spec.steps, STEP_RESIDUAL_ROUNDING * math.sqrt(D),
+         threshold),
+        dict(H=H, D=D, Dv=Dv, BLOCK_D=BLOCK_D, BLOCK_DV=triton.next_power_of_2(Dv), BLOCK_J=min(BLOCK_D, 32),
+             X0_JACOBI=spec.x0 == "jacobi", PRECOND=spec.precond == "jacobi", HAS_TOL=spec.tol is not None,
+             num_warps=decode_warps(D, B * H, q.device)),
+        threshold, fp32)
+    if key is not None:
+        if len(_STEP_PLANS) >= MAX_STEP_PLANS:
+            _STEP_PLANS.clear()
+        _STEP_PLANS[key] = plan
+    return plan
 
 
 # The decode certificate's residual rounding gamma_c = 2 u_fp64 sqrt(D) (solvers.certificate: float64

@@ -149,6 +149,7 @@ class SolverSpec:
 
 
 SPEC_FIELDS = tuple(f.name for f in dataclasses.fields(SolverSpec))
+_DEFAULT_SPEC = SolverSpec()  # frozen: shared by every call that passes no spec
 
 
 def solver_spec(spec: SolverSpec | None = None, **options) -> SolverSpec:
@@ -160,7 +161,7 @@ def solver_spec(spec: SolverSpec | None = None, **options) -> SolverSpec:
     if unknown:
         raise TypeError(f"unknown solver option(s) {unknown}; the fields of SolverSpec are {list(SPEC_FIELDS)}")
     if spec is None:
-        return SolverSpec(**options)
+        return SolverSpec(**options) if options else _DEFAULT_SPEC
     return dataclasses.replace(spec, **options) if options else spec
 
 

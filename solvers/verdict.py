@@ -78,10 +78,13 @@ class Pending:
 _QUEUE: deque[Pending] = deque()
 
 
-def submit(certificate: Certificate, mode, policy: PrecisionPolicy, *, refine: Callable[[], Certificate | None]
+def submit(certificate: Certificate | Callable[[], Certificate], mode, policy: PrecisionPolicy, *, refine: Callable[[], Certificate | None]
            | None = None, store: Callable[[Certificate], None] | None = None, where: CallSite | None = None,
            failed: torch.Tensor | None = None) -> Pending | None:
     """Check ``certificate`` under ``mode`` (``"warn"``, ``"raise"`` or None: nothing).
+
+    ``certificate`` may be a function that forms it, called only if the verdict fails (with
+    ``failed`` given: a decode step forms its certificate's views only for the message).
 
     ``refine()``: a tighter certificate (or None when none can be formed), computed only if this one
     fails; ``store(c)`` puts it where the caller keeps the certificate (the stats). ``where``: the call
@@ -93,7 +96,7 @@ def submit(certificate: Certificate, mode, policy: PrecisionPolicy, *, refine: C
     where = where or call_site()
 
     def resolve():
-        c = certificate
+        c = certificate() if callable(certificate) else certificate
         if refine is not None:
             better = refine()
             if better is not None:
@@ -104,7 +107,7 @@ def submit(certificate: Certificate, mode, policy: PrecisionPolicy, *, refine: C
             report(c, mode, policy, where)
 
     if failed is None:
-        failed = certificate.failed.any()
+        failed = (certificate() if callable(certificate) else certificate).failed.any()
     if mode == "raise" or not failed.is_cuda:
         if bool(failed):
             resolve()
