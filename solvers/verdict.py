@@ -78,8 +78,9 @@ class Pending:
 _QUEUE: deque[Pending] = deque()
 
 
-def submit(certificate: Certificate | Callable[[], Certificate], mode, policy: PrecisionPolicy, *, refine: Callable[[], Certificate | None]
-           | None = None, store: Callable[[Certificate], None] | None = None, where: CallSite | None = None,
+def submit(certificate: Certificate | Callable[[], Certificate], mode, policy: PrecisionPolicy, *,
+           refine: Callable[[], Certificate | None] | None = None,
+           store: Callable[[Certificate], None] | None = None, where: CallSite | None = None,
            failed: torch.Tensor | None = None) -> Pending | None:
     """Check ``certificate`` under ``mode`` (``"warn"``, ``"raise"`` or None: nothing).
 
