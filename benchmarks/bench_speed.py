@@ -12,6 +12,12 @@ sigmoid(N(3, 1)), beta = sigmoid(U), lam = 0.25 + softplus(U)), one run measures
 - the peer (``fla.ops.mesa_net.chunk_mesa_net``, 30 fixed CG steps; optional), likewise;
 - ``torch.nn.functional.scaled_dot_product_attention(is_causal=True)``.
 
+With ``--varlen N`` (default 64; 0 skips it), packed sequences: N sequences of log-uniform lengths
+(64 to 4096 before scaling, seed 0) summing to ``--varlen-tokens`` (default 65536), H = 16, D = 128,
+forward + backward of ours (``bf16x3 30`` and ``auto tol 1e-4``) as one sequence with a reset at each
+start (``cu_seqlens``, no final states: one launch per kernel) and per sequence (final states
+requested: one launch per sequence), and of the peer with the same ``cu_seqlens``.
+
 Every row also carries the work model and the two ceilings measured in the same process (a bf16
 8192^3 matmul and a 4 GiB device copy): ``flops`` by the flop model of :func:`flops_fwd` /
 :func:`flops_fwd_bwd` (the adjoint solve counted at the forward's mean steps, which the stats do not
@@ -29,6 +35,7 @@ import argparse
 import contextlib
 import functools
 import json
+import math
 import os
 import platform
 import sys
@@ -111,6 +118,55 @@ class sequential_scan:
         chunk_state.scan_segments = self.saved
 
 
+def packed_lengths(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
+    """``cu_seqlens`` (int64, ``[n+1]``) of n sequences of log-uniform lengths in [64, 4096] scaled to
+    sum to ``tokens`` (each at least 1)."""
+    gen = torch.Generator().manual_seed(seed)
+    raw = torch.exp(torch.empty(n).uniform_(math.log(64), math.log(4096), generator=gen))
+    lens = torch.clamp((raw / raw.sum() * tokens).floor().long(), min=1)
+    lens[-1] += tokens - lens.sum()  # the rounding's remainder to the last
+    if lens[-1] < 1:
+        raise ValueError(f"cannot pack {n} sequences into {tokens} tokens")
+    return torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
+
+
+def bench_varlen(n, tokens, peer, bench, add, H=16, D=128):
+    """The packed rows of the module docstring."""
+    dev = torch.device("cuda")
+    cu = packed_lengths(n, tokens).to(dev)
+    inp = make_inputs(1, tokens, H, D)
+    e = torch.randn(1, tokens, H, D, device=dev, dtype=torch.bfloat16)
+    shape = f"varlen {n} seqs, {tokens} tokens, H={H}, D={D}"
+    flops = sum(flops_fwd_bwd(1, int(b - a), H, D, D, CHUNK, 30, 30) for a, b in zip(cu[:-1], cu[1:], strict=True))
+
+    def fwd_bwd(fn):
+        leaves = [t.detach().requires_grad_() for t in inp]
+        out = fn(*leaves)
+        out = out[0] if isinstance(out, tuple) else out
+        out.backward(e.to(out.dtype))
+
+    if peer is not None:
+        run = functools.partial(peer, max_CG_iteration=30, cu_seqlens=cu)
+        try:
+            fwd_bwd(run)
+            add(impl="fla-core", shape=shape, config="30", pass_="fwd+bwd", ms=bench(lambda: fwd_bwd(run)),
+                flops=flops)
+        except Exception as exc:  # recorded, not hidden
+            add(impl="fla-core", shape=shape, config="30", pass_="fwd+bwd", error=repr(exc)[:300])
+    for label, pol, opts in [c for c in CONFIGS if c[0] in ("bf16x3 30", "auto tol 1e-4")]:
+        for scan, finals in (("packed, one launch", False), ("per sequence", True)):
+            run = functools.partial(mesa_chunk, policy=pol, chunk_size=CHUNK, validate=False, check="warn",
+                                    cu_seqlens=cu, output_final_state=finals, **opts)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", CertificateWarning)
+                fwd_bwd(run)
+                ms = bench(lambda: fwd_bwd(run))  # noqa: B023
+                warned = sum(issubclass(c.category, CertificateWarning) for c in caught)
+            # the flop model at 30 steps: the fixed-step rows only (a tolerance stops earlier)
+            add(impl="ours", shape=shape, config=label, scan=scan, pass_="fwd+bwd", ms=ms,
+                flops=flops if opts.get("tol") is None else None, warnings=warned)
+
+
 def main(argv=None) -> int:
     import pandas as pd
     import triton
@@ -124,12 +180,16 @@ def main(argv=None) -> int:
     ap.add_argument("--scans", nargs="+", default=["two-level", "sequential"], choices=["two-level", "sequential"])
     ap.add_argument("--fwd-max-T", type=int, default=4096, help="time the forward alone up to this T")
     ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--varlen", type=int, default=64, help="packed sequences to time (0: none)")
+    ap.add_argument("--varlen-tokens", type=int, default=65536)
     args = ap.parse_args(argv)
     try:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
         assert all(len(s) == 4 and min(s) > 0 for s in shapes)
     except (ValueError, AssertionError):
         ap.error(f"--shapes takes B,T,H,D with positive ints, got {args.shapes}")
+    if args.varlen < 0 or (args.varlen and args.varlen_tokens < args.varlen):
+        ap.error(f"--varlen must be >= 0 and at most --varlen-tokens, got {args.varlen}, {args.varlen_tokens}")
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA device")
     os.makedirs(args.out, exist_ok=True)
@@ -230,6 +290,8 @@ def main(argv=None) -> int:
         leaves = [t.detach().requires_grad_() for t in (qs, ks, vs)]
         ms = bench(lambda: sdpa(*leaves).backward(e.transpose(1, 2)))  # noqa: B023
         add(impl="sdpa", shape=shape, config="causal", pass_="fwd+bwd", ms=ms, flops=3.5 * attn_flops)
+    if args.varlen:
+        bench_varlen(args.varlen, args.varlen_tokens, peer, bench, add)
     df = pd.DataFrame(rows)
     cols = [c for c in ("impl", "shape", "config", "scan", "pass_", "ms", "roofline", "hbm", "mean_steps", "tier")
             if c in df]

@@ -162,7 +162,10 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
             G is ``sum beta v k^T``: the transpose of flash-linear-attention's ``h_kv`` ``[N,H,K,V]``
             (``mesa_stability.compat.fla.chunk_mesa_net`` takes and returns fla's layouts).
         output_final_state: also return ``(H_T, G_T)`` (float32 or the policy's state dtype).
-        cu_seqlens: packed variable-length sequences (B = 1), int tensor ``[N+1]``.
+        cu_seqlens: packed variable-length sequences (B = 1), int tensor ``[N+1]``. Without initial or
+            final states they run as one sequence with a hard reset (g = -inf) at each sequence's first
+            token (:func:`packed_resets`): one launch per kernel, and no host read of ``cu_seqlens``
+            with ``validate=False``. With initial or final states, one launch per sequence.
         return_stats: also return a :class:`MesaStats` (per-token steps, residuals).
         return_x: store q-star in the stats (``return_stats`` implied).
         validate: check values too (finiteness, lam > 0, g <= 0, beta in [0, 1]: a few reductions and
@@ -197,7 +200,7 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
     with torch.autocast(dev_type, enabled=False):  # the policy decides the precision, not autocast
         out, stats, pol = _mesa_chunk(q, k, v, g, beta, lam, spec, initial_state=initial_state, cu_seqlens=cu_seqlens,
                                       validate=validate, num_warps=num_warps, bwd_contractions=bwd_contractions,
-                                      where=where)
+                                      where=where, final_states=output_final_state)
     check = spec.check
     if stats._certificate is not None:
         stats._pending.append(verdict.submit(stats._certificate, check, pol, refine=stats._refine,
@@ -245,10 +248,12 @@ def _eager_chunk(q, k, v, g, beta, lam, spec, initial_state, output_final_state,
 
 
 def _mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec, *, initial_state, cu_seqlens, validate, num_warps,
-                bwd_contractions, where=None):
+                bwd_contractions, where=None, final_states: bool = True):
     """mesa_chunk without the final check: ``((o, (H_T, G_T)), stats, policy)``; the stats hold x and,
     when ``spec.check`` is not None, the certificate (and its refinement, ``stats._refine``). The
-    backward checks the adjoint's certificate itself, naming the call site ``where``."""
+    backward checks the adjoint's certificate itself, naming the call site ``where``. Packed sequences
+    whose ``final_states`` are not wanted (and with no initial state) run as one (:func:`packed_resets`);
+    their ``(H_T, G_T)`` is then the last sequence's."""
     backend = spec.backend
     if backend == "auto":
         backend = "triton" if isinstance(q, torch.Tensor) and q.is_cuda else "torch"
@@ -267,6 +272,8 @@ def _mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec, *, initial_state, cu_se
     else:
         pol = spec.policy
     check, threshold = spec.check, spec.threshold
+    if cu_seqlens is not None and initial_state is None and not final_states:
+        g, cu_seqlens = packed_resets(g, cu_seqlens), None
     if cu_seqlens is not None:
         return _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state,
                        dict(spec=spec.replace(backend=backend), validate=False, num_warps=num_warps,
@@ -576,10 +583,24 @@ def _merge_certificates(certs: list) -> cert.Certificate:
         certs[0].threshold, max(c.tier for c in certs), certs[0].what, norms)
 
 
+def packed_resets(g: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """``g [1,T,H]`` with a hard reset, ``g = -inf`` (gamma = 0 exactly, :mod:`kernels.gates`), at the
+    first token of every packed sequence after the first: ``H_t = gamma_t H_{t-1} + beta_t k_t k_t^T``
+    then restarts from the zero state there, so the packed run is each sequence run from zero. The
+    gradient of g at a reset is 0, as that of a sequence's first gate (it multiplies the zero
+    state). Built on g's device with no host read (starts outside [0, T) are clamped: validated
+    values never are)."""
+    T = g.shape[1]
+    starts = cu_seqlens[1:-1].to(device=g.device, dtype=torch.long).clamp(0, T - 1)
+    reset = torch.zeros(T, dtype=torch.bool, device=g.device).index_fill_(0, starts, True)
+    return torch.where(reset[None, :, None], float("-inf"), g)
+
+
 def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, opts):
-    """Packed sequences: each sequence runs from its own start state (one launch per sequence); the
-    outputs, final states and stats (certificates included) are concatenated. The adjoint
-    certificates, which each sequence's backward fills in, are merged when read."""
+    """Packed sequences with initial or final states: each sequence runs from its own start state (one
+    launch per sequence); the outputs, final states and stats (certificates included) are
+    concatenated. The adjoint certificates, which each sequence's backward fills in, are merged when
+    read."""
     cs = cu_seqlens.tolist()
     outs, finals, stats = [], [], []
     for n, (a, b) in enumerate(zip(cs, cs[1:], strict=False)):

@@ -240,6 +240,38 @@ def test_non_contiguous_inputs_and_varlen_with_initial_states():
         assert rel_error(H_T[n:n + 1].cpu(), H_n.cpu()) <= 1e-6
 
 
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_packed_sequences_run_as_one_with_resets(backend, monkeypatch):
+    """Packed sequences without initial or final states run as one sequence with a hard reset at each
+    start (kernels.mesa.packed_resets), never through the per-sequence loop, and read no value of
+    cu_seqlens with validate=False: o and the gradients of every input equal those of each sequence
+    run alone (fp32, fixed steps: the same CG per token, the chunk states cut elsewhere, so fp32
+    rounding of kappa ~ 10 systems apart)."""
+    vl = _dev(cases.make("varlen", T=40, D=16, n_seqs=4))  # cuts inside chunks of 16 and at token 1..39
+    cs = vl.cu_seqlens.tolist()
+    e = torch.randn(1, 40, vl.H, vl.Dv, generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    opts = dict(steps=30, policy="fp32", chunk_size=16, backend=backend, check=None)
+
+    def grads(p, e, **kw):
+        leaves = [t.detach().clone().requires_grad_() for t in _args(p).values()]
+        o = kernels.mesa_chunk(*leaves, **opts, **kw)
+        o.backward(e)
+        return [o.detach()] + [t.grad for t in leaves]
+
+    def no_loop(*a, **kw):
+        raise AssertionError("the per-sequence loop ran")
+
+    monkeypatch.setattr("mesa_stability.kernels.mesa._varlen", no_loop)
+    cu = vl.cu_seqlens.to(DEVICE)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: no_loop())  # no host read of cu_seqlens
+    packed = grads(vl, e, cu_seqlens=cu, validate=False)
+    monkeypatch.undo()
+    parts = [grads(s, e[:, a:b]) for s, a, b in zip(vl.sequences(), cs[:-1], cs[1:], strict=True)]
+    for i, got in enumerate(packed):
+        want = torch.cat([p[i] for p in parts], dim=0 if i == 6 else 1) if i < 6 else sum(p[6] for p in parts)
+        assert rel_error(got.cpu(), want.cpu()) <= 1e-5, ("o", "q", "k", "v", "g", "beta", "lam")[i]
+
+
 def test_triton_forward_with_implicit_backward_matches_the_torch_backend(prob):
     p = _dev(prob)
     grads = {}
