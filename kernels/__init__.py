@@ -20,6 +20,7 @@ from mesa_stability.solvers.precision import DEFAULT_POLICY
 from mesa_stability.solvers.spec import SolverSpec
 from mesa_stability.solvers.verdict import flush as flush_checks
 
+from . import registered_op  # noqa: F401 - registers torch.ops.mesa_stability.mesa_triton (torch.compile)
 from .chunk_state import chunk_states
 from .layer import MesaCache, MesaLayer
 from .mesa import MesaStats, mesa_chunk, mesa_step

@@ -11,7 +11,12 @@ For input ``u [B,T,d_model]``, per head h:
     y     = W_o [ RMSNorm_h(o) * silu(W_z u) ]               (the gate is optional)
 
 ``conv4`` is a causal depthwise convolution of window 4 (the token and its three predecessors).
-The cap keeps ``tr H_t`` bounded when gamma would approach 1. The residual connection and the
+The cap keeps ``tr H_t`` bounded when gamma would approach 1.
+
+**flash-linear-attention's layer** (``fla.layers.MesaNet``) is this one with ``gate_cap=None`` (gamma
+= sigmoid(W_a u), no cap) and ``qk_norm_eps=1e-6`` (its L2 norm, ``x / sqrt(sum x^2 + 1e-6)``, instead
+of ``x / max(||x||, 1e-12)``); ``mesa_stability.compat.fla.from_fla`` builds such a layer from fla's
+weights, and ``to_fla`` writes them back. The residual connection and the
 pre-norm belong to the block around the layer (``ablations``). Decoding one token reuses the
 state ``(H_T, G_T)`` and the last three conv inputs kept in a :class:`MesaCache`; on the Triton
 backend it runs the decode kernel (:func:`kernels.mesa_step`, :meth:`MesaLayer.step`).
@@ -47,6 +52,15 @@ class MesaCache:
     conv_k: torch.Tensor  # [B, H*D, CONV_SIZE - 1]
 
 
+def l2norm(x: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+    """Over the last dim: ``x / max(||x||, 1e-12)`` (``eps`` None, ``F.normalize``), or fla's
+    ``x / sqrt(sum x^2 + eps)`` formed in float32 (at least) and returned in x's dtype."""
+    if eps is None:
+        return F.normalize(x, dim=-1)
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (xf * torch.rsqrt((xf * xf).sum(-1, keepdim=True) + eps)).to(x.dtype)
+
+
 def _rms_norm(o: torch.Tensor, eps: float) -> torch.Tensor:
     """``o / sqrt(mean(o^2) + eps)`` over the last dim, formed on ``o / s`` with ``s = max |o|`` (a row of
     size 1e20 would overflow ``o^2`` in fp32 and give 0): ``o / s / sqrt(mean((o / s)^2) + eps / s^2)``.
@@ -67,11 +81,16 @@ class MesaLayer(nn.Module):
     autograd: for ablations at small sizes."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, value_dim: int | None = None, *,
-                 output_gate: bool = True, norm_eps: float = 1e-5, solver: SolverSpec | None = None,
-                 **solver_options):
+                 output_gate: bool = True, norm_eps: float = 1e-5, gate_cap: float | None = GATE_CAP,
+                 qk_norm_eps: float | None = None, solver: SolverSpec | None = None, **solver_options):
         super().__init__()
         if d_model < 1 or n_heads < 1:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model}, {n_heads}")
+        if gate_cap is not None and not 0 < gate_cap <= 1:
+            raise ValueError(f"gate_cap must be in (0, 1] or None (no cap, as fla's layer), got {gate_cap}")
+        if qk_norm_eps is not None and not qk_norm_eps > 0:
+            raise ValueError(f"qk_norm_eps must be positive or None, got {qk_norm_eps}")
+        self.gate_cap, self.qk_norm_eps = gate_cap, qk_norm_eps
         if head_dim is None and d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pass head_dim")
         self.d_model, self.n_heads = d_model, n_heads
@@ -115,11 +134,13 @@ class MesaLayer(nn.Module):
         q, cq = self._conv(self.q_conv, self.q_proj(u), None if cache is None else cache.conv_q)
         k, ck = self._conv(self.k_conv, self.k_proj(u), None if cache is None else cache.conv_k)
         dt = torch.promote_types(u.dtype, torch.float32)  # gates at least fp32 (bf16 activations)
-        q = F.normalize(F.silu(q).view(B, T, H, D).to(dt), dim=-1)
-        k = F.normalize(F.silu(k).view(B, T, H, D).to(dt), dim=-1)
+        q = l2norm(F.silu(q).view(B, T, H, D).to(dt), self.qk_norm_eps)
+        k = l2norm(F.silu(k).view(B, T, H, D).to(dt), self.qk_norm_eps)
         v = self.v_proj(u).view(B, T, H, Dv).to(dt)
         beta = torch.sigmoid(self.b_proj(u).to(dt))
-        g = F.logsigmoid(self.a_proj(u).to(dt)) + torch.log1p(-(1 - GATE_CAP) * beta * beta)
+        g = F.logsigmoid(self.a_proj(u).to(dt))
+        if self.gate_cap is not None:
+            g = g + torch.log1p(-(1 - self.gate_cap) * beta * beta)
         return q, k, v, g.clamp_max(0.0), beta, cq, ck
 
     def forward(self, u: torch.Tensor, cache: MesaCache | None = None, use_cache: bool = False):
@@ -142,7 +163,7 @@ class MesaLayer(nn.Module):
         init = None if cache is None else cache.state
         spec = self.solver
         method = spec.method
-        if method == "cg" and init is not None and u.shape[1] == 1 and not compiling and _decodes(spec, q):
+        if method == "cg" and init is not None and u.shape[1] == 1 and not compiling and decodes(spec, q):
             # one token after a prefill: the decode kernel (state update, solve and certificate in one launch)
             o, state, stats = mesa_step(q, k, v, g, beta, self.lam.to(q.dtype), init, spec, return_stats=True)
             self.last_steps = stats.steps.detach()[:, None]
@@ -184,7 +205,7 @@ class MesaLayer(nn.Module):
         return self.forward(u, cache=cache)
 
 
-def _decodes(spec: SolverSpec, q: torch.Tensor) -> bool:
+def decodes(spec: SolverSpec, q: torch.Tensor) -> bool:
     """Whether a one-token call under ``spec`` runs the decode kernel: the Triton backend (``auto`` on
     CUDA tensors) and a policy it implements."""
     if spec.policy.name not in STEP_POLICIES or torch.is_grad_enabled() and q.requires_grad:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -179,9 +180,9 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
             formulas of :func:`solvers.implicit.chunked_gradients`, fp32, a cross-check).
 
     The op computes in the policy's precision whatever ``torch.autocast`` is active. Under
-    ``torch.compile`` the torch backend is one registered operator (``fullgraph=True`` traces it; pass
-    a prebuilt spec and no keyword options there, and no stats are returned); the Triton backend runs
-    eagerly there (a graph break). ``torch.func.grad`` differentiates the torch backend.
+    ``torch.compile`` each backend is one registered operator (``fullgraph=True`` traces it; pass a
+    prebuilt spec and no keyword options there, and no stats are returned; packed sequences run
+    eagerly, a graph break). ``torch.func.grad`` and ``vmap`` transform the torch backend.
 
     Returns:
         ``o [B,T,H,Dv]`` (float32), then ``(H_T, G_T)`` if ``output_final_state``, then the stats if
@@ -194,6 +195,9 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
     if traced():
         return _traced_chunk(q, k, v, g, beta, lam, spec, initial_state, output_final_state, cu_seqlens,
                              return_stats or return_x)
+    if transformed(q, k, v, g, beta, lam):
+        return _transformed_chunk(q, k, v, g, beta, lam, spec, initial_state, output_final_state, cu_seqlens,
+                                  return_stats or return_x)
     verdict.poll()  # the warnings of earlier calls whose verdicts the GPU has computed by now
     dev_type = q.device.type if isinstance(q, torch.Tensor) else "cpu"
     where = verdict.call_site() if spec.check is not None else None  # named by the warnings, also the backward's
@@ -216,6 +220,33 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
     return res[0] if len(res) == 1 else tuple(res)
 
 
+def transformed(*tensors) -> bool:
+    """Whether the op runs under a ``torch.func`` transform (``vmap``, ``grad``, ...)."""
+    return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def _transformed_chunk(q, k, v, g, beta, lam, spec: SolverSpec, initial_state, output_final_state, cu_seqlens,
+                       wants_stats: bool):
+    """mesa_chunk under ``torch.func`` transforms: the torch backend's :class:`MesaImplicit` (its
+    ``setup_context`` serves grad, its ``vmap`` rule solves each mapped slice as its own problem),
+    the values checked by its forward slice by slice. The certificate is not formed there (its
+    verdict is a host decision on batched data): a warning says so once; check it eagerly."""
+    backend = spec.backend if spec.backend != "auto" else ("triton" if q.is_cuda else "torch")
+    if backend != "torch":
+        raise ValueError("torch.func transforms (grad, vmap, ...) run the torch backend only: pass backend='torch' "
+                         "(the Triton kernels' autograd Function has no functorch rules)")
+    if wants_stats or cu_seqlens is not None:
+        raise ValueError("return_stats / return_x and cu_seqlens are not available under torch.func transforms; "
+                         "call the op eagerly for them")
+    validate_inputs(q, k, v, g, beta, lam, initial_state, check_values=False)
+    if spec.check is not None:
+        warnings.warn("mesa_chunk under torch.func transforms forms no accuracy certificate (check it in an eager "
+                      "call); pass check=None to silence this", UserWarning, stacklevel=3)
+    H0, G0 = (None, None) if initial_state is None else initial_state
+    o, H_T, G_T, *_ = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, spec)
+    return (o, (H_T, G_T)) if output_final_state else o
+
+
 def traced() -> bool:
     """Whether the op is being traced by torch.compile (it then runs as one registered operator)."""
     return torch.compiler.is_compiling()
@@ -223,21 +254,23 @@ def traced() -> bool:
 
 def _traced_chunk(q, k, v, g, beta, lam, spec: SolverSpec, initial_state, output_final_state, cu_seqlens,
                   wants_stats: bool):
-    """mesa_chunk under torch.compile: the torch backend as one registered operator
-    (``torch.ops.mesa_stability.mesa_torch``, :mod:`solvers.implicit`), whose certificate is decided
-    inside it; the Triton backend and packed sequences run eagerly (a graph break). Pass a
+    """mesa_chunk under torch.compile: one registered operator, ``torch.ops.mesa_stability.mesa_torch``
+    (the torch backend, :mod:`solvers.implicit`) or ``mesa_triton`` (the kernels,
+    :mod:`kernels.registered_op`), whose certificate is decided inside it; packed sequences run
+    eagerly (a graph break). Pass a
     :class:`SolverSpec` made outside the compiled code (as ``MesaLayer`` holds one) and no keyword
     options: building a spec is not traceable."""
     if wants_stats:
         raise ValueError("return_stats / return_x are not available under torch.compile (the op is one graph "
                          "node); call the op eagerly for its stats")
     backend = spec.backend if spec.backend != "auto" else ("triton" if q.is_cuda else "torch")
-    if backend == "triton" or cu_seqlens is not None:
+    if cu_seqlens is not None:
         return _eager_chunk(q, k, v, g, beta, lam, spec.replace(backend=backend), initial_state, output_final_state,
                             cu_seqlens)
     validate_inputs(q, k, v, g, beta, lam, initial_state, check_values=False)  # the values: inside the operator
     H0, G0 = (None, None) if initial_state is None else initial_state
-    o, H_T, G_T, *_ = torch.ops.mesa_stability.mesa_torch(q, k, v, g, beta, lam, H0, G0, spec_json(spec))
+    op = torch.ops.mesa_stability.mesa_triton if backend == "triton" else torch.ops.mesa_stability.mesa_torch
+    o, H_T, G_T, *_ = op(q, k, v, g, beta, lam, H0, G0, spec_json(spec))  # each op runs its own backend
     return (o, (H_T, G_T)) if output_final_state else o
 
 
@@ -370,32 +403,38 @@ class TritonMesa(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, dH_T, dG_T, _dx, _d_steps, _d_res, _d_brk, _d_buf):
         *inputs, x = ctx.saved_tensors
-        q, k, v, g, beta, lam, H0, G0 = inputs
-        init = None if H0 is None else (H0, G0)
-        needs = ctx.needs_input_grad[:8]
-        do = do.contiguous()
-        none = (None,) * 5
-        # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode), on e / s;
-        # it also forms a0 = e.o - y.(H x) of the log-decay gradient
-        verdict.poll()
-        sc = _upstream_scale(do, dH_T, dG_T)
-        a0, final, _, _, y, buf = _triton_forward(q, k, v, g, beta, lam, init, ctx.cfg, ctx.num_warps, adjoint=do,
-                                              x_fwd=x, scale=sc, certify=ctx.certify is not None)
-        if ctx.certify is not None:
-            mode, threshold, where = ctx.certify
-            brk, out = buf
-            st = ctx.stats
-            st.adjoint_certificate = _tier1(brk, out, threshold, "adjoint y", y=y)
-            refine = _refiner((q, k, v, g, beta, lam, init), y, ctx.cfg.policy, threshold, brk,
-                              e=lambda: do.to(torch.float32) * sc[0], what="adjoint y", watch=(do,))
-            st._pending.append(verdict.submit(st._adjoint_certificate, mode, ctx.cfg.policy, refine=refine,
-                                              store=functools.partial(setattr, st, "_adjoint_certificate"),
-                                              where=where))
-        if ctx.bwd_contractions == "triton":
-            return (*_triton_backward(inputs, needs, x, y, a0, final, sc, ctx.cfg, do, dH_T, dG_T), *none)
-        dH_T, dG_T = (None if t is None else t.to(torch.float32) * sc[0] for t in (dH_T, dG_T))
-        grads = implicit_backward(inputs, needs, x, ctx.cfg, do.to(torch.float32) * sc[0], dH_T, dG_T, y=y)
-        return (*(None if t is None else t * sc[1] for t in grads), *none)
+        grads = _triton_grads(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, ctx.num_warps, ctx.bwd_contractions,
+                              ctx.certify, ctx.stats, do, dH_T, dG_T)
+        return (*grads, *(None,) * 5)
+
+
+def _triton_grads(inputs, needs, x, cfg: SolverSpec, num_warps, bwd_contractions, certify, stats, do, dH_T, dG_T):
+    """The implicit backward on the kernels (:class:`TritonMesa`): the gradients of the 8 inputs
+    ``(q, k, v, g, beta, lam, H0, G0)`` (None where not needed), the adjoint's certificate put in
+    ``stats`` and checked when ``certify = (mode, threshold, where)``."""
+    q, k, v, g, beta, lam, H0, G0 = inputs
+    init = None if H0 is None else (H0, G0)
+    do = do.contiguous()
+    # the adjoint solve y_t = A_t^{-1} G_t^T e_t runs in the Triton CG kernel (ADJOINT mode), on e / s;
+    # it also forms a0 = e.o - y.(H x) of the log-decay gradient
+    verdict.poll()
+    sc = _upstream_scale(do, dH_T, dG_T)
+    a0, final, _, _, y, buf = _triton_forward(q, k, v, g, beta, lam, init, cfg, num_warps, adjoint=do, x_fwd=x,
+                                              scale=sc, certify=certify is not None)
+    if certify is not None:
+        mode, threshold, where = certify
+        brk, out = buf
+        stats.adjoint_certificate = _tier1(brk, out, threshold, "adjoint y", y=y)
+        refine = _refiner((q, k, v, g, beta, lam, init), y, cfg.policy, threshold, brk,
+                          e=lambda: do.to(torch.float32) * sc[0], what="adjoint y", watch=(do,))
+        stats._pending.append(verdict.submit(stats._adjoint_certificate, mode, cfg.policy, refine=refine,
+                                             store=functools.partial(setattr, stats, "_adjoint_certificate"),
+                                             where=where))
+    if bwd_contractions == "triton":
+        return _triton_backward(inputs, needs, x, y, a0, final, sc, cfg, do, dH_T, dG_T)
+    dH_T, dG_T = (None if t is None else t.to(torch.float32) * sc[0] for t in (dH_T, dG_T))
+    grads = implicit_backward(inputs, needs, x, cfg, do.to(torch.float32) * sc[0], dH_T, dG_T, y=y)
+    return tuple(None if t is None else t * sc[1] for t in grads)
 
 
 def _launch_classes(pol: PrecisionPolicy, adjoint: bool = False):

@@ -247,7 +247,8 @@ def _cmd_guard_production(args: argparse.Namespace) -> int:
     grid_name = {"production": "production", "production-smoke": "smoke"}[args.preset]
     try:
         golden_only = [("--cases", args.cases), ("--properties", args.properties is not None),
-                       ("--baseline", args.baseline), ("--write-baseline", args.write_baseline)]
+                       ("--baseline", args.baseline), ("--write-baseline", args.write_baseline),
+                       ("--bench", args.bench)]
         used = [flag for flag, val in golden_only if val]
         if used:
             raise production.UsageError(f"{_flags(used)} to --preset golden, not to --preset {args.preset}")
@@ -319,7 +320,8 @@ def _cmd_guard_peer(args: argparse.Namespace) -> int:
         device = _device(args.device, guard.UsageError)
         used = [flag for flag, val in (("--families", args.families), ("--T", args.T), ("--D", args.D),
                                        ("--resume", args.resume), ("--steps", args.steps is not None),
-                                       ("--properties", args.properties is not None)) if val]
+                                       ("--properties", args.properties is not None), ("--bench", args.bench),
+                                       ("--baseline", args.baseline)) if val]
         if used:
             raise guard.UsageError(f"{_flags(used)} to another preset, not to --preset peer (its cases fix the "
                                    "sizes and the CG steps)")
@@ -397,8 +399,16 @@ def _cmd_guard(args: argparse.Namespace) -> int:
         if args.baseline:
             import pandas as pd
 
-            df = pd.concat([df, pd.DataFrame(guard.compare_baseline(args.baseline, df, target, times))],
-                           ignore_index=True)
+            if guard.is_benchmark_json(args.baseline):  # pytest-benchmark files: the medians of --bench
+                if not args.bench:
+                    raise guard.UsageError(f"--baseline {args.baseline} is a pytest-benchmark file: give this run's "
+                                           "with --bench NEW.json")
+                extra = guard.compare_benchmarks(args.baseline, args.bench)
+            else:
+                extra = guard.compare_baseline(args.baseline, df, target, times)
+            df = pd.concat([df, pd.DataFrame(extra)], ignore_index=True)
+        elif args.bench:
+            raise guard.UsageError("--bench compares with a pytest-benchmark --baseline OLD.json")
     except guard.UsageError as err:
         print(f"mesa guard: error: {err}", file=sys.stderr)
         return 2
@@ -624,6 +634,9 @@ def build_parser() -> argparse.ArgumentParser:
     gd.add_argument("--no-backward", action="store_true", help="forward checks only")
     gd.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     gd.add_argument("--baseline", metavar="FILE", help="also fail on regressions against this stored baseline")
+    gd.add_argument("--bench", metavar="NEW.json",
+                    help="a pytest-benchmark --benchmark-json file (benchmarks/pytest_bench) to compare with a "
+                         "--baseline of the same kind: a median beyond time_ratio x the baseline's fails")
     gd.add_argument("--write-baseline", metavar="FILE", help="record this run's measurements (and GPU times)")
     gd.add_argument("--no-speed", action="store_true", help="no GPU timing with --baseline / --write-baseline")
     gd.add_argument("--speed-shape", nargs=4, type=int, default=[4, 2048, 16, 128], metavar=("B", "T", "H", "D"),

@@ -169,6 +169,25 @@ def implicit_backward(inputs, needs, x: torch.Tensor, cfg: SolverSpec, do, dH_T=
     return tuple(o if need and t is not None else None for o, need, t in zip(out, needs, inputs, strict=True))
 
 
+def slice_by_slice(op):
+    """A vmap rule for ``op`` (an operator's ``register_vmap``, an autograd Function's ``vmap``): one
+    call of ``op`` per index of the mapped dimension, the outputs stacked along dim 0. The solver's
+    value checks and early exits are host decisions, which vmap cannot batch; each slice is a
+    problem of its own."""
+
+    def rule(info, in_dims, *args):
+        outs = []
+        for i in range(info.batch_size):
+            part = [a.select(d, i) if d is not None else a for a, d in zip(args, in_dims, strict=True)]
+            outs.append(op(*part))
+        stacked = [torch.stack([o[j] for o in outs]) for j in range(len(outs[0]))]
+        if isinstance(outs[0], list):
+            return stacked, [0] * len(stacked)
+        return tuple(stacked), (0,) * len(stacked)
+
+    return rule
+
+
 class MesaImplicit(torch.autograd.Function):
     """``(o, H_T, G_T, x, steps, residual) = MesaImplicit.apply(q, k, v, g, beta, lam, H0, G0, cfg[, on_adjoint])``:
     the forward by the PyTorch chunkwise CG, the backward by :func:`implicit_backward` (``on_adjoint``:
@@ -197,6 +216,11 @@ class MesaImplicit(torch.autograd.Function):
         *inputs, x = ctx.saved_tensors
         return (*implicit_backward(inputs, ctx.needs_input_grad[:8], x, ctx.cfg, do, dH_T, dG_T,
                                    on_adjoint=ctx.on_adjoint), None, None)
+
+    @staticmethod
+    def vmap(info, in_dims, *args):
+        """torch.vmap: one solve per index of the mapped dimension (:func:`slice_by_slice`)."""
+        return slice_by_slice(MesaImplicit.apply)(info, in_dims, *args)
 
 
 def mesa_implicit(problem_or_inputs, *, policy="fp64", steps: int = 30, tol: float | None = None, x0: str = "zero",
@@ -317,3 +341,7 @@ def _backward(ctx, do, dH_T, dG_T, _dx, _dsteps, _dres):
 
 
 mesa_torch.register_autograd(_backward, setup_context=_setup)
+
+
+mesa_torch.register_vmap(slice_by_slice(mesa_torch))
+mesa_torch_backward.register_vmap(slice_by_slice(mesa_torch_backward))

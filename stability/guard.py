@@ -437,6 +437,49 @@ def compare_baseline(path: str, df, target: Target, times: dict | None) -> list[
     return rows
 
 
+def is_benchmark_json(path: str) -> bool:
+    """Whether ``path`` is a pytest-benchmark ``--benchmark-json`` file (rather than a guard baseline)."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--baseline {path}: not readable JSON ({err})") from err
+    return isinstance(data, dict) and "benchmarks" in data and "machine_info" in data
+
+
+def load_benchmarks(path: str, flag: str) -> dict[str, dict]:
+    """``{fullname: {"median": seconds, "device": ...}}`` of a pytest-benchmark JSON file."""
+    try:
+        with open(path) as fh:
+            data = json.load(fh)
+        return {b["fullname"]: {"median": float(b["stats"]["median"]),
+                                "device": b.get("extra_info", {}).get("device", "?")} for b in data["benchmarks"]}
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise UsageError(f"{flag} {path}: not a pytest-benchmark --benchmark-json file ({err})") from err
+
+
+def compare_benchmarks(base_path: str, new_path: str) -> list[dict]:
+    """Rows (kind "baseline") comparing the medians of a pytest-benchmark run (``new_path``) with a
+    stored one (``base_path``): each benchmark of both may take up to ``time_ratio`` times its
+    baseline (budgets.toml). A benchmark of one file only is listed as n/a; medians measured on
+    another device are noted."""
+    base, new = load_benchmarks(base_path, "--baseline"), load_benchmarks(new_path, "--bench")
+    ratio = load_budgets()["baseline"]["time_ratio"]
+    rows = []
+    for name in sorted(set(base) | set(new)):
+        if name not in base or name not in new:
+            rows.append(_row("baseline", name, "median_s", new.get(name, {}).get("median", float("nan")),
+                             verdict="n/a", note="only in " + ("--bench" if name in new else "--baseline")))
+            continue
+        old, cur = base[name], new[name]
+        note = f"baseline {old['median'] * 1e3:.4g} ms"
+        if old["device"] != cur["device"]:
+            note += f" on {old['device']} (now {cur['device']})"
+        rows.append(_row("baseline", name, "median_s", cur["median"], ratio * old["median"], f"{ratio:g}*baseline",
+                         note=note))
+    return rows
+
+
 def _json_float(x: float):
     return x if math.isfinite(x) else str(x)
 

@@ -4,6 +4,7 @@ implementation and autograd formula; MesaImplicit works with torch.func.grad."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import pytest
@@ -76,3 +77,74 @@ def test_the_ablation_lm_compiles_as_one_graph():
     model = MesaLM("tiny", SolverSpec(steps=5, policy="fp32", backend="torch", check=None))
     x = torch.randint(0, 256, (2, 32))
     assert torch.equal(torch.compile(model, fullgraph=True, backend="aot_eager")(x), model(x))
+
+
+def test_torch_func_vmap_solves_each_slice():
+    """vmap over a batch of queries (and of gates) equals one eager call per slice; the values are
+    checked slice by slice (an invalid slice raises)."""
+    p = cases.random_problem(B=1, T=12, H=2, D=8, seed=1)
+
+    def f(q, g):
+        return mesa_chunk(q[None], p.k, p.v, g[None], p.beta, p.lam, policy="fp64", backend="torch", steps=60,
+                          check=None)[0]
+
+    qs = torch.stack([p.q[0], 2 * p.q[0], -p.q[0]])
+    gs = torch.stack([p.g[0], 0.5 * p.g[0], p.g[0]])
+    got = torch.func.vmap(f)(qs, gs)
+    assert torch.equal(got, torch.stack([f(a, b) for a, b in zip(qs, gs, strict=True)]))
+    with pytest.raises(ValueError, match="g"):
+        torch.func.vmap(f)(qs, torch.stack([p.g[0], -p.g[0], p.g[0]]))  # g > 0 in one slice
+    with pytest.warns(UserWarning, match="no accuracy certificate"):
+        torch.func.vmap(lambda q: mesa_chunk(q[None], p.k, p.v, p.g, p.beta, p.lam, policy="fp64",
+                                             backend="torch", steps=5)[0])(qs)
+    with pytest.raises(ValueError, match="backend='torch'"):
+        torch.func.vmap(lambda q: mesa_chunk(q[None], p.k, p.v, p.g, p.beta, p.lam, backend="triton")[0])(qs)
+
+
+def test_the_vmapped_operator_is_the_per_slice_operator():
+    p = cases.random_problem(B=2, T=10, H=2, D=4, seed=2)
+    js = spec_json(SolverSpec(policy="fp64", steps=40, check=None, chunk_size=4))
+    op = torch.ops.mesa_stability.mesa_torch
+    qs = torch.stack([p.q, -p.q])
+    got = torch.func.vmap(lambda q: op(q, p.k, p.v, p.g, p.beta, p.lam, None, None, js))(qs)
+    for i in range(2):
+        want = op(qs[i], p.k, p.v, p.g, p.beta, p.lam, None, None, js)
+        assert all(torch.equal(a[i], b) for a, b in zip(got, want, strict=True))
+
+
+# --- the Triton backend's operator (kernels.registered_op): the interpreter on the CPU, or CUDA ---
+_triton = pytest.mark.skipif(not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
+                             reason="the Triton kernels need CUDA or TRITON_INTERPRET=1")
+DEV = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1" else "cpu"
+
+
+@pytest.mark.triton
+@_triton
+@pytest.mark.parametrize("initial", [False, True])
+def test_the_triton_operator_passes_opcheck(initial):
+    pytest.importorskip("triton")
+    p = cases.random_problem(B=1, T=20, H=2, D=8, Dv=8, seed=0, initial_state=initial).to(torch.float32, device=DEV)
+    st = p.initial_state or (None, None)
+    args = [t.clone().requires_grad_() if t is not None else None for t in (p.q, p.k, p.v, p.g, p.beta, p.lam, *st)]
+    spec = SolverSpec(policy="fp32", steps=30, check="warn", chunk_size=8, backend="triton")
+    torch.library.opcheck(torch.ops.mesa_stability.mesa_triton.default, (*args, spec_json(spec)))
+
+
+@pytest.mark.triton
+@_triton
+def test_compiled_layer_on_the_kernels_is_one_graph_with_the_eager_numbers():
+    """fullgraph=True through MesaLayer on the Triton backend: the kernels run inside the registered
+    operator; forward and parameter gradients equal the eager layer's exactly (the same kernels)."""
+    pytest.importorskip("triton")
+    torch.manual_seed(0)
+    layer = MesaLayer(16, 2, steps=20, policy="fp32", backend="triton", chunk_size=8).to(DEV)
+    u = torch.randn(1, 12, 16, device=DEV)
+    eager = layer(u)
+    eager.square().sum().backward()
+    grads = {n: prm.grad.clone() for n, prm in layer.named_parameters()}
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(u)
+    compiled.square().sum().backward()
+    assert torch.equal(compiled.detach(), eager.detach())
+    for name, prm in layer.named_parameters():
+        assert rel_error(prm.grad, grads[name]) <= 1e-6, name

@@ -191,3 +191,40 @@ def test_bad_solver_options_are_usage_errors_before_any_check(flags, field, caps
     assert main(["guard", *flags, "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert f"SolverSpec.{field}" in err and "budget" not in err
+
+
+def test_pytest_benchmark_files_are_compared(tmp_path, capsys):
+    """A real pytest-benchmark JSON (one CPU benchmark of benchmarks/pytest_bench, run in a subprocess)
+    against itself passes; against a baseline twice as fast it fails beyond time_ratio; a benchmark
+    in one file only is n/a; --baseline of this kind without --bench is a usage error."""
+    pytest.importorskip("pytest_benchmark")
+    import os
+    import subprocess
+    import sys
+
+    new = tmp_path / "new.json"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "exact and fp64",
+                    "--benchmark-min-rounds=3", f"--benchmark-json={new}",
+                    os.path.join(root, "benchmarks", "pytest_bench", "test_bench_cpu.py")],
+                   check=True, cwd=root, capture_output=True)
+    assert guard.is_benchmark_json(str(new))
+    same = guard.compare_benchmarks(str(new), str(new))
+    assert len(same) == 1 and same[0]["verdict"] == "pass"
+    data = json.loads(new.read_text())
+    data["benchmarks"][0]["stats"]["median"] /= 2  # the baseline twice as fast: a 2x regression now
+    data["benchmarks"].append({**data["benchmarks"][0], "fullname": "gone::test"})
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(data))
+    rows = {r["case"]: r for r in guard.compare_benchmarks(str(base), str(new))}
+    assert rows["gone::test"]["verdict"] == "n/a"
+    (slow,) = [r for n, r in rows.items() if n != "gone::test"]
+    assert slow["verdict"] == "FAIL" and slow["budget"] == pytest.approx(
+        guard.load_budgets()["baseline"]["time_ratio"] * data["benchmarks"][0]["stats"]["median"])
+    args = ["guard", "--cases", "well_conditioned", "--properties", "--no-backward", "--device", "cpu",
+            "--no-progress", "--option", "backend=torch", "--policy", "bf16x3"]
+    assert main(args + ["--baseline", str(base), "--bench", str(new)]) == 1
+    assert main(args + ["--baseline", str(new), "--bench", str(new)]) == 0
+    assert main(args + ["--baseline", str(base)]) == 2
+    assert "--bench NEW.json" in capsys.readouterr().err
+    assert main(args + ["--bench", str(new)]) == 2
