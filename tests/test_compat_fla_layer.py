@@ -1,7 +1,8 @@
 """fla's layer and model on the native op (mesa_stability.compat.fla): the one-token decode in fla's
 layouts, the weight mapping between fla's MesaNet and MesaLayer (from_fla / to_fla), and the kernel
-swap of use_mesa_kernels. On the CPU (torch backend); the swap inside a real fla model, against fla's
-kernels and the float64 reference, is the GPU test of tests/test_compat_fla_gpu.py."""
+swap of use_mesa_kernels. On the CPU (torch backend), and on a GPU the swap inside fla's own layer
+against fla's kernels and the float64 op (benchmarks/fla_model_gpu.py does the same for the whole
+model, generation and training, and records it)."""
 
 from __future__ import annotations
 
@@ -151,3 +152,34 @@ def test_use_mesa_kernels_swaps_the_ops_of_fla_layers_only_during_their_calls():
         compat.use_mesa_kernels(nn.Linear(2, 2))
     with pytest.raises(TypeError, match="unknown solver option"):
         compat.use_mesa_kernels(model, stepz=3)
+
+
+@pytest.mark.gpu
+def test_fla_layer_on_our_kernels_on_a_gpu():
+    """fla's MesaNet layer (bf16 activations) with its kernels and with ours, against the same layer
+    whose op is the float64 solve (a prefill; generation is benchmarks/fla_model_gpu.py's). Ours is at
+    least as close to the float64 layer as fla's (fla rounds q and k to fp16), and the
+    swap leaves the parameters alone."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    fla_layers = pytest.importorskip("fla.layers")
+    torch.manual_seed(0)
+    layer = fla_layers.MesaNet(hidden_size=256, num_heads=4, head_dim=64).cuda()
+    before = {n: p.detach().clone() for n, p in layer.state_dict().items()}
+    u = torch.randn(2, 512, 256, device="cuda")
+
+    def run(**opts):
+        if opts:
+            compat.use_mesa_kernels(layer, **opts)
+        try:
+            with torch.no_grad(), torch.autocast("cuda", torch.bfloat16):
+                return layer(u)[0].float()
+        finally:
+            compat.use_fla_kernels(layer)
+
+    theirs = run()
+    ours = run(check=None)
+    ref = run(policy="fp64", backend="torch", steps=200, tol=1e-12, check=None)
+    err_ours, err_fla = rel_error(ours.double(), ref.double()), rel_error(theirs.double(), ref.double())
+    assert err_ours <= max(err_fla, 1e-2), (err_ours, err_fla)
+    assert all(torch.equal(before[n], p) for n, p in layer.state_dict().items())
