@@ -316,8 +316,8 @@ def segment_scan(init, E, dseg, out, *, reverse: bool = False, scale=None, state
         SOFT=software_rounding(_segment_scan_kernel))
 
 
-_TL_STATE = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
-"""Each of :data:`STATE_DTYPES` as the kernels' dtype (``STATE_DTYPE`` of the segment scan)."""
+# each of STATE_DTYPES as the kernels' dtype (STATE_DTYPE of the segment scan); empty without triton
+_TL_STATE = {} if tl is None else {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
 
 def scan_segments(N: int, programs: int, device: torch.device) -> int:
