@@ -118,3 +118,24 @@ def test_every_command_takes_device_and_refuses_a_missing_gpu(command, tmp_path,
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main([*command, "--device", "cuda", "--out", str(tmp_path / "o")]) == 2
     assert "cuda" in capsys.readouterr().err.lower()
+
+
+def test_verify_ends_with_a_verdict_and_fails_a_wrong_solver(monkeypatch, capsys):
+    """PASS with the count of checks (exit 0); a CG whose output is off by 1e-3 (far above the fp64
+    budget 8 u kappa + 2 u) is a FAIL naming the row, exit 1; Sherman-Morrison is judged against its
+    own problem, not Mesa's."""
+    assert main(["verify", "--t", "12", "--d", "4", "--policies", "fp64"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS: 6 checks within budget (the mpmath check and 5 solver rows)" in out and "rel_err_o_own" in out
+    real = solvers.solve
+
+    def off(problem, method="exact", policy=None, **opts):
+        res = real(problem, method, policy, **opts)
+        if method == "cg":
+            res.o = res.o * (1 + 1e-3)
+        return res
+
+    monkeypatch.setattr(solvers, "solve", off)
+    assert main(["verify", "--t", "12", "--d", "4", "--policies", "fp64"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("FAIL: 2 check(s) above budget") and "cg steps=200,tol=1e-10 fp64" in err
