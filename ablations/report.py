@@ -9,8 +9,10 @@ curves.
 from __future__ import annotations
 
 import glob
+import math
 import os
 
+import numpy as np
 import pandas as pd
 
 from mesa_stability.stability.provenance import provenance_of_table
@@ -66,42 +68,89 @@ def _plots(df: pd.DataFrame, out: str) -> list[str]:
         save(fig, "bpb_vs_eval_steps.png")
     tol = cg[cg.eval_tol.notna()]
     if tol.eval_tol.nunique() > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.5))
         for t, g in tol.groupby("train"):
             g = g.sort_values("eval_tol")
             ax.semilogx(g.eval_tol, g.bpb_validation, "o-", label=f"trained {t}")
             for _, r in g.iterrows():
-                ax.annotate(f"{r.mean_steps:.1f}", (r.eval_tol, r.bpb_validation), fontsize=6)
-        ax.set_xlabel("CG tolerance at evaluation (labels: mean steps)")
-        ax.set_ylabel("validation bits / byte")
-        ax.legend(fontsize=7)
+                ax.annotate(f"{r.mean_steps:.1f}", (r.eval_tol, r.bpb_validation), fontsize=8,
+                            textcoords="offset points", xytext=(3, 3))
+        ax.ticklabel_format(axis="y", useOffset=False)  # the values themselves, not an offset
+        ax.set_xlabel("CG tolerance at evaluation (labels: mean CG steps)", fontsize=10)
+        ax.set_ylabel("validation bits / byte", fontsize=10)
+        ax.set_title("Early-exit tolerance at evaluation", fontsize=11)
+        ax.legend(fontsize=8)
         save(fig, "bpb_vs_tolerance.png")
     if cg.eval_policy.nunique() > 1:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         piv = cg[cg.eval_tol.isna()].groupby(["eval_policy", "train"]).bpb_validation.min().unstack()
         piv.plot.bar(ax=ax)
-        ax.set_ylabel("validation bits / byte")
-        ax.set_title("Precision policy at evaluation")
+        ax.legend(fontsize=8, title="trained with", loc="upper left", bbox_to_anchor=(1.01, 1))
+        lo, hi = float(piv.min().min()), float(piv.max().max())
+        ax.set_ylim(lo - 0.1 * (hi - lo + 1e-3), hi + 0.1 * (hi - lo + 1e-3))  # the differences, not the bars' base
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_ylabel("validation bits / byte (best over step counts)", fontsize=10)
+        ax.set_xlabel("precision policy at evaluation", fontsize=10)
+        ax.set_title("Precision policy at evaluation", fontsize=11)
+        ax.tick_params(axis="x", labelrotation=20)
         save(fig, "bpb_vs_policy.png")
     pos_cols = [c for c in df.columns if c.startswith("bpb_pos")]
     if pos_cols:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for _, r in df.drop_duplicates("eval").head(8).iterrows():
-            ax.plot(range(len(pos_cols)), [r[c] for c in pos_cols], "o-", label=r["eval"])
-        ax.set_xticks(range(len(pos_cols)), [c.removeprefix("bpb_pos") for c in pos_cols], fontsize=7)
-        ax.set_xlabel("token positions in the window")
-        ax.set_ylabel("validation bits / byte")
-        ax.legend(fontsize=6)
+        # small multiples: one panel per evaluation configuration, every configuration shown, a line per
+        # trained model; the shared y-axis shows where along the window each one costs
+        evals = list(dict.fromkeys(df["eval"]))
+        ncol = min(4, len(evals))
+        nrow = -(-len(evals) // ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(3.2 * ncol, 2.6 * nrow), sharex=True, sharey=True,
+                                 squeeze=False)
+        labels = [c.removeprefix("bpb_pos") for c in pos_cols]
+        for ax, ev in zip(axes.flat, evals, strict=False):
+            sub = df[df["eval"] == ev]
+            for t, g in sub.groupby("train"):
+                ax.plot(range(len(pos_cols)), g[pos_cols].mean().to_numpy(), "o-", ms=3, label=f"trained {t}")
+            if not np.isfinite(sub[pos_cols].to_numpy(float)).any():
+                ax.text(0.5, 0.5, "no finite values\n(diverged)", transform=ax.transAxes, ha="center", fontsize=8)
+            ax.set_title(ev, fontsize=8)
+            ax.grid(alpha=0.3)
+        for ax in axes.flat[len(evals):]:
+            ax.set_visible(False)
+        for ax in axes[-1]:
+            ax.set_xticks(range(len(pos_cols)), labels, fontsize=7, rotation=45)
+            ax.set_xlabel("token positions", fontsize=8)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("bits / byte", fontsize=8)
+        axes.flat[0].legend(fontsize=6)
+        fig.suptitle("Validation bits / byte by position in the window, per evaluation configuration", fontsize=10)
         save(fig, "bpb_by_position.png")
     curves = sorted(glob.glob(os.path.join(out, "curves", "*.csv")))
     if curves:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        # left: the curves (log scale); right: each run minus the mean of all finite runs, where runs that
+        # overlap on the left are told apart
+        fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+        runs = {}
         for c in curves:
             cur = pd.read_csv(c)
-            ax.plot(cur.step, cur.loss.rolling(10, min_periods=1).mean(), label=os.path.basename(c)[:-4])
-        ax.set_xlabel("training step")
-        ax.set_ylabel("training loss (nats / byte, smoothed)")
+            bits = cur.set_index("step").loss / math.log(2)  # the curves hold nats/byte; the report speaks bits/byte
+            runs[os.path.basename(c)[:-4]] = bits.rolling(10, min_periods=1).mean()
+        finite = {n: r for n, r in runs.items() if np.isfinite(r.to_numpy()).any()}
+        for name, r in runs.items():
+            ax.plot(r.index, r, label=name if name in finite else f"{name} (no finite loss: diverged)")
+        ax.set_yscale("log")
+        ax.set_xlabel("training step", fontsize=10)
+        ax.set_ylabel("training loss (bits / byte, 10-step mean)", fontsize=10)
+        ax.set_title("Training curves", fontsize=11)
         ax.legend(fontsize=7)
+        if len(finite) > 1:
+            mean = pd.concat(finite, axis=1).mean(axis=1)
+            for name, r in finite.items():
+                ax2.plot(r.index, (r - mean).rolling(50, min_periods=1).mean(), label=name, lw=1)
+            ax2.axhline(0, color="k", lw=0.5)
+            ax2.set_xlabel("training step", fontsize=10)
+            ax2.set_ylabel("minus the mean of the runs (bits / byte, 50-step mean)", fontsize=10)
+            ax2.set_title("Differences between runs", fontsize=11)
+            ax2.legend(fontsize=7)
+        else:
+            ax2.set_visible(False)
         save(fig, "training_curves.png")
     return made
 
