@@ -70,6 +70,7 @@ class MesaStats:
     residual: torch.Tensor  # [B,T,H] float32 final relative residual ||r_k|| / ||r_0|| (the recursive one)
     x: torch.Tensor | None = None  # [B,T,H,D] float32 q-star
     breakdown: torch.Tensor | None = None  # [B,T,H] bool: CG stopped on p.Ap <= 0 or NaN
+    backend: str | None = None  # the backend that ran: "triton" or "torch" (what backend="auto" picked)
     _certificate: cert.Certificate | None = field(default=None, repr=False)
     _adjoint_certificate: cert.Certificate | None = field(default=None, repr=False)
     # the certificate's refinement (tier 2, or None), and the verdicts not yet read
@@ -157,8 +158,10 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
               ``check_tol`` defaults to the policy's sqrt(u). The certificate is in the stats;
             * ``backend``: ``"triton"`` (the kernels: CUDA, or CPU through the interpreter),
               ``"torch"`` (the PyTorch chunkwise CG of :mod:`solvers`, any device and policy, fp64
-              included) or ``"auto"``: Triton on CUDA tensors, torch otherwise. Both are
-              differentiable with the implicit backward of :mod:`solvers.implicit`.
+              included) or ``"auto"``: Triton on CUDA tensors, torch otherwise (CPU tensors run the
+              torch backend even with ``TRITON_INTERPRET=1``: pass ``"triton"`` for the kernels
+              there); ``stats.backend`` says which ran. Both are differentiable with the implicit
+              backward of :mod:`solvers.implicit`.
         initial_state: ``(H0 [N,H,D,D], G0 [N,H,Dv,D])``, N = B (or the number of packed sequences).
             G is ``sum beta v k^T``: the transpose of flash-linear-attention's ``h_kv`` ``[N,H,K,V]``
             (``mesa_stability.compat.fla.chunk_mesa_net`` takes and returns fla's layouts).
@@ -340,7 +343,7 @@ def _mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec, *, initial_state, cu_se
             # tier 1 from the kernel (an output row that is not finite fails there); tier 2 if it fails
             stats.certificate = _tier1(brk, cert_buf, threshold, "x")
             stats._refine = _refiner((q, k, v, g, beta, lam, initial_state), x, pol, threshold, brk, o=o)
-    stats.steps, stats.residual, stats.x, stats.breakdown = n_steps, res, x, brk
+    stats.steps, stats.residual, stats.x, stats.breakdown, stats.backend = n_steps, res, x, brk, backend
     return (o, (H_T, G_T)), stats, pol
 
 
@@ -655,7 +658,7 @@ def _varlen(q, k, v, g, beta, lam, cu_seqlens, initial_state, opts):
         return None if vals[0] is None else torch.cat(vals, 1)
 
     certs = [s._certificate for s in stats]
-    merged = MesaStats(cat("steps"), cat("residual"), cat("x"), cat("breakdown"), _parts=stats)
+    merged = MesaStats(cat("steps"), cat("residual"), cat("x"), cat("breakdown"), stats[0].backend, _parts=stats)
     if certs[0] is not None:
         merged.certificate = _merge_certificates(certs)
         refines = [s._refine for s in stats]
@@ -735,7 +738,7 @@ def mesa_step(q, k, v, g, beta, lam, state, spec: SolverSpec | None = None, *, r
 
     def stats() -> MesaStats:  # formed only when asked for, or for a failed verdict's message
         brk = flags[0].view(torch.bool)
-        st = MesaStats(n_steps, out32[..., D], out32[..., :D], brk)
+        st = MesaStats(n_steps, out32[..., D], out32[..., :D], brk, "triton")
         if check is not None:
             st.certificate = cert.Certificate(*(t[:, None] for t in (cert_buf[..., 0], cert_buf[..., 1],
                                                                      cert_buf[..., 2], brk)),

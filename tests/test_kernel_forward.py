@@ -340,3 +340,13 @@ def test_the_auto_tier_of_every_chunk_matches_the_emulation():
     want = ChunkedSystem.build(p.to(torch.float32, device="cpu"), solvers.get_policy("auto"), 32).tier.reshape(-1)
     assert set(want.tolist()) == {0, 1, 2}
     assert torch.equal(got, want.to(got.dtype))
+
+
+def test_stats_say_which_backend_ran(prob):
+    """backend="auto" picks the kernels for CUDA tensors and the torch backend otherwise (CPU tensors,
+    the interpreter included); the stats name the one that ran."""
+    p = _dev(prob)
+    _, st = kernels.mesa_chunk(**_args(p), steps=5, policy="fp32", backend="auto", return_stats=True)
+    assert st.backend == ("triton" if DEVICE.type == "cuda" else "torch")
+    _, st = mesa_chunk(**_args(p), steps=5, policy="fp32", return_stats=True)
+    assert st.backend == "triton"
