@@ -17,6 +17,7 @@ its replicate. Training curves and checkpoints go to ``out/curves/<train label>[
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
@@ -27,6 +28,7 @@ import torch
 
 from mesa_stability.solvers.spec import SPEC_FIELDS, SolverSpec
 from mesa_stability.stability.provenance import provenance
+from mesa_stability.stability.results_store import folder_lock, read_table, write_table
 
 from .model import SIZES, MesaLM
 from .train import TrainConfig, evaluate, train
@@ -172,21 +174,32 @@ def _slug(label: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "_", label)
 
 
-def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = True, log=print):
-    """Train and evaluate the whole grid; returns the results DataFrame (also in ``out/results.csv``)."""
-    import pandas as pd
-
-    from .data import load_corpus
+def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = True, log=print,
+             retrain: bool = False):
+    """Train and evaluate the whole grid; returns the results DataFrame (also in ``out/results.csv``).
+    Rank 0 holds the folder's writer lock (:func:`stability.results_store.folder_lock`); ``retrain``
+    trains a run from scratch where its checkpoint is damaged or from other settings (else that is
+    an error naming the file and the differing fields)."""
     from .train import dist_info, init_distributed
 
     device = init_distributed() if not grid.run.get("device") else torch.device(grid.run["device"])
     rank, world = dist_info()
+    os.makedirs(out, exist_ok=True)
+    with folder_lock(out, "mesa ablate") if rank == 0 else contextlib.nullcontext():
+        return _run_grid(grid, out, resume, progress, log, retrain, device, rank, world)
+
+
+def _run_grid(grid: Grid, out: str, resume, progress, log, retrain, device, rank, world):
+    import pandas as pd
+
+    from .data import load_corpus
+
     os.makedirs(os.path.join(out, "ckpt"), exist_ok=True)
     os.makedirs(os.path.join(out, "curves"), exist_ok=True)
     csv = os.path.join(out, "results.csv")
     if os.path.exists(csv) and not resume:
         raise GridError(f"{csv} exists: pass --resume to continue that run, or choose another --out")
-    done = pd.read_csv(csv) if os.path.exists(csv) else pd.DataFrame()
+    done = read_table(csv)  # the rows that pass their integrity check (stability/results_store.py)
     # a row is done for its (train, eval, seed); tables written before the seed column are seed 0
     seeds = done["seed"].fillna(0).astype(int) if "seed" in done else [0] * len(done)
     have = set(zip(done.get("train", []), done.get("eval", []), seeds, strict=False))
@@ -205,7 +218,7 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
         if rank == 0:
             log(f"train {tsolver.label}: {tcfg.steps} steps" + (" (resuming)" if os.path.exists(ck) else "")
                 + (f" on {world} processes" if world > 1 else ""))
-        res = train(model, corpus["train"], tcfg, ckpt_path=ck, progress=progress)
+        res = train(model, corpus["train"], tcfg, ckpt_path=ck, progress=progress, retrain=retrain)
         if rank != 0:
             continue  # evaluation and the table are rank 0's
         pd.DataFrame({"step": range(1, len(res.losses) + 1), "loss": res.losses}).to_csv(
@@ -228,7 +241,7 @@ def run_grid(grid: Grid, out: str, *, resume: bool = False, progress: bool = Tru
                     row.update({k: v for k, v in m.items() if k not in ("windows", "eval_wall_s")})
             row["eval_wall_s"] = time.perf_counter() - t0
             rows.append(row)
-            pd.DataFrame(rows).to_csv(csv, index=False)  # after every row: an interrupted grid keeps it
+            write_table(pd.DataFrame(rows), csv)  # after every row, atomically: an interrupted grid keeps it
             log(f"  eval {esolver.label}: validation {row['bpb_validation']:.4f} bits/byte")
     return pd.DataFrame(rows)
 
@@ -244,16 +257,17 @@ def merge_parts(parts: list[str], out: str) -> int:
         csv = os.path.join(part, "results.csv")
         if not os.path.exists(csv):
             raise GridError(f"part {part!r} has no results.csv")
-        frames.append(pd.read_csv(csv))
+        frames.append(read_table(csv))
     os.makedirs(os.path.join(out, "curves"), exist_ok=True)
     target = os.path.join(out, "results.csv")
     if os.path.exists(target) and os.path.abspath(out) not in {os.path.abspath(p) for p in parts}:
-        frames.insert(0, pd.read_csv(target))
+        frames.insert(0, read_table(target))
     merged = pd.concat(frames, ignore_index=True)
     key = ["train", "eval"] + (["seed"] if "seed" in merged else [])  # seed replicates are separate rows
     merged = merged.drop_duplicates(subset=key, keep="first")
-    merged.to_csv(target, index=False)
-    copy_part_files(parts, out, ("curves",))
+    with folder_lock(out, "mesa ablate --merge"):
+        write_table(merged, target)
+        copy_part_files(parts, out, ("curves",))
     return len(merged)
 
 

@@ -44,6 +44,7 @@ import torch
 
 from mesa_stability.solvers.spec import SolverSpec
 from mesa_stability.stability.provenance import provenance
+from mesa_stability.stability.results_store import atomic_write, folder_lock, read_table, write_table
 
 from . import spectra
 from .data import eval_windows
@@ -235,10 +236,10 @@ class Trajectory:
 
         m, _ = rank_metrics(self.model, self.x, self.y, self.study, self.temperature)
         new = pd.DataFrame([{"step": step, "train_loss": loss, **m}])
-        if os.path.exists(self.path):
-            old = pd.read_csv(self.path)
+        old = read_table(self.path)
+        if len(old):
             new = pd.concat([old[old.step != step], new], ignore_index=True).sort_values("step")
-        new.to_csv(self.path, index=False)
+        write_table(new, self.path)  # atomic: a kill inside the write keeps the earlier snapshots
 
 
 def normalised_settings(stored: dict) -> dict:
@@ -253,8 +254,12 @@ def normalised_settings(stored: dict) -> dict:
 def _check_settings(out: str, study: Study) -> None:
     path = os.path.join(out, "study.json")
     if os.path.exists(path):
-        with open(path) as fh:
-            stored = json.load(fh)["settings"]
+        try:
+            with open(path) as fh:
+                stored = json.load(fh)["settings"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StudyError(f"{path} is damaged ({type(err).__name__}: {err}); restore it, or remove the folder "
+                             "and run the study again") from err
         stored = normalised_settings(stored)
         mine = json.loads(json.dumps(study.settings()))
         differ = sorted(k for k in set(stored) | set(mine) if stored.get(k) != mine.get(k))
@@ -264,16 +269,22 @@ def _check_settings(out: str, study: Study) -> None:
 
 def _write_settings(out: str, name: str, settings: dict, temperatures, seeds) -> None:
     """``out/study.json``: the study's name, the temperatures and seeds it holds, its settings."""
-    tmp = os.path.join(out, "study.json.tmp")
-    with open(tmp, "w") as fh:
-        json.dump({"name": name, "temperatures": sorted(temperatures), "seeds": sorted(seeds),
-                   "settings": settings}, fh, indent=1)
-    os.replace(tmp, os.path.join(out, "study.json"))
+    text = json.dumps({"name": name, "temperatures": sorted(temperatures), "seeds": sorted(seeds),
+                       "settings": settings}, indent=1)
+    atomic_write(os.path.join(out, "study.json"), text.encode())
 
 
-def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = True, log=print):
-    """Train and measure every (T, seed) of ``study`` not yet in ``out/results.csv``; returns the
-    results DataFrame."""
+def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = True, log=print,
+              retrain: bool = False):
+    """Train and measure every (T, seed) of ``study`` not yet in ``out/results.csv``, holding the
+    folder's writer lock (stability/results_store.py); returns the results DataFrame. ``retrain``:
+    a damaged checkpoint, or one from other settings, is replaced by a run from scratch."""
+    os.makedirs(out, exist_ok=True)
+    with folder_lock(out, "mesa softmax"):
+        return _run_study(study, out, resume, progress, log, retrain)
+
+
+def _run_study(study: Study, out: str, resume, progress, log, retrain):
     import pandas as pd
 
     from .data import load_corpus
@@ -281,9 +292,8 @@ def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = 
     csv = os.path.join(out, "results.csv")
     if os.path.exists(csv) and not resume:
         raise StudyError(f"{csv} exists: pass --resume to continue that study, or choose another --out")
-    os.makedirs(out, exist_ok=True)
     _check_settings(out, study)
-    done = pd.read_csv(csv) if os.path.exists(csv) else pd.DataFrame(columns=["temperature", "seed"])
+    done = read_table(csv, columns=["temperature", "seed"])
     _write_settings(out, study.name, study.settings(), set(done.temperature) | set(study.temperatures),
                     set(done.seed) | set(study.seeds))
     for d in ("ckpt", "curves", "spectra", "trajectory"):
@@ -305,7 +315,8 @@ def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = 
         model = MesaLM(study.size, study.solver, backend=study.backend).to(device)
         ck = os.path.join(out, "ckpt", name + ".pt")
         traj = Trajectory(model, corpus, study, t, os.path.join(out, "trajectory", name + ".csv"))
-        res = train(model, corpus["train"], study.train_config(t, s), ckpt_path=ck, progress=progress, on_step=traj)
+        res = train(model, corpus["train"], study.train_config(t, s), ckpt_path=ck, progress=progress, on_step=traj,
+                    retrain=retrain)
         pd.DataFrame({"step": range(1, len(res.losses) + 1), "loss": res.losses}).to_csv(
             os.path.join(out, "curves", name + ".csv"), index=False)
         tail = res.losses[-max(1, math.ceil(LOSS_TAIL * len(res.losses))):] if res.losses else [float("nan")]
@@ -323,7 +334,7 @@ def run_study(study: Study, out: str, *, resume: bool = False, progress: bool = 
                        for k, v in sv.items()]).to_csv(os.path.join(out, "spectra", name + ".csv"), index=False)
         row["measure_wall_s"] = time.perf_counter() - t0
         rows.append(row)
-        pd.DataFrame(rows).to_csv(csv, index=False)  # after every run: an interrupted study keeps it
+        write_table(pd.DataFrame(rows), csv)  # after every run, atomically: an interrupted study keeps it
         msg = (f"T={t:g} seed {s}: diverged at step {res.steps_done}" if res.diverged else
                f"T={t:g} seed {s}: loss {row['final_train_loss']:.3f}, validation {row['bpb_validation']:.3f} "
                f"bits/byte, rank logits {row['logits_rank']} hidden {row['hidden_rank']}, "
@@ -349,20 +360,27 @@ def merge_studies(parts: list[str], out: str) -> int:
         csv, js = os.path.join(part, "results.csv"), os.path.join(part, "study.json")
         if not (os.path.exists(csv) and os.path.exists(js)):
             raise StudyError(f"part {part!r} has no results.csv and study.json")
-        with open(js) as fh:
-            meta = json.load(fh)
+        try:
+            with open(js) as fh:
+                meta = json.load(fh)
+            missing = [k for k in ("settings", "name", "temperatures", "seeds") if k not in meta]
+            if missing:
+                raise KeyError(f"no {missing}")
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise StudyError(f"{js} is damaged ({type(err).__name__}: {err})") from err
         if settings is not None and meta["settings"] != settings:
             raise StudyError(f"part {part!r} was run with other settings than {parts[0]!r}")
         settings, name = meta["settings"], name or meta["name"]
         temps |= set(meta["temperatures"])
         seeds |= set(meta["seeds"])
-        frames.append(pd.read_csv(csv))
+        frames.append(read_table(csv))
     merged = pd.concat(frames, ignore_index=True).drop_duplicates(subset=["temperature", "seed"], keep="first")
     merged = merged.sort_values(["seed", "temperature"]).reset_index(drop=True)
     os.makedirs(out, exist_ok=True)
-    merged.to_csv(os.path.join(out, "results.csv"), index=False)
-    _write_settings(out, name, settings, temps, seeds)
-    copy_part_files(parts, out, ("curves", "spectra", "trajectory"))
+    with folder_lock(out, "mesa softmax --merge"):
+        write_table(merged, os.path.join(out, "results.csv"))
+        _write_settings(out, name, settings, temps, seeds)
+        copy_part_files(parts, out, ("curves", "spectra", "trajectory"))
     return len(merged)
 
 

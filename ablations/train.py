@@ -24,14 +24,18 @@ windows), and the mean / max CG steps of every Mesa layer, under any :class:`sol
 
 from __future__ import annotations
 
+import io
+import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import torch
 
 from mesa_stability.solvers.spec import SolverSpec
+from mesa_stability.stability.results_store import atomic_write, sha256
 
 from .data import WindowSampler, eval_windows
 from .model import MesaLM, loss_per_token
@@ -111,18 +115,65 @@ class TrainResult:
         return self.tokens / self.wall_s if self.wall_s > 0 else float("nan")
 
 
-def _save(path: str, payload: dict) -> None:
-    tmp = path + ".tmp"
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a kill mid-write leaves the previous checkpoint intact
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: damaged, or written with other settings (named)."""
+
+
+def checkpoint_spec(cfg: TrainConfig, model: MesaLM) -> dict:
+    """What a checkpoint was trained with, compared on resume: the training config (but
+    ``ckpt_every``), the model size and its solver spec."""
+    tc = {k: v for k, v in asdict(cfg).items() if k != "ckpt_every"}
+    return {"train_config": tc, "size": asdict(model.size), "solver": model.solver.to_dict()}
+
+
+def _save(path: str, payload: dict, spec: dict) -> None:
+    """The checkpoint file: ``{"payload": bytes, "sha256": of them, "spec": ..., "spec_sha256": ...}``,
+    written atomically (stability/results_store.py)."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    raw = buf.getvalue()
+    out = io.BytesIO()
+    torch.save({"payload": raw, "sha256": sha256(raw), "spec": spec,
+                "spec_sha256": sha256(json.dumps(spec, sort_keys=True))}, out)
+    atomic_write(path, out.getvalue())
+
+
+def load_checkpoint(path: str, spec: dict, device) -> dict:
+    """The payload of the checkpoint at ``path``, after its checks: readable, its content hash, and
+    its spec equal to ``spec`` (else :class:`CheckpointError` naming the file and the differing
+    fields)."""
+    try:
+        outer = torch.load(path, map_location="cpu", weights_only=False)
+        raw = outer["payload"]
+    except Exception as err:  # truncated, empty, not a checkpoint of this format
+        raise CheckpointError(f"checkpoint {path} is damaged or not one of ours ({type(err).__name__}: "
+                              f"{str(err)[:120]})") from err
+    if sha256(raw) != outer.get("sha256"):
+        raise CheckpointError(f"checkpoint {path} is damaged: its content does not match its SHA-256")
+    stored = outer.get("spec", {})
+    if sha256(json.dumps(stored, sort_keys=True)) != outer.get("spec_sha256"):
+        raise CheckpointError(f"checkpoint {path} is damaged: its settings do not match their SHA-256")
+    if stored != spec:
+        differ = []
+        for part in ("train_config", "solver"):
+            a, b = stored.get(part, {}), spec.get(part, {})
+            differ += [f"{part}.{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (now)"
+                       for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+        if stored.get("size") != spec.get("size"):
+            differ.append(f"size: {stored.get('size')!r} (checkpoint) vs {spec.get('size')!r} (now)")
+        raise CheckpointError(f"checkpoint {path} was trained with other settings ({'; '.join(differ)})")
+    return torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
 
 
 def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str | None = None,
-          progress: bool = False, stop_after: int | None = None, on_step=None) -> TrainResult:
+          progress: bool = False, stop_after: int | None = None, on_step=None, retrain: bool = False) -> TrainResult:
     """Train ``model`` on the byte tensor ``data`` with the model's current solver configuration.
 
     With ``ckpt_path`` an existing checkpoint is resumed (model, optimiser, step, history) and new
-    ones are written every ``cfg.ckpt_every`` steps and at the end. ``stop_after`` ends the call
+    ones are written every ``cfg.ckpt_every`` steps and at the end. A checkpoint carries the SHA-256
+    of its content and of its settings (:func:`checkpoint_spec`); one that is damaged or from other
+    settings raises :class:`CheckpointError` naming the file and the fields, or with ``retrain`` is
+    replaced by a run from scratch. ``stop_after`` ends the call
     after that many steps of this call without a final checkpoint, as a killed run would (for tests
     of resuming). ``on_step(steps_done, loss)`` is called on rank 0 after every completed step (the
     softmax study measures the rank along training with it); it may run the model under
@@ -132,14 +183,18 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
     torch.manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
     res = TrainResult(0)
+    spec = checkpoint_spec(cfg, model)
     if ckpt_path and os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
-        stored = ck.get("train_config", {})
-        differ = sorted(k for k, v in asdict(cfg).items()
-                        if k != "ckpt_every" and stored.get(k, TrainConfig.__dataclass_fields__[k].default) != v)
-        if differ:
-            raise ValueError(f"checkpoint {ckpt_path} was written with other training settings ({', '.join(differ)}); "
-                             "resume with the same settings or remove it")
+        try:
+            ck = load_checkpoint(ckpt_path, spec, device)
+        except CheckpointError as err:
+            if not retrain:
+                raise CheckpointError(f"{err}; pass --retrain to train this run from scratch") from None
+            warnings.warn(f"{err}: training from scratch (--retrain)", RuntimeWarning, stacklevel=2)
+            ck = None
+    else:
+        ck = None
+    if ck is not None:
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         res = TrainResult(ck["step"], ck["losses"], ck["diverged"], ck["wall_s"], ck["tokens"])
@@ -147,7 +202,7 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     # each process draws its own share of the global batch (its own seeded stream)
     sampler = WindowSampler(data, model.size.seq_len, cfg.batch_size // world, cfg.seed + 7919 * rank)
-    core, net = model, model
+    net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
@@ -165,8 +220,7 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
         if ckpt_path and rank == 0:
             _save(ckpt_path, {"model": model.state_dict(), "optimizer": opt.state_dict(), "step": res.steps_done,
                               "losses": res.losses, "diverged": res.diverged, "wall_s": res.wall_s,
-                              "tokens": res.tokens, "train_config": asdict(cfg),
-                              "solver": core.solver.to_dict()})
+                              "tokens": res.tokens}, spec)
         if world > 1:
             torch.distributed.barrier()
 

@@ -29,6 +29,7 @@ from .stability import metrics
 from .stability.cases import random_problem
 from .stability.provenance import provenance, provenance_line
 from .stability.reference import mp_solve
+from .stability.results_store import StoreLocked
 
 
 def _on_cpu(res):
@@ -179,7 +180,7 @@ def _cmd_stability(args: argparse.Namespace) -> int:
     try:  # run_grid checks the selected names before any work
         df = report.run_grid(preset, args.out, seed=args.seed, cases_sel=args.cases, solvers_sel=args.solvers,
                              policies_sel=args.policies, resume=args.resume, progress=not args.no_progress)
-    except report.UsageError as err:
+    except (report.UsageError, StoreLocked) as err:
         print(f"mesa stability: error: {err}", file=sys.stderr)
         return 2
     ref = report.reference_check(case_names, seed=args.seed)
@@ -503,6 +504,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     report.md and plots/ in --out; --resume continues an interrupted run."""
     from .ablations.grid import GridError, load_grid, run_grid
     from .ablations.report import write_report
+    from .ablations.train import CheckpointError
 
     try:
         if args.merge:
@@ -538,8 +540,8 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
         out = args.out or os.path.join("results", "ablate", grid.name)
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"grid {grid.name}: {len(grid.train)} training x {len(grid.eval)} evaluation configs -> {out}")
-        run_grid(grid, out, resume=args.resume, progress=not args.no_progress)
-    except GridError as err:
+        run_grid(grid, out, resume=args.resume, progress=not args.no_progress, retrain=args.retrain)
+    except (GridError, StoreLocked, CheckpointError) as err:
         print(f"mesa ablate: error: {err}", file=sys.stderr)
         return 2
     from .ablations.train import dist_info
@@ -558,6 +560,7 @@ def _cmd_softmax(args: argparse.Namespace) -> int:
     interrupted study, --merge combines parts run separately (other seeds or GPUs)."""
     from .ablations.softmax import StudyError, load_study, merge_studies, run_study
     from .ablations.softmax_report import write_report
+    from .ablations.train import CheckpointError
 
     try:
         if args.merge:
@@ -572,8 +575,8 @@ def _cmd_softmax(args: argparse.Namespace) -> int:
                                device=None if args.device is None else _device(args.device, StudyError))
             out = args.out or os.path.join("results", "softmax", study.name)
             args.out = out
-            run_study(study, out, resume=args.resume, progress=not args.no_progress)
-    except StudyError as err:
+            run_study(study, out, resume=args.resume, progress=not args.no_progress, retrain=args.retrain)
+    except (StudyError, StoreLocked, CheckpointError) as err:
         print(f"mesa softmax: error: {err}", file=sys.stderr)
         return 2
     print(f"report: {write_report(args.out, plots=not args.no_plots)}")
@@ -706,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     ab.add_argument("--grid", metavar="FILE", help="a TOML grid file ([run], [[train]], [[eval]]) instead of a preset")
     ab.add_argument("--out", metavar="DIR", help="output folder (default results/ablate/<grid name>)")
     ab.add_argument("--resume", action="store_true", help="keep finished rows and checkpoints in --out, run the rest")
+    ab.add_argument("--retrain", action="store_true",
+                    help="with --resume: train from scratch a run whose checkpoint is damaged or from other settings "
+                         "(default: refuse, naming the file and the fields)")
     ab.add_argument("--train-steps", type=int, help="override the grid's training steps (a warm-up longer than "
                                                     "them shrinks in proportion unless --warmup is given)")
     ab.add_argument("--warmup", type=int, help="override the grid's learning-rate warm-up steps")
@@ -727,6 +733,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(small model), smoke (seconds)")
     sm.add_argument("--out", metavar="DIR", help="output folder (default results/softmax/<preset>)")
     sm.add_argument("--resume", action="store_true", help="keep finished runs and checkpoints in --out, run the rest")
+    sm.add_argument("--retrain", action="store_true",
+                    help="with --resume: train from scratch a run whose checkpoint is damaged or from other settings")
     sm.add_argument("--temperatures", type=float, nargs="+", metavar="T", help="override the temperatures")
     sm.add_argument("--seeds", type=int, nargs="+", metavar="S", help="override the seeds (split a study across GPUs)")
     sm.add_argument("--train-steps", type=int, help="override the training steps")

@@ -30,6 +30,7 @@ from mesa_stability.solvers import MesaProblem, SolverSpec
 from . import cases, metrics
 from .provenance import provenance
 from .reference import mp_solve
+from .results_store import folder_lock, read_table, write_table
 
 SOLVERS = ("exact", "sherman_morrison", "cg", "chebyshev")
 CG_STEPS = (1, 2, 4, 8, 16, 32, 64)
@@ -226,14 +227,21 @@ def reference_check(case_names: Iterable[str], seed: int = 0, dps: int = 50) -> 
 
 
 def _write_csv(df: pd.DataFrame, path: str) -> None:
-    tmp = path + ".tmp"
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+    write_table(df, path)  # atomic, with per-row integrity hashes (stability/results_store.py)
 
 
 def run_grid(preset: Preset, out_dir: str, *, seed: int = 0, cases_sel=None, solvers_sel=None, policies_sel=None,
              resume: bool = False, progress: bool = True) -> pd.DataFrame:
-    """Run the grid, appending rows to ``out_dir/results.csv`` after every (case, size)."""
+    """Run the grid, appending rows to ``out_dir/results.csv`` after every (case, size), holding the
+    folder's writer lock (:func:`stability.results_store.folder_lock`)."""
+    os.makedirs(out_dir, exist_ok=True)
+    with folder_lock(out_dir, "mesa stability"):
+        return _run_grid(preset, out_dir, seed=seed, cases_sel=cases_sel, solvers_sel=solvers_sel,
+                         policies_sel=policies_sel, resume=resume, progress=progress)
+
+
+def _run_grid(preset: Preset, out_dir: str, *, seed, cases_sel, solvers_sel, policies_sel, resume,
+              progress) -> pd.DataFrame:
     from tqdm.auto import tqdm
 
     case_names = _select("case", cases_sel, list(preset.sizes), cases.CASES)
@@ -241,7 +249,7 @@ def run_grid(preset: Preset, out_dir: str, *, seed: int = 0, cases_sel=None, sol
     policy_names = _select("policy", policies_sel, preset.policies, solvers.POLICIES)
     os.makedirs(out_dir, exist_ok=True)
     csv = os.path.join(out_dir, "results.csv")
-    done = pd.read_csv(csv) if resume and os.path.exists(csv) else pd.DataFrame(columns=list(KEY))
+    done = read_table(csv, columns=list(KEY)) if resume else pd.DataFrame(columns=list(KEY))
     have = set(map(tuple, done[list(KEY)].astype(str).values.tolist()))
     jobs = [(c, size, pol, solver, opts)
             for c in case_names for size in preset.sizes[c] for pol in policy_names

@@ -9,7 +9,7 @@ import torch
 
 from mesa_stability.ablations import data
 from mesa_stability.ablations.model import MesaLM
-from mesa_stability.ablations.train import TrainConfig, evaluate, lr_at, train
+from mesa_stability.ablations.train import TrainConfig, checkpoint_spec, evaluate, load_checkpoint, lr_at, train
 from mesa_stability.solvers.spec import SolverSpec
 
 
@@ -95,7 +95,7 @@ def test_resume_continues_exactly(corpus, tmp_path):
     ck = str(tmp_path / "ck.pt")
     part = fresh()
     train(part, corpus["train"], cfg, ckpt_path=ck, stop_after=7)  # "killed" after 7 steps: last checkpoint at 6
-    assert torch.load(ck, weights_only=False)["step"] == 6
+    assert load_checkpoint(ck, checkpoint_spec(cfg, part), "cpu")["step"] == 6
     resumed = fresh()  # a new process would build the model again
     res = train(resumed, corpus["train"], cfg, ckpt_path=ck)
     assert res.steps_done == 12 and res.losses == pytest.approx(ref.losses, rel=1e-5)
