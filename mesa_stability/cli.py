@@ -308,7 +308,7 @@ def _cmd_guard_production(args: argparse.Namespace) -> int:
         args.out = args.out or os.path.join("results", "production")
         t0 = time.perf_counter()
         grid, df, device = _run_production(args, grid_name, args.policy, args.families)
-    except production.UsageError as err:
+    except (production.UsageError, StoreLocked) as err:
         print(f"mesa guard: error: {err}", file=sys.stderr)
         return 2
     print(f"grid {grid.name}, implementation {args.impl or 'kernels:mesa_chunk'}, device {device}, "
@@ -332,7 +332,7 @@ def _cmd_stability_production(args: argparse.Namespace, preset) -> int:
     t0 = time.perf_counter()
     try:
         grid, df, device = _run_production(args, preset.production, args.policies, args.families or args.cases)
-    except production.UsageError as err:
+    except (production.UsageError, StoreLocked) as err:
         print(f"mesa stability: error: {err}", file=sys.stderr)
         return 2
     meta = {"grid": f"{grid.name} (preset {preset.name})", "description": grid.description,

@@ -84,6 +84,7 @@ from mesa_stability.solvers.verdict import flush as flush_checks
 
 from . import cases, golden, guard, metrics, scale_reference
 from .provenance import PROVENANCE_COLUMNS, git_commit, provenance  # noqa: F401  (git_commit: benchmarks)
+from .results_store import append_rows, folder_lock, read_table
 
 QUANTITIES = ("o", "x", "dq", "dk", "dv", "dg", "dbeta", "dlam")
 GRADIENTS = ("q", "k", "v", "g", "beta", "lam")
@@ -606,7 +607,7 @@ def read_results(csv: str) -> pd.DataFrame:
     """A results.csv as written (the verdict ``n/a`` kept as a string; empty cells NaN)."""
     if not os.path.exists(csv):
         return pd.DataFrame(columns=COLUMNS)
-    return pd.read_csv(csv, keep_default_na=False, na_values=[""])
+    return read_table(csv, keep_default_na=False, na_values=[""])  # rows that pass their hash
 
 
 def _read_done(csv: str) -> pd.DataFrame:
@@ -625,8 +626,7 @@ def _append(csv: str, rows: list[dict]) -> None:
     """Append rows (the header first in a new file), under the file's lock (parallel jobs share it)."""
     df = pd.DataFrame(rows, columns=COLUMNS)
     with locked(csv + ".lock"):
-        new = not os.path.exists(csv) or os.path.getsize(csv) == 0
-        df.to_csv(csv, mode="a", header=new, index=False)
+        append_rows(df, csv)  # each row with its hash, fsync-ed (stability/results_store.py)
 
 
 def split_policies(policies: list[str], jobs: int) -> list[list[str]]:
@@ -652,10 +652,20 @@ def _job(kwargs: dict) -> None:
     run(**kwargs)
 
 
-def run(grid: Grid, out_dir: str, *, families=None, Ts=None, Ds=None, policies=None, impl: str | None = None,
-        device: str = "cpu", spec: SolverSpec | None = None, extra: dict | None = None,
-        resume: bool = False, cache_dir: str | None = None, backward_max_T: int | None = None,
-        reference_check: bool = True, progress: bool = True, jobs: int = 1, log: str | None = None) -> pd.DataFrame:
+def run(grid: Grid, out_dir: str, **kw) -> pd.DataFrame:
+    """:func:`_run` holding ``out_dir``'s writer lock (:func:`stability.results_store.folder_lock`; the
+    parallel jobs of one run share it through the parent, and append under a file lock)."""
+    if _IN_JOB:
+        return _run(grid, out_dir, **kw)
+    os.makedirs(out_dir, exist_ok=True)
+    with folder_lock(out_dir, "production grid"):
+        return _run(grid, out_dir, **kw)
+
+
+def _run(grid: Grid, out_dir: str, *, families=None, Ts=None, Ds=None, policies=None, impl: str | None = None,
+         device: str = "cpu", spec: SolverSpec | None = None, extra: dict | None = None,
+         resume: bool = False, cache_dir: str | None = None, backward_max_T: int | None = None,
+         reference_check: bool = True, progress: bool = True, jobs: int = 1, log: str | None = None) -> pd.DataFrame:
     """Run the selected cases x policies, appending rows to ``out_dir/results.csv``; returns the
     selection's rows (those kept from a resumed file included). Each policy runs ``spec`` (default
     :data:`DEFAULT_SPEC`) with that policy; ``extra``: more options of the op. ``cache_dir`` (default

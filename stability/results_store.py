@@ -85,22 +85,48 @@ def sha256(data: bytes | str) -> str:
 
 def write_table(df, path: str) -> None:
     """Write the DataFrame ``df`` to ``path`` atomically, every row ending with its ``row_sha256``."""
-    from pandas.api.types import is_object_dtype, is_string_dtype
-
-    df = df.drop(columns=[HASH_COLUMN], errors="ignore").copy()
-    for col in df.columns:
-        if is_object_dtype(df[col]) or is_string_dtype(df[col]):  # one row, one line
-            df[col] = df[col].map(lambda x: x.replace("\r", " ").replace("\n", " ") if isinstance(x, str) else x)
-    text = df.to_csv(index=False, lineterminator="\n")
-    header, *lines = text.split("\n")[:-1] if text.endswith("\n") else text.split("\n")
+    header, lines = _lines(df)
     out = [f"{header},{HASH_COLUMN}"] + [f"{line},{sha256(line)}" for line in lines]
     atomic_write(path, ("\n".join(out) + "\n").encode())
 
 
-def read_table(path: str, *, columns: list[str] | None = None):
+def _lines(df) -> tuple[str, list[str]]:
+    """The CSV header and data lines of ``df`` (string cells without line breaks: one row, one line)."""
+    from pandas.api.types import is_object_dtype, is_string_dtype
+
+    df = df.drop(columns=[HASH_COLUMN], errors="ignore").copy()
+    for col in df.columns:
+        if is_object_dtype(df[col]) or is_string_dtype(df[col]):
+            df[col] = df[col].map(lambda x: x.replace("\r", " ").replace("\n", " ") if isinstance(x, str) else x)
+    text = df.to_csv(index=False, lineterminator="\n")
+    header, *lines = text[:-1].split("\n") if text.endswith("\n") else text.split("\n")
+    return header, lines
+
+
+def append_rows(df, path: str) -> None:
+    """Append the rows of ``df`` to the table at ``path`` (its header first in a new file), each with
+    its ``row_sha256``, then flush and ``fsync``: an append-only log whose torn last line fails its hash.
+    Concurrent appenders must hold a common lock (``stability.production`` does). A table written
+    before the hash column is appended to in its own format."""
+    header, lines = _lines(df)
+    new = not os.path.exists(path) or os.path.getsize(path) == 0
+    hashed = True
+    if not new:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            hashed = fh.readline().rstrip("\n").endswith("," + HASH_COLUMN)
+    out = ([f"{header},{HASH_COLUMN}"] if new else []) + [f"{ln},{sha256(ln)}" if hashed else ln for ln in lines]
+    if _fault_now():
+        raise StoreFault(f"injected fault before an append to {path} (MESA_STORE_FAULT)")
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write("\n".join(out) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def read_table(path: str, *, columns: list[str] | None = None, **read_csv):
     """The rows of ``path`` that pass their integrity check (module docstring), without the hash
     column; an empty table (with ``columns``) when the file does not exist. A file without the hash
-    column (written before it) is read as it is."""
+    column (written before it) is read as it is. ``read_csv``: options of ``pandas.read_csv``."""
     import pandas as pd
 
     if not os.path.exists(path):
@@ -113,7 +139,7 @@ def read_table(path: str, *, columns: list[str] | None = None):
         return pd.DataFrame(columns=columns or [])
     header, *lines = text.rstrip("\n").split("\n")
     if not header.endswith("," + HASH_COLUMN):
-        return pd.read_csv(io.StringIO(text))
+        return pd.read_csv(io.StringIO(text), **read_csv)
     good, bad = [], []
     for n, line in enumerate(lines, start=2):
         body, _, digest = line.rpartition(",")
@@ -126,7 +152,7 @@ def read_table(path: str, *, columns: list[str] | None = None):
                       f"{' ...' if len(bad) > 10 else ''}; their integrity hash does not match): they will be "
                       "measured again", DamagedRowsWarning, stacklevel=2)
     body = header.rpartition(",")[0] + "\n" + "".join(line + "\n" for line in good)
-    return pd.read_csv(io.StringIO(body))
+    return pd.read_csv(io.StringIO(body), **read_csv)
 
 
 def _alive(pid: int) -> bool:
@@ -175,5 +201,5 @@ def folder_lock(out: str, command: str | None = None):
             os.remove(path)
 
 
-__all__ = ["DamagedRowsWarning", "HASH_COLUMN", "StoreFault", "StoreLocked", "atomic_write", "folder_lock",
-           "read_table", "sha256", "write_table"]
+__all__ = ["DamagedRowsWarning", "HASH_COLUMN", "StoreFault", "StoreLocked", "append_rows", "atomic_write",
+           "folder_lock", "read_table", "sha256", "write_table"]
