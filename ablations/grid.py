@@ -197,8 +197,9 @@ def _run_grid(grid: Grid, out: str, resume, progress, log, retrain, device, rank
     os.makedirs(os.path.join(out, "ckpt"), exist_ok=True)
     os.makedirs(os.path.join(out, "curves"), exist_ok=True)
     csv = os.path.join(out, "results.csv")
-    if os.path.exists(csv) and not resume:
-        raise GridError(f"{csv} exists: pass --resume to continue that run, or choose another --out")
+    if not resume and (os.path.exists(csv) or earlier_checkpoints(out)):
+        what = csv if os.path.exists(csv) else f"{os.path.join(out, 'ckpt')} (checkpoints of an interrupted run)"
+        raise GridError(f"{what} exists: pass --resume to continue that run, or choose another --out")
     done = read_table(csv)  # the rows that pass their integrity check (stability/results_store.py)
     # a row is done for its (train, eval, seed); tables written before the seed column are seed 0
     seeds = done["seed"].fillna(0).astype(int) if "seed" in done else [0] * len(done)
@@ -244,6 +245,12 @@ def _run_grid(grid: Grid, out: str, resume, progress, log, retrain, device, rank
             write_table(pd.DataFrame(rows), csv)  # after every row, atomically: an interrupted grid keeps it
             log(f"  eval {esolver.label}: validation {row['bpb_validation']:.4f} bits/byte")
     return pd.DataFrame(rows)
+
+
+def earlier_checkpoints(out: str) -> list[str]:
+    """The checkpoints an earlier run left in ``out/ckpt``."""
+    folder = os.path.join(out, "ckpt")
+    return sorted(f for f in os.listdir(folder) if f.endswith(".pt")) if os.path.isdir(folder) else []
 
 
 def merge_parts(parts: list[str], out: str) -> int:

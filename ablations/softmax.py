@@ -48,7 +48,7 @@ from mesa_stability.stability.results_store import atomic_write, folder_lock, re
 
 from . import spectra
 from .data import eval_windows
-from .grid import copy_part_files
+from .grid import copy_part_files, earlier_checkpoints
 from .model import SIZES, MesaLM
 from .train import TrainConfig, evaluate, train
 
@@ -290,8 +290,9 @@ def _run_study(study: Study, out: str, resume, progress, log, retrain):
     from .data import load_corpus
 
     csv = os.path.join(out, "results.csv")
-    if os.path.exists(csv) and not resume:
-        raise StudyError(f"{csv} exists: pass --resume to continue that study, or choose another --out")
+    if not resume and (os.path.exists(csv) or earlier_checkpoints(out)):
+        what = csv if os.path.exists(csv) else f"{os.path.join(out, 'ckpt')} (checkpoints of an interrupted study)"
+        raise StudyError(f"{what} exists: pass --resume to continue that study, or choose another --out")
     _check_settings(out, study)
     done = read_table(csv, columns=["temperature", "seed"])
     _write_settings(out, study.name, study.settings(), set(done.temperature) | set(study.temperatures),
