@@ -28,9 +28,9 @@ if backward:
     print("backward ok", {{k: type(v).__name__ for k, v in chunk_state.LAST_LAUNCH.items()}}, flush=True)
 '''
 
-CASES = [(4, 2048, 16, 128, "bf16x3", "two-level", False), (4, 2048, 16, 128, "bf16x3", "sequential", True),
-         (4, 2048, 16, 128, "bf16x3", "two-level", True), (1, 8192, 16, 128, "bf16x3", "two-level", True),
-         (4, 2048, 16, 64, "bf16x3", "two-level", True), (4, 2048, 16, 128, "fp32", "two-level", True)]
+CASES = [(4, 2048, 16, 128, "bf16x3", "two-level", False), (4, 2048, 16, 128, "bf16x3", "two-level", True),
+         (4, 2048, 16, 128, "bf16x3", "sequential", True), (1, 8192, 16, 128, "bf16x3", "two-level", True),
+         (4, 2048, 16, 64, "bf16x3", "two-level", True)]
 
 
 def main() -> int:
@@ -39,7 +39,7 @@ def main() -> int:
         r = subprocess.run([sys.executable, "-c", CASE.format(args=repr(case))], env=env, capture_output=True,
                            text=True, timeout=240)
         tail = (r.stdout + r.stderr).strip().splitlines()
-        where = [ln for ln in tail if "File" in ln and "kernels" in ln][-3:]
+        where = [ln.strip() for ln in tail if "File" in ln and ("kernels" in ln or "mesa_stability" in ln)][-4:]
         print(case, "rc", r.returncode, "|", " | ".join(tail[-2:])[:300], "|", " ".join(where)[:400], flush=True)
     return 0
 
