@@ -132,12 +132,14 @@ if triton is not None:
             hi, lo = decay_add(hi, lo, d, _mmp(Lt, X.to(tl.float32), OP, SOFT, False), True)
             decay *= d
             i_c -= 1
+        # the per-program conditions as block masks, as in kernels.chunk_state
         if END_ALL:
             tl.store(s0_ptr + p64 * DL * D + o_s, hi + lo, mask=m_s)
-            if i_r == 0:  # one program per segment stores its decay
-                tl.store(dseg_ptr + p64, decay)
-        elif i_s == 0:  # the first segment ends at the first token
-            tl.store(s0_ptr + bh64 * DL * D + o_s, (hi + lo) * tl.load(scale_ptr + 1), mask=m_s)
+            o1 = tl.arange(0, 1)
+            tl.store(dseg_ptr + p64 + o1, decay + tl.zeros([1], tl.float32), mask=(o1 * 0 + i_r) == 0)
+        else:  # the first segment ends at the first token
+            first = (tl.zeros([BLOCK_R, BLOCK_D], tl.int32) + i_s) == 0
+            tl.store(s0_ptr + bh64 * DL * D + o_s, (hi + lo) * tl.load(scale_ptr + 1), mask=m_s & first)
 
     @triton.jit
     def _contract_kernel(

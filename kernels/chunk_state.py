@@ -251,12 +251,16 @@ if triton is not None:
                 decay *= d
                 i_c += 1
 
+        # the per-program conditions as block masks (broadcast explicitly: the same stores compiled
+        # and interpreted, on every Triton version)
         if END_ALL:
             tl.store(sT_ptr + p64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s)
-            if (i_l == 0) & (i_k == 0):  # one program per segment stores its decay
-                tl.store(dseg_ptr + p64, decay)
-        elif i_s == S - 1:  # the last segment ends at the last token
-            tl.store(sT_ptr + bh64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s)
+            o1 = tl.arange(0, 1)
+            first_tile = (o1 * 0 + i_l + i_k) == 0  # one program per segment stores its decay
+            tl.store(dseg_ptr + p64 + o1, decay + tl.zeros([1], tl.float32), mask=first_tile)
+        else:  # the last segment ends at the last token
+            last = (tl.zeros([BLOCK_L, BLOCK_K], tl.int32) + i_s) == S - 1
+            tl.store(sT_ptr + bh64 * DL * D + o_s, (hi + lo).to(sT_ptr.dtype.element_ty), mask=m_s & last)
 
     @triton.jit
     def _segment_scan_kernel(
