@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 
 import pandas as pd
@@ -184,6 +185,7 @@ def _plots(df: pd.DataFrame, traj: pd.DataFrame, out: str, meta: dict, loss_band
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     pdir = os.path.join(out, "plots")
     os.makedirs(pdir, exist_ok=True)
@@ -241,23 +243,29 @@ def _plots(df: pd.DataFrame, traj: pd.DataFrame, out: str, meta: dict, loss_band
     ax.legend(fontsize=7)
     save(fig, "auroc_vs_temperature.png")
 
+    # losses are kept in nats / byte (the training objective); the plots show bits / byte, as the report
+    bits = 1 / math.log(2)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    l1 = tab.final_train_loss.mean().loc[1.0]
+    l1 = tab.final_train_loss.mean().loc[1.0] * bits
     ax.axhspan(l1 * (1 - loss_band), l1 * (1 + loss_band), color="g", alpha=0.15, label=f"parity band +-{loss_band:g}")
-    ax.plot(ts, tab.final_train_loss.mean().loc[ts], "o-", label="final training loss (seed mean)")
-    ax.plot(ok.temperature, ok.final_train_loss, ".", color="gray", alpha=0.6)
+    ax.plot(ts, tab.final_train_loss.mean().loc[ts] * bits, "o-", label="final training loss (seed mean)")
+    ax.plot(ok.temperature, ok.final_train_loss * bits, ".", color="gray", alpha=0.6)
     ax.set_xscale("log")
     ax.set_xlabel("training temperature T")
-    ax.set_ylabel("nats / byte of softmax(z / T)")
+    ax.set_ylabel("bits / byte of softmax(z / T)")
+    ax.set_title("final training loss")
     ax.legend(fontsize=7)
     for t in ts:
         f = os.path.join(out, "curves", run_name(t, int(ok.seed.min())) + ".csv")
         if os.path.exists(f):
             c = pd.read_csv(f)
             w = max(1, len(c) // 50)
-            ax2.plot(c.step, c.loss.rolling(w, min_periods=1).mean(), color=color[t], label=f"T = {t:g}")
+            ax2.plot(c.step, c.loss.rolling(w, min_periods=1).mean() * bits, color=color[t], label=f"T = {t:g}")
     ax2.set_xlabel("step")
-    ax2.set_ylabel("training loss (running mean)")
+    ax2.set_ylabel("training loss (bits / byte, running mean)")
+    ax2.set_yscale("log")  # T = 0.1 starts near 40 bits / byte
+    ax2.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax2.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
     ax2.set_title(f"training curves, seed {int(ok.seed.min())}")
     ax2.legend(fontsize=7)
     save(fig, "train_loss_vs_temperature.png")
@@ -268,11 +276,15 @@ def _plots(df: pd.DataFrame, traj: pd.DataFrame, out: str, meta: dict, loss_band
             for s, g in traj[traj.temperature == t].groupby("seed"):
                 g = g.sort_values("step")
                 first = s == ok.seed.min()
-                ax.plot(g.rows_loss, g.logits_rank, "o-", ms=3, color=color[t], alpha=0.9 if first else 0.4,
+                ax.plot(g.rows_loss * bits, g.logits_rank, "o-", ms=3, color=color[t], alpha=0.9 if first else 0.4,
                         label=f"T = {t:g}" if first else None)
         ax.set_xscale("log")
         ax.invert_xaxis()
-        ax.set_xlabel("held-out loss (nats / byte, log scale; training moves right)")
+        ax.set_xlabel("held-out loss (bits / byte, log scale; training moves right)")
+        # labels at 1, 2, 5 x 10^k in plain numbers (matplotlib's minor labels overlap here)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_ylabel("logits numerical rank")
         ax.set_title("rank at matched loss")
         ax.legend(fontsize=7)
