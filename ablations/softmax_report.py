@@ -228,6 +228,7 @@ def _plots(df: pd.DataFrame, traj: pd.DataFrame, out: str, meta: dict, loss_band
     ax.set_xlabel("training temperature T")
     ax.set_ylabel("bits / byte of softmax(z / T)")
     ax.legend(fontsize=8)
+    ax.set_title("bits / byte by training temperature")
     save(fig, "bpb_vs_temperature.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
@@ -241,6 +242,7 @@ def _plots(df: pd.DataFrame, traj: pd.DataFrame, out: str, meta: dict, loss_band
     ax.set_xlabel("training temperature T")
     ax.set_ylabel("AUROC, in-distribution (test) vs sympy source")
     ax.legend(fontsize=7)
+    ax.set_title("OOD detection (AUROC) by training temperature")
     save(fig, "auroc_vs_temperature.png")
 
     # losses are kept in nats / byte (the training objective); the plots show bits / byte, as the report
