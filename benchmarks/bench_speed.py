@@ -118,6 +118,14 @@ class sequential_scan:
         chunk_state.scan_segments = self.saved
 
 
+def forward_backward(fn, inp, e) -> None:
+    """One forward + backward of ``fn`` on fresh leaves of ``inp`` with upstream gradient ``e``."""
+    leaves = [t.detach().requires_grad_() for t in inp]
+    out = fn(*leaves)
+    out = out[0] if isinstance(out, tuple) else out
+    out.backward(e.to(out.dtype))
+
+
 def packed_lengths(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
     """``cu_seqlens`` (int64, ``[n+1]``) of n sequences of log-uniform lengths in [64, 4096] scaled to
     sum to ``tokens`` (each at least 1)."""
@@ -139,11 +147,7 @@ def bench_varlen(n, tokens, peer, bench, add, H=16, D=128):
     shape = f"varlen {n} seqs, {tokens} tokens, H={H}, D={D}"
     flops = sum(flops_fwd_bwd(1, int(b - a), H, D, D, CHUNK, 30, 30) for a, b in zip(cu[:-1], cu[1:], strict=True))
 
-    def fwd_bwd(fn):
-        leaves = [t.detach().requires_grad_() for t in inp]
-        out = fn(*leaves)
-        out = out[0] if isinstance(out, tuple) else out
-        out.backward(e.to(out.dtype))
+    fwd_bwd = functools.partial(forward_backward, inp=inp, e=e)
 
     if peer is not None:
         run = functools.partial(peer, max_CG_iteration=30, cu_seqlens=cu)
@@ -230,11 +234,7 @@ def main(argv=None) -> int:
         shape = f"({B},{T},{H},{D})"
         timed_fwd = T <= args.fwd_max_T
 
-        def fwd_bwd(fn, inp=inp, e=e):
-            leaves = [t.detach().requires_grad_() for t in inp]
-            out = fn(*leaves)
-            out = out[0] if isinstance(out, tuple) else out
-            out.backward(e.to(out.dtype))
+        fwd_bwd = functools.partial(forward_backward, inp=inp, e=e)
 
         if peer is not None:
             run = functools.partial(peer, max_CG_iteration=30)

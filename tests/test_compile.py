@@ -28,19 +28,26 @@ def test_the_registered_operator_passes_opcheck(initial):
     torch.library.opcheck(torch.ops.mesa_stability.mesa_torch.default, (*args, spec_json(spec)))
 
 
+def _eager_and_compiled(layer, u):
+    """``(eager output, compiled output, eager parameter gradients)`` of ``sum(layer(u)^2)``; the
+    compiled (fullgraph, aot_eager) gradients are left in the parameters."""
+    eager = layer(u)
+    eager.square().sum().backward()
+    grads = {n: prm.grad.clone() for n, prm in layer.named_parameters()}
+    layer.zero_grad()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(u)
+    compiled.square().sum().backward()
+    return eager.detach(), compiled.detach(), grads
+
+
 def test_compiled_layer_is_one_graph_with_the_eager_numbers():
     """torch.compile(fullgraph=True) traces MesaLayer without a graph break; forward and parameter
     gradients equal the eager layer's (the same solver; float32 rounding of the compiled graph)."""
     torch.manual_seed(0)
     layer = MesaLayer(32, 2, steps=30, policy="fp32", backend="torch")
     u = torch.randn(2, 16, 32)
-    eager = layer(u)
-    eager.square().sum().backward()
-    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
-    layer.zero_grad()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(u)
-    compiled.square().sum().backward()
-    assert rel_error(compiled.detach(), eager.detach()) <= 1e-6
+    eager, compiled, grads = _eager_and_compiled(layer, u)
+    assert rel_error(compiled, eager) <= 1e-6
     for name, prm in layer.named_parameters():
         assert rel_error(prm.grad, grads[name]) <= 1e-5, name
 
@@ -139,12 +146,7 @@ def test_compiled_layer_on_the_kernels_is_one_graph_with_the_eager_numbers():
     torch.manual_seed(0)
     layer = MesaLayer(16, 2, steps=20, policy="fp32", backend="triton", chunk_size=8).to(DEV)
     u = torch.randn(1, 12, 16, device=DEV)
-    eager = layer(u)
-    eager.square().sum().backward()
-    grads = {n: prm.grad.clone() for n, prm in layer.named_parameters()}
-    layer.zero_grad()
-    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(u)
-    compiled.square().sum().backward()
-    assert torch.equal(compiled.detach(), eager.detach())
+    eager, compiled, grads = _eager_and_compiled(layer, u)
+    assert torch.equal(compiled, eager)
     for name, prm in layer.named_parameters():
         assert rel_error(prm.grad, grads[name]) <= 1e-6, name
