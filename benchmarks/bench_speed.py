@@ -27,6 +27,12 @@ the chunked algorithm moves (inputs and outputs once, the chunk states written a
 
 Writes ``bench_speed.csv`` (after every row: a run stopped by a time limit keeps what it measured) and
 ``env_speed.json`` to ``--out``, and prints the table.
+
+With ``--isolate`` each shape, and the packed rows, run in a process of their own and their rows are
+merged into one ``bench_speed.csv``: a CUDA fault (which ends the process's CUDA context) loses only
+its own shape. A shape whose process fails gets a row ``impl="process"`` with the exit code and the
+last lines of its output, and is run once more, ours only, with ``CUDA_LAUNCH_BLOCKING=1`` so that the
+traceback in ``faults.log`` names the launch that faulted.
 """
 
 from __future__ import annotations
@@ -38,7 +44,9 @@ import json
 import math
 import os
 import platform
+import subprocess
 import sys
+import tempfile
 import time
 import warnings
 
@@ -171,6 +179,43 @@ def bench_varlen(n, tokens, peer, bench, add, H=16, D=128):
                 flops=flops if opts.get("tol") is None else None, warnings=warned)
 
 
+def run_isolated(args, passthrough: list[str]) -> int:
+    """``--isolate``: the module docstring's one process per shape, rows merged into ``args.out``."""
+    import pandas as pd
+
+    os.makedirs(args.out, exist_ok=True)
+    jobs = [(s, ["--shapes", s, "--varlen", "0"]) for s in args.shapes]
+    if args.varlen:
+        jobs.append((f"varlen {args.varlen}", ["--shapes", "--varlen", str(args.varlen),
+                                               "--varlen-tokens", str(args.varlen_tokens)]))
+    merged, failed = [], 0
+    for i, (name, extra) in enumerate(jobs):
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, os.path.abspath(__file__), "--out", tmp, *passthrough, *extra]
+            print(f"[{i + 1}/{len(jobs)}] {name}", flush=True)
+            r = subprocess.run(cmd, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+            print(r.stdout[-4000:], flush=True)
+            csv = os.path.join(tmp, "bench_speed.csv")
+            if os.path.exists(csv):
+                merged.append(pd.read_csv(csv))
+            if os.path.exists(os.path.join(tmp, "env_speed.json")) and i == 0:
+                os.replace(os.path.join(tmp, "env_speed.json"), os.path.join(args.out, "env_speed.json"))
+        if r.returncode != 0:
+            failed += 1
+            tail = " | ".join(r.stdout.strip().splitlines()[-3:])[:500]
+            merged.append(pd.DataFrame([dict(impl="process", shape=name, error=f"rc {r.returncode}: {tail}")]))
+            again = subprocess.run([*cmd[:2], "--out", tempfile.mkdtemp(), "--no-peer", *passthrough, *extra],
+                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
+            with open(os.path.join(args.out, "faults.log"), "a") as f:
+                f.write(f"== {name}: rc {r.returncode}; again with CUDA_LAUNCH_BLOCKING=1, ours only: "
+                        f"rc {again.returncode}\n{again.stdout[-6000:]}\n")
+        if merged:
+            pd.concat(merged, ignore_index=True).to_csv(os.path.join(args.out, "bench_speed.csv"), index=False)
+    print(f"{len(jobs) - failed} of {len(jobs)} processes ok", flush=True)
+    return 1 if failed else 0
+
+
 def main(argv=None) -> int:
     import pandas as pd
     import triton
@@ -178,7 +223,7 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "benchmarks/results"))
-    ap.add_argument("--shapes", nargs="+", default=[",".join(map(str, s)) for s in SHAPES],
+    ap.add_argument("--shapes", nargs="*", default=[",".join(map(str, s)) for s in SHAPES],
                     help="B,T,H,D per shape (default: the speed table's five)")
     ap.add_argument("--configs", nargs="+", default=[c[0] for c in CONFIGS], choices=[c[0] for c in CONFIGS])
     ap.add_argument("--scans", nargs="+", default=["two-level", "sequential"], choices=["two-level", "sequential"])
@@ -186,6 +231,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--varlen", type=int, default=64, help="packed sequences to time (0: none)")
     ap.add_argument("--varlen-tokens", type=int, default=65536)
+    ap.add_argument("--isolate", action="store_true", help="each shape in its own process (see the docstring)")
     args = ap.parse_args(argv)
     try:
         shapes = [tuple(int(x) for x in s.split(",")) for s in args.shapes]
@@ -196,6 +242,9 @@ def main(argv=None) -> int:
         ap.error(f"--varlen must be >= 0 and at most --varlen-tokens, got {args.varlen}, {args.varlen_tokens}")
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA device")
+    if args.isolate:
+        passthrough = ["--configs", *args.configs, "--scans", *args.scans, "--fwd-max-T", str(args.fwd_max_T)]
+        return run_isolated(args, passthrough + (["--no-peer"] if args.no_peer else []))
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
     bench = functools.partial(do_bench, warmup=25, rep=200, return_mode="median")
