@@ -36,6 +36,10 @@ CASES = [
     ("tf32 steps30 chunk64 D128", 1, 1000, 2, 128, 128, dict(policy="tf32", steps=30, chunk_size=64)),
     ("auto tol1e-4 D128 states", 2, 1000, 2, 128, 128, dict(policy="auto", tol=1e-4, states=True)),
     ("auto tol1e-4 D128 varlen", 1, 1000, 2, 128, 128, dict(policy="auto", tol=1e-4, varlen=True)),
+    # production shapes of benchmarks/bench_speed.py: segments that do not divide the chunks (S M > N)
+    ("production bf16x3 steps30 B4T2048H16D128", 4, 2048, 16, 128, 128, dict(policy="bf16x3", steps=30)),
+    ("production auto tol1e-4 B1T8192H16D128", 1, 8192, 16, 128, 128, dict(policy="auto", tol=1e-4)),
+    ("production auto tol1e-4 B4T4096H16D64", 4, 4096, 16, 64, 64, dict(policy="auto", tol=1e-4)),
 ]
 
 
@@ -91,7 +95,12 @@ def main() -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     ap.add_argument("--shrink", type=int, default=1, help="divide T by this (the CPU smoke test)")
+    ap.add_argument("--sequential", action="store_true", help="the chunk-state and adjoint scans in one segment")
     a = ap.parse_args()
+    if a.sequential:
+        from mesa_stability.kernels import chunk_state
+
+        chunk_state.scan_segments = lambda *args: 1  # both scans take their layout from it
     for name, B, T, H, D, Dv, opts in CASES:
         if a.only not in name:
             continue
