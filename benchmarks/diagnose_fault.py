@@ -1,11 +1,19 @@
-"""Which configuration of the op faults on this GPU: each case in its own process (a CUDA fault ends the
-context), CUDA_LAUNCH_BLOCKING=1 so that the traceback names the faulting launch.
+"""Which part of the speed benchmark's first call faults on this GPU: the call of
+``benchmarks/bench_speed.py`` (one forward + backward of ``mesa_chunk``) in variants, each in its own
+process (a CUDA fault ends the context), with ``CUDA_LAUNCH_BLOCKING=1`` so that the traceback names
+the faulting launch. A variant drops one ingredient of the benchmark's call: the ceilings' large
+allocations before it, ``validate=False``, ``return_stats=True``, the two-level scan, the inputs of
+``bench_certificate.make_inputs`` (replaced by those of ``benchmarks/sanitize_gpu.py``).
 
-    python benchmarks/diagnose_fault.py
+    python benchmarks/diagnose_fault.py [--shape 4 2048 16 128] [--sanitize]
+
+``--sanitize`` runs the full variant once more under ``compute-sanitizer --tool memcheck`` with the
+caching allocator off.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -13,34 +21,56 @@ import sys
 CASE = r'''
 import sys, torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
-from bench_certificate import make_inputs
 from mesa_stability.kernels import chunk_state, mesa_chunk
-B, T, H, D, policy, scan, backward = {args}
-if scan == "sequential":
+B, T, H, D, ceil, validate, stats, two_level, bench_inputs = {args}
+if ceil:
+    from bench_speed import ceilings
+    ceilings(torch.device("cuda"))
+if not two_level:
     chunk_state.scan_segments = lambda *a: 1
-inp = [t.detach().requires_grad_() for t in make_inputs(B, T, H, D)]
-o = mesa_chunk(*inp, policy=policy, steps=30, validate=False, check="warn")
+if bench_inputs:
+    from bench_certificate import make_inputs
+    inp = make_inputs(B, T, H, D)
+else:
+    from sanitize_gpu import inputs
+    inp = inputs(B, T, H, D, D, "cuda")
+leaves = [t.detach().requires_grad_() for t in inp]
+out = mesa_chunk(*leaves, policy="bf16x3", steps=30, chunk_size=64, validate=validate, check="warn",
+                 return_stats=stats)
+o = out[0] if isinstance(out, tuple) else out
 torch.cuda.synchronize()
 print("forward ok", flush=True)
-if backward:
-    o.backward(torch.randn_like(o))
-    torch.cuda.synchronize()
-    print("backward ok", {{k: type(v).__name__ for k, v in chunk_state.LAST_LAUNCH.items()}}, flush=True)
+o.backward(torch.randn(o.shape, device="cuda", dtype=torch.bfloat16).to(o.dtype))
+torch.cuda.synchronize()
+print("backward ok", flush=True)
 '''
 
-CASES = [(4, 2048, 16, 128, "bf16x3", "two-level", False), (4, 2048, 16, 128, "bf16x3", "two-level", True),
-         (4, 2048, 16, 128, "bf16x3", "sequential", True), (1, 8192, 16, 128, "bf16x3", "two-level", True),
-         (4, 2048, 16, 64, "bf16x3", "two-level", True)]
+# (label, ceilings, validate, return_stats, two-level, bench inputs)
+VARIANTS = [("as the benchmark", True, False, True, True, True), ("no ceilings", False, False, True, True, True),
+            ("validate=True", True, True, True, True, True), ("no stats", True, False, False, True, True),
+            ("sequential scan", True, False, True, False, True), ("sanitize inputs", True, False, True, True, False),
+            ("none of them", False, True, False, True, False)]
 
 
 def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", type=int, nargs=4, default=[4, 2048, 16, 128], metavar=("B", "T", "H", "D"))
+    ap.add_argument("--sanitize", action="store_true")
+    a = ap.parse_args()
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
-    for case in CASES:
-        r = subprocess.run([sys.executable, "-c", CASE.format(args=repr(case))], env=env, capture_output=True,
-                           text=True, timeout=240)
-        tail = (r.stdout + r.stderr).strip().splitlines()
-        where = [ln.strip() for ln in tail if "File" in ln and ("kernels" in ln or "mesa_stability" in ln)][-4:]
-        print(case, "rc", r.returncode, "|", " | ".join(tail[-2:])[:300], "|", " ".join(where)[:400], flush=True)
+    runs = [(label, [sys.executable, "-c", CASE.format(args=repr((*a.shape, *flags)))], env)
+            for label, *flags in VARIANTS]
+    if a.sanitize:
+        runs.append(("as the benchmark, memcheck", ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "10",
+                                                     *runs[0][1]], dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")))
+    for label, cmd, e in runs:
+        r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=400)
+        lines = (r.stdout + r.stderr).strip().splitlines()
+        where = [ln.strip() for ln in lines if "File" in ln and ("kernels" in ln or "mesa_stability" in ln)][-3:]
+        checker = [ln for ln in lines if ln.startswith("=========")][:12]
+        print(f"{label}: rc {r.returncode} | {' | '.join(lines[-2:])[:240]} | {' '.join(where)[:300]}", flush=True)
+        for ln in checker:
+            print("   ", ln[:300], flush=True)
     return 0
 
 
