@@ -56,6 +56,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_certificate import make_inputs  # noqa: E402
 from mesa_stability.kernels import chunk_state, mesa_chunk  # noqa: E402
+from mesa_stability.solvers import SolverSpec  # noqa: E402
 from mesa_stability.solvers.certificate import CertificateWarning  # noqa: E402
 from mesa_stability.stability.production import git_commit  # noqa: E402
 
@@ -64,7 +65,7 @@ SHAPES = [(4, 2048, 16, 128), (4, 4096, 16, 64), (1, 8192, 16, 128), (1, 32768, 
 CONFIGS = [("bf16x3 30", "bf16x3", dict(steps=30)), ("bf16x3 tol 1e-4", "bf16x3", dict(steps=30, tol=1e-4)),
            ("auto tol 1e-4", "auto", dict(steps=30, tol=1e-4)),
            ("fp16-fp16state tol 1e-4", "fp16-fp16state", dict(steps=30, tol=1e-4))]
-CHUNK = 64  # the default chunk size of mesa_chunk and of the peer
+PEER_CHUNK = 64  # the peer's chunk size (fixed in fla.ops.mesa_net)
 
 
 def flops_cg(T, H, D, Dv, C, steps):
@@ -146,14 +147,14 @@ def packed_lengths(n: int, tokens: int, seed: int = 0) -> torch.Tensor:
     return torch.cat([torch.zeros(1, dtype=torch.long), lens.cumsum(0)])
 
 
-def bench_varlen(n, tokens, peer, bench, add, H=16, D=128):
+def bench_varlen(n, tokens, peer, bench, add, chunk, H=16, D=128):
     """The packed rows of the module docstring."""
     dev = torch.device("cuda")
     cu = packed_lengths(n, tokens).to(dev)
     inp = make_inputs(1, tokens, H, D)
     e = torch.randn(1, tokens, H, D, device=dev, dtype=torch.bfloat16)
     shape = f"varlen {n} seqs, {tokens} tokens, H={H}, D={D}"
-    flops = sum(flops_fwd_bwd(1, int(b - a), H, D, D, CHUNK, 30, 30) for a, b in zip(cu[:-1], cu[1:], strict=True))
+    flops = sum(flops_fwd_bwd(1, int(b - a), H, D, D, chunk, 30, 30) for a, b in zip(cu[:-1], cu[1:], strict=True))
 
     fwd_bwd = functools.partial(forward_backward, inp=inp, e=e)
 
@@ -167,7 +168,7 @@ def bench_varlen(n, tokens, peer, bench, add, H=16, D=128):
             add(impl="fla-core", shape=shape, config="30", pass_="fwd+bwd", error=repr(exc)[:300])
     for label, pol, opts in [c for c in CONFIGS if c[0] in ("bf16x3 30", "auto tol 1e-4")]:
         for scan, finals in (("packed, one launch", False), ("per sequence", True)):
-            run = functools.partial(mesa_chunk, policy=pol, chunk_size=CHUNK, validate=False, check="warn",
+            run = functools.partial(mesa_chunk, policy=pol, chunk_size=chunk, validate=False, check="warn",
                                     cu_seqlens=cu, output_final_state=finals, **opts)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", CertificateWarning)
@@ -231,6 +232,8 @@ def main(argv=None) -> int:
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--varlen", type=int, default=64, help="packed sequences to time (0: none)")
     ap.add_argument("--varlen-tokens", type=int, default=65536)
+    ap.add_argument("--chunk", type=int, default=SolverSpec().chunk_size,
+                    help="our chunk size (default: the op's; the peer's is fixed at 64)")
     ap.add_argument("--isolate", action="store_true", help="each shape in its own process (see the docstring)")
     args = ap.parse_args(argv)
     try:
@@ -238,12 +241,15 @@ def main(argv=None) -> int:
         assert all(len(s) == 4 and min(s) > 0 for s in shapes)
     except (ValueError, AssertionError):
         ap.error(f"--shapes takes B,T,H,D with positive ints, got {args.shapes}")
+    if args.chunk < 1:
+        ap.error(f"--chunk must be positive, got {args.chunk}")
     if args.varlen < 0 or (args.varlen and args.varlen_tokens < args.varlen):
         ap.error(f"--varlen must be >= 0 and at most --varlen-tokens, got {args.varlen}, {args.varlen_tokens}")
     if not torch.cuda.is_available():
         ap.error("this benchmark needs a CUDA device")
     if args.isolate:
-        passthrough = ["--configs", *args.configs, "--scans", *args.scans, "--fwd-max-T", str(args.fwd_max_T)]
+        passthrough = ["--configs", *args.configs, "--scans", *args.scans, "--fwd-max-T", str(args.fwd_max_T),
+                       "--chunk", str(args.chunk)]
         return run_isolated(args, passthrough + (["--no-peer"] if args.no_peer else []))
     os.makedirs(args.out, exist_ok=True)
     dev = torch.device("cuda")
@@ -267,6 +273,8 @@ def main(argv=None) -> int:
     rows = []
 
     def add(**row):
+        row.setdefault("chunk", PEER_CHUNK if row.get("impl") == "fla-core" else args.chunk if row.get("impl") == "ours"
+                       else None)
         row.update(device=env["device"], commit=env["commit"], torch=env["torch"], triton=env["triton"])
         if row.get("flops") and row.get("ms"):
             row["tflops"] = row["flops"] / row["ms"] / 1e9
@@ -277,6 +285,7 @@ def main(argv=None) -> int:
         print({k: (f"{v:.4g}" if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         pd.DataFrame(rows).to_csv(os.path.join(args.out, "bench_speed.csv"), index=False)
 
+    chunk = args.chunk
     for B, T, H, D in shapes:
         inp = make_inputs(B, T, H, D)
         e = torch.randn(B, T, H, D, device=dev, dtype=torch.bfloat16)
@@ -291,13 +300,14 @@ def main(argv=None) -> int:
                 fwd_bwd(run)  # the autotuning compile, once
                 ms = bench(lambda: fwd_bwd(run))  # noqa: B023
                 add(impl="fla-core", shape=shape, config="30", pass_="fwd+bwd", ms=ms,
-                    flops=flops_fwd_bwd(B, T, H, D, D, CHUNK, 30, 30),
-                    bytes=bytes_moved(B, T, H, D, D, CHUNK, 4, True))
+                    flops=flops_fwd_bwd(B, T, H, D, D, PEER_CHUNK, 30, 30),
+                    bytes=bytes_moved(B, T, H, D, D, PEER_CHUNK, 4, True))
                 if timed_fwd:
                     with torch.no_grad():
                         ms = bench(lambda: run(*inp))  # noqa: B023
                     add(impl="fla-core", shape=shape, config="30", pass_="fwd", ms=ms,
-                        flops=flops_fwd(B, T, H, D, D, CHUNK, 30), bytes=bytes_moved(B, T, H, D, D, CHUNK, 4, False))
+                        flops=flops_fwd(B, T, H, D, D, PEER_CHUNK, 30),
+                        bytes=bytes_moved(B, T, H, D, D, PEER_CHUNK, 4, False))
             except Exception as exc:  # recorded, not hidden (the peer can fail at some shapes)
                 add(impl="fla-core", shape=shape, config="30", pass_="fwd+bwd", error=repr(exc)[:300])
         for label, pol, opts in [c for c in CONFIGS if c[0] in args.configs]:
@@ -305,7 +315,7 @@ def main(argv=None) -> int:
 
             sbytes = solvers.get_policy(pol).state_dtype.itemsize
             for scan in args.scans:
-                run = functools.partial(mesa_chunk, policy=pol, chunk_size=CHUNK, validate=False, check="warn",
+                run = functools.partial(mesa_chunk, policy=pol, chunk_size=chunk, validate=False, check="warn",
                                         **opts)
                 with warnings.catch_warnings(record=True) as caught, \
                         (sequential_scan() if scan == "sequential" else contextlib.nullcontext()):
@@ -319,14 +329,14 @@ def main(argv=None) -> int:
                     segs = chunk_state.LAST_LAUNCH.get("H_local") is not None
                     add(impl="ours", shape=shape, config=label, scan=scan, pass_="fwd+bwd", ms=ms,
                         mean_steps=steps, tier=st.certificate.tier, max_bound=st.certificate.max_bound,
-                        adjoint_tier=adj.tier, flops=flops_fwd_bwd(B, T, H, D, D, CHUNK, steps, steps),
-                        bytes=bytes_moved(B, T, H, D, D, CHUNK, sbytes, True), two_level_ran=segs)
+                        adjoint_tier=adj.tier, flops=flops_fwd_bwd(B, T, H, D, D, chunk, steps, steps),
+                        bytes=bytes_moved(B, T, H, D, D, chunk, sbytes, True), two_level_ran=segs)
                     if timed_fwd:
                         with torch.no_grad():
                             ms = bench(lambda: run(*inp))  # noqa: B023
                         add(impl="ours", shape=shape, config=label, scan=scan, pass_="fwd", ms=ms, mean_steps=steps,
-                            flops=flops_fwd(B, T, H, D, D, CHUNK, steps),
-                            bytes=bytes_moved(B, T, H, D, D, CHUNK, sbytes, False))
+                            flops=flops_fwd(B, T, H, D, D, chunk, steps),
+                            bytes=bytes_moved(B, T, H, D, D, chunk, sbytes, False))
                     warned = sum(issubclass(c.category, CertificateWarning) for c in caught)
                 rows[-1]["warnings"] = warned
                 chunk_state.LAST_LAUNCH.clear()
@@ -340,7 +350,7 @@ def main(argv=None) -> int:
         ms = bench(lambda: sdpa(*leaves).backward(e.transpose(1, 2)))  # noqa: B023
         add(impl="sdpa", shape=shape, config="causal", pass_="fwd+bwd", ms=ms, flops=3.5 * attn_flops)
     if args.varlen:
-        bench_varlen(args.varlen, args.varlen_tokens, peer, bench, add)
+        bench_varlen(args.varlen, args.varlen_tokens, peer, bench, add, args.chunk)
     df = pd.DataFrame(rows)
     cols = [c for c in ("impl", "shape", "config", "scan", "pass_", "ms", "roofline", "hbm", "mean_steps", "tier")
             if c in df]

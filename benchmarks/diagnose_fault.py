@@ -22,7 +22,11 @@ CASE = r'''
 import sys, torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
 from mesa_stability.kernels import chunk_state, mesa_chunk
-B, T, H, D, ceil, validate, stats, two_level, bench_inputs = {args}
+B, T, H, D, ceil, validate, stats, two_level, bench_inputs, chunk, warps = {args}
+if warps:
+    import functools
+    from mesa_stability.kernels import chunk_bwd
+    chunk_bwd.chunk_contractions = functools.partial(chunk_bwd.chunk_contractions, num_warps=warps)
 if ceil:
     from bench_speed import ceilings
     ceilings(torch.device("cuda"))
@@ -35,7 +39,7 @@ else:
     from sanitize_gpu import inputs
     inp = inputs(B, T, H, D, D, "cuda")
 leaves = [t.detach().requires_grad_() for t in inp]
-out = mesa_chunk(*leaves, policy="bf16x3", steps=30, chunk_size=64, validate=validate, check="warn",
+out = mesa_chunk(*leaves, policy="bf16x3", steps=30, chunk_size=chunk, validate=validate, check="warn",
                  return_stats=stats)
 o = out[0] if isinstance(out, tuple) else out
 torch.cuda.synchronize()
@@ -45,24 +49,29 @@ torch.cuda.synchronize()
 print("backward ok", flush=True)
 '''
 
-# (label, ceilings, validate, return_stats, two-level, bench inputs)
-VARIANTS = [("as the benchmark", True, False, True, True, True), ("no ceilings", False, False, True, True, True),
-            ("validate=True", True, True, True, True, True), ("no stats", True, False, False, True, True),
-            ("sequential scan", True, False, True, False, True), ("sanitize inputs", True, False, True, True, False),
-            ("none of them", False, True, False, True, False)]
+# (label, ceilings, validate, return_stats, two-level, bench inputs, chunk size, contraction warps (0: default))
+VARIANTS = [("as the benchmark", True, False, True, True, True, 64, 0),
+            ("no ceilings", False, False, True, True, True, 64, 0),
+            ("validate=True", True, True, True, True, True, 64, 0), ("no stats", True, False, False, True, True, 64, 0),
+            ("sequential scan", True, False, True, False, True, 64, 0),
+            ("sanitize inputs", True, False, True, True, False, 64, 0),
+            ("none of them", False, True, False, True, False, 64, 0),
+            ("chunk 32", True, False, True, True, True, 32, 0),
+            ("contraction 8 warps", True, False, True, True, True, 64, 8)]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", type=int, nargs=4, default=[4, 2048, 16, 128], metavar=("B", "T", "H", "D"))
     ap.add_argument("--sanitize", action="store_true")
+    ap.add_argument("--only", default="", help="the variants whose label contains this")
     a = ap.parse_args()
     env = dict(os.environ, CUDA_LAUNCH_BLOCKING="1")
     runs = [(label, [sys.executable, "-c", CASE.format(args=repr((*a.shape, *flags)))], env)
-            for label, *flags in VARIANTS]
+            for label, *flags in VARIANTS if a.only in label]
     if a.sanitize:
-        runs.append(("as the benchmark, memcheck", ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "10",
-                                                     *runs[0][1]], dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")))
+        runs += [(f"{label}, memcheck", ["compute-sanitizer", "--tool", "memcheck", "--print-limit", "10", *cmd],
+                  dict(env, PYTORCH_NO_CUDA_MEMORY_CACHING="1")) for label, cmd, _ in list(runs)]
     for label, cmd, e in runs:
         r = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=400)
         lines = (r.stdout + r.stderr).strip().splitlines()
