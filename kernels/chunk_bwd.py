@@ -307,6 +307,30 @@ def reverse_states(e, y, x, g, *, chunk_size: int, dH_T=None, dG_T=None, policy=
     return DG, DH, dG0, dH0
 
 
+# Largest chunk tile (BLOCK_C) of the contraction kernel checked on a GPU for every operand code:
+# compute-sanitizer's memcheck on an H200 (Triton 3.6, benchmarks/diagnose_fault.py) reports an
+# out-of-bounds shared-memory read inside the kernel's 16-bit MMA (kernels.operands.dot) at
+# BLOCK_C = 64, BLOCK_D = 128 (bf16x3, 4 and 8 warps), which faults at production shapes; at
+# BLOCK_C = 32 (the op's default chunk) memcheck and initcheck report no error at every D and policy,
+# and the tf32 code at BLOCK_C = 64, D = 128 none either (benchmarks/sanitize_gpu.py).
+VERIFIED_CONTRACT_BLOCK_C = 32
+
+
+class UnverifiedKernelWarning(UserWarning):
+    """A kernel configuration not verified on the GPU was replaced by a verified (slower) path."""
+
+
+def contractions_verified(chunk_size: int, policy, device: torch.device) -> bool:
+    """Whether :func:`chunk_contractions` runs a configuration checked under compute-sanitizer on a
+    GPU (:data:`VERIFIED_CONTRACT_BLOCK_C`): always off the GPU (the interpreter has no shared memory),
+    on it a chunk tile of at most that size, or the tf32 operand code. Callers run the contractions in
+    PyTorch otherwise (:func:`solvers.implicit.implicit_backward`)."""
+    if device.type != "cuda":
+        return True
+    block_c = max(MIN_DOT_BLOCK, triton.next_power_of_2(chunk_size))
+    return block_c <= VERIFIED_CONTRACT_BLOCK_C or _op_code(policy, _contract_kernel)[0] == 1
+
+
 def chunk_contractions(k, v, x, y, e, g, beta, DG, DH, a0, *, chunk_size: int, policy="fp32",
                        num_warps: int | None = None, scale=None, grad_dtypes=(torch.float32, torch.float32)):
     """``(dk [B,T,H,D], dv [B,T,H,Dv], dbeta [B,T,H], a [B,T,H])``, with the products in the operand

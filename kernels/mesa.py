@@ -180,7 +180,10 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
         bwd_contractions: Triton backend only: the gradient contractions after the adjoint solve in
             the kernels of :mod:`kernels.chunk_bwd` (``"triton"``, the default: 25-50x faster than
             ``"torch"`` on an H100, benchmarks/README.md) or in PyTorch (``"torch"``: the chunkwise
-            formulas of :func:`solvers.implicit.chunked_gradients`, fp32, a cross-check).
+            formulas of :func:`solvers.implicit.chunked_gradients`, fp32, a cross-check). On a GPU,
+            ``"triton"`` falls back to ``"torch"`` with an ``UnverifiedKernelWarning`` at chunk sizes
+            outside :func:`kernels.chunk_bwd.contractions_verified` (above 32 for the 16-bit and fp32
+            operands: an out-of-bounds shared-memory read was found at chunk 64, D = 128).
 
     The op computes in the policy's precision whatever ``torch.autocast`` is active. Under
     ``torch.compile`` each backend is one registered operator (``fullgraph=True`` traces it; pass a
@@ -434,7 +437,17 @@ def _triton_grads(inputs, needs, x, cfg: SolverSpec, num_warps, bwd_contractions
                                              store=functools.partial(setattr, stats, "_adjoint_certificate"),
                                              where=where))
     if bwd_contractions == "triton":
-        return _triton_backward(inputs, needs, x, y, a0, final, sc, cfg, do, dH_T, dG_T)
+        from .chunk_bwd import VERIFIED_CONTRACT_BLOCK_C, UnverifiedKernelWarning, contractions_verified
+
+        C = min(cfg.chunk_size, q.shape[1])
+        bpol = get_policy("bf16x3") if cfg.policy.operand == "auto" else cfg.policy
+        if contractions_verified(C, bpol, q.device):
+            return _triton_backward(inputs, needs, x, y, a0, final, sc, cfg, do, dH_T, dG_T)
+        warnings.warn(f"chunk_size {C} with the {bpol.name} operands: the Triton contraction kernel of the "
+                      "backward is not verified on the GPU at this chunk size (an out-of-bounds shared-memory "
+                      "read at chunk 64, D = 128, see kernels.chunk_bwd.VERIFIED_CONTRACT_BLOCK_C); the "
+                      "contractions run in PyTorch instead (the same gradients, slower). chunk_size <= "
+                      f"{VERIFIED_CONTRACT_BLOCK_C} keeps them in the kernel.", UnverifiedKernelWarning, stacklevel=2)
     dH_T, dG_T = (None if t is None else t.to(torch.float32) * sc[0] for t in (dH_T, dG_T))
     grads = implicit_backward(inputs, needs, x, cfg, do.to(torch.float32) * sc[0], dH_T, dG_T, y=y)
     return tuple(None if t is None else t * sc[1] for t in grads)

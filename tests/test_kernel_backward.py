@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -220,3 +221,34 @@ def test_auto_gates_gradient_under_strong_forgetting_meets_the_peer_tolerance(ba
     o.backward(e.float().to(DEVICE))
     for n, t in zip(names, leaves, strict=True):
         assert rel_error(t.grad.double().cpu(), ref.grads[n]) <= 8e-3, n
+
+
+def test_contraction_kernel_runs_only_where_it_was_verified_on_a_gpu():
+    """The envelope of kernels.chunk_bwd.VERIFIED_CONTRACT_BLOCK_C: chunk tiles up to 32 for every
+    operand code, tf32 at 64; a 16-bit or fp32 code at 64 on a GPU goes to the PyTorch contractions;
+    the interpreter runs every configuration (no shared memory)."""
+    from mesa_stability.kernels.chunk_bwd import contractions_verified
+
+    cuda = torch.device("cuda")
+    assert all(contractions_verified(c, pol, cuda) for c in (8, 17, 32) for pol in ("bf16x3", "bf16", "fp32"))
+    assert not any(contractions_verified(64, pol, cuda) for pol in ("bf16x3", "bf16", "fp16", "fp32"))
+    assert contractions_verified(64, "tf32", cuda) and contractions_verified(64, "bf16x3", torch.device("cpu"))
+
+
+@pytest.mark.skipif(INTERPRET, reason="the GPU's envelope (the interpreter runs the kernel at every chunk size)")
+def test_unverified_chunk_size_warns_and_gives_the_torch_contractions_gradients():
+    """chunk 64, D = 128, bf16x3 on a GPU: the out-of-bounds configuration is not launched; the
+    gradients are those of bwd_contractions='torch' and the call warns."""
+    from mesa_stability.kernels import mesa_chunk
+    from mesa_stability.kernels.chunk_bwd import UnverifiedKernelWarning
+
+    p = cases.make("well_conditioned", B=1, T=256, H=2, D=128, Dv=128, seed=5).to(torch.float32, DEVICE)
+    grads = {}
+    for mode in ("triton", "torch"):
+        leaves = [t.detach().clone().requires_grad_() for t in (p.q, p.k, p.v, p.g, p.beta, p.lam)]
+        o = mesa_chunk(*leaves, policy="bf16x3", steps=30, chunk_size=64, check=None, bwd_contractions=mode)
+        with pytest.warns(UnverifiedKernelWarning) if mode == "triton" else contextlib.nullcontext():
+            o.backward(torch.ones_like(o))
+        grads[mode] = [t.grad for t in leaves]
+    for a, b in zip(grads["triton"], grads["torch"], strict=True):
+        assert torch.equal(a, b)
