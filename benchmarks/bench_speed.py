@@ -205,9 +205,10 @@ def run_isolated(args, passthrough: list[str]) -> int:
             failed += 1
             tail = " | ".join(r.stdout.strip().splitlines()[-3:])[:500]
             merged.append(pd.DataFrame([dict(impl="process", shape=name, error=f"rc {r.returncode}: {tail}")]))
-            again = subprocess.run([*cmd[:2], "--out", tempfile.mkdtemp(), "--no-peer", *passthrough, *extra],
-                                   text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
+            with tempfile.TemporaryDirectory() as tmp:
+                again = subprocess.run([*cmd[:2], "--out", tmp, "--no-peer", *passthrough, *extra], text=True,
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       env=dict(os.environ, CUDA_LAUNCH_BLOCKING="1"))
             with open(os.path.join(args.out, "faults.log"), "a") as f:
                 f.write(f"== {name}: rc {r.returncode}; again with CUDA_LAUNCH_BLOCKING=1, ours only: "
                         f"rc {again.returncode}\n{again.stdout[-6000:]}\n")
@@ -273,8 +274,7 @@ def main(argv=None) -> int:
     rows = []
 
     def add(**row):
-        row.setdefault("chunk", PEER_CHUNK if row.get("impl") == "fla-core" else args.chunk if row.get("impl") == "ours"
-                       else None)
+        row.setdefault("chunk", {"fla-core": PEER_CHUNK, "ours": args.chunk}.get(row.get("impl")))
         row.update(device=env["device"], commit=env["commit"], torch=env["torch"], triton=env["triton"])
         if row.get("flops") and row.get("ms"):
             row["tflops"] = row["flops"] / row["ms"] / 1e9

@@ -21,7 +21,7 @@ import sys
 CASE = r'''
 import sys, torch
 sys.path.insert(0, "benchmarks"); sys.path.insert(0, ".")
-from mesa_stability.kernels import chunk_state, mesa_chunk
+from mesa_stability.kernels import mesa_chunk
 B, T, H, D, ceil, validate, stats, two_level, bench_inputs, chunk, warps = {args}
 if warps:
     import functools
@@ -31,7 +31,8 @@ if ceil:
     from bench_speed import ceilings
     ceilings(torch.device("cuda"))
 if not two_level:
-    chunk_state.scan_segments = lambda *a: 1
+    from bench_speed import sequential_scan
+    sequential_scan().__enter__()
 if bench_inputs:
     from bench_certificate import make_inputs
     inp = make_inputs(B, T, H, D)

@@ -98,9 +98,9 @@ def main() -> int:
     ap.add_argument("--sequential", action="store_true", help="the chunk-state and adjoint scans in one segment")
     a = ap.parse_args()
     if a.sequential:
-        from mesa_stability.kernels import chunk_state
+        from benchmarks.bench_speed import sequential_scan
 
-        chunk_state.scan_segments = lambda *args: 1  # both scans take their layout from it
+        sequential_scan().__enter__()  # for the whole run
     for name, B, T, H, D, Dv, opts in CASES:
         if a.only not in name:
             continue

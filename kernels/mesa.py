@@ -439,8 +439,7 @@ def _triton_grads(inputs, needs, x, cfg: SolverSpec, num_warps, bwd_contractions
     if bwd_contractions == "triton":
         from .chunk_bwd import VERIFIED_CONTRACT_BLOCK_C, UnverifiedKernelWarning, contractions_verified
 
-        C = min(cfg.chunk_size, q.shape[1])
-        bpol = get_policy("bf16x3") if cfg.policy.operand == "auto" else cfg.policy
+        C, bpol = _contraction_setup(cfg, q.shape[1])
         if contractions_verified(C, bpol, q.device):
             return _triton_backward(inputs, needs, x, y, a0, final, sc, cfg, do, dH_T, dG_T)
         warnings.warn(f"chunk_size {C} with the {bpol.name} operands: the Triton contraction kernel of the "
@@ -578,6 +577,12 @@ def _certificate_states(pol, k, v, g, beta, Hc, Gc, initial_state, C, values: bo
     return Hc, Gc, cert.state_error(pol, Hc.shape[2], compensated=pol.state == "fp32")
 
 
+def _contraction_setup(cfg: SolverSpec, T: int):
+    """``(chunk size, policy)`` of the backward's contractions for a sequence of T tokens: ``auto``'s
+    products are those of its middle tier, bf16x3."""
+    return min(cfg.chunk_size, T), get_policy("bf16x3") if cfg.policy.operand == "auto" else cfg.policy
+
+
 def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolverSpec, do, dH_T, dG_T):
     """The backward contractions in kernels, after the adjoint solve (y, and a0 = e.o - y.(H x), from
     the CG kernel in ADJOINT mode, read e / s): the reverse scan of the adjoint states and the
@@ -589,10 +594,8 @@ def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolverSpec, do, dH
     from .chunk_bwd import chunk_contractions, reverse_states
 
     q, k, v, g, beta, lam, H0, G0 = inputs
-    C = min(cfg.chunk_size, q.shape[1])
     pol = cfg.policy
-    # auto: the backward's products are those of its middle tier, bf16x3
-    bpol = get_policy("bf16x3") if pol.operand == "auto" else pol
+    C, bpol = _contraction_setup(cfg, q.shape[1])
     DG, DH, dG0, dH0 = reverse_states(do, y, x, g, chunk_size=C, dH_T=dH_T, dG_T=dG_T, policy=bpol, scale=sc)
     # k and v as the CG kernel read them: bf16 / fp16 inputs as they are (exact operands), else the
     # policy's input dtype
