@@ -70,7 +70,8 @@ def mesa_triton_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: t
 
 @mesa_triton_backward.register_fake
 def _(q, k, v, g, beta, lam, H0, G0, x, do, dH_T, dG_T, spec):
-    return [q.new_empty(0) if t is None else torch.empty_like(t) for t in (q, k, v, g, beta, lam, H0, G0)]
+    # contiguous, as _fresh makes the real ones (not the strides of the inputs, which may be transposed)
+    return [q.new_empty(0) if t is None else t.new_empty(t.shape) for t in (q, k, v, g, beta, lam, H0, G0)]
 
 
 def _setup(ctx, inputs, output):

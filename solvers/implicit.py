@@ -258,12 +258,10 @@ def _spec_of(spec_json: str) -> SolverSpec:
     return SolverSpec.from_dict(json.loads(spec_json))
 
 
-@torch.compiler.assume_constant_result
 def spec_json(spec: SolverSpec) -> str:
-    """The spec as the registered operators take it (a constant of the traced graph)."""
-    import json
-
-    return json.dumps(spec.to_dict(), sort_keys=True)
+    """The spec as the registered operators take it (a constant of the traced graph): its JSON, formed
+    when the spec was made (:class:`SolverSpec`)."""
+    return spec._json
 
 
 @torch.library.custom_op("mesa_stability::mesa_torch", mutates_args=())
@@ -304,7 +302,8 @@ def mesa_torch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
                         lam: torch.Tensor, H0: torch.Tensor | None, G0: torch.Tensor | None, x: torch.Tensor,
                         do: torch.Tensor, dH_T: torch.Tensor | None, dG_T: torch.Tensor | None, spec: str
                         ) -> list[torch.Tensor]:
-    """The input gradients of :func:`implicit_backward` (an empty tensor for an initial state not given)."""
+    """The input gradients of :func:`implicit_backward`, each in its input's dtype (an empty tensor for an
+    initial state not given)."""
     from . import verdict
     from .certificate import certify_exact
 
@@ -318,13 +317,17 @@ def mesa_torch_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: to
                               e=e, chunk_size=cfg.chunk_size, what="adjoint y")
             verdict.submit(c, cfg.check, cfg.policy)
     grads = implicit_backward(inputs, [True] * 6 + [H0 is not None] * 2, x, cfg, do, dH_T, dG_T, on_adjoint=hook)
-    return [t.contiguous().clone() if t is not None else q.new_empty(0) for t in grads]
+    # each gradient in its input's dtype and contiguous, as the fake implementation says
+    return [q.new_empty(0) if d is None else d.to(t.dtype).contiguous().clone()
+            for t, d in zip(inputs, grads, strict=True)]
 
 
 @mesa_torch_backward.register_fake
 def _(q, k, v, g, beta, lam, H0, G0, x, do, dH_T, dG_T, spec):
-    out = [torch.empty_like(t) for t in (q, k, v, g, beta, lam)]
-    return out + [torch.empty_like(t) if t is not None else q.new_empty(0) for t in (H0, G0)]
+    # contiguous, as the real outputs are (empty_like would copy the strides of a transposed input,
+    # which inductor may pass: a stride mismatch at run time)
+    out = [t.new_empty(t.shape) for t in (q, k, v, g, beta, lam)]
+    return out + [t.new_empty(t.shape) if t is not None else q.new_empty(0) for t in (H0, G0)]
 
 
 def _setup(ctx, inputs, output):

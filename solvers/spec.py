@@ -29,6 +29,7 @@ round-trip it through JSON and TOML (the policy by name).
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass, field
 
 from . import cg
@@ -96,6 +97,10 @@ class SolverSpec:
             raise ValueError(f"SolverSpec.check_tol must be a positive float or None, got {self.check_tol!r}")
         if self.backend not in BACKENDS:
             raise ValueError(f"SolverSpec.backend must be one of {BACKENDS}, got {self.backend!r}")
+        # the spec as the registered operators take it (solvers.implicit.spec_json), formed once here:
+        # a compiled graph then reads a plain string attribute (torch 2.11's dynamo cannot call a
+        # function on a frozen dataclass as a constant)
+        object.__setattr__(self, "_json", json.dumps(self.to_dict(), sort_keys=True))
 
     # --- derived values ----------------------------------------------------------------------------
     @property

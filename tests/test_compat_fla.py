@@ -86,6 +86,20 @@ def test_l2norm_in_kernel_and_gradients():
         assert rel_error(a.grad, b.grad) <= 1e-12
 
 
+def test_l2norm_in_kernel_does_not_round_the_unit_vectors_to_the_input_dtype():
+    """bf16 q and k normalised in the op stay float32, as in fla's kernel: o (fp32 policy, converged, v
+    in float32) is then within fp32 rounding of the float64 solve on the same normalised inputs. Rounding
+    the normalised q and k to bf16 (u = 2^-9) put it at 2.3e-3."""
+    p = cases.random_problem(B=1, T=64, H=2, D=16, Dv=16, seed=4)
+    q, k = (t.bfloat16() for t in (p.q * 2.0, p.k * 0.7))
+    v, g, beta, lam = (t.float() for t in (p.v, p.g, p.beta, p.lam))
+    rest = (t.double() for t in (v, g, beta, lam))
+    ref = solvers.solve(solvers.MesaProblem(l2norm(q.double()), l2norm(k.double()), *rest), "exact").o
+    o, _, _ = chunk_mesa_net(q, k, v, g, beta, lam, use_qk_l2norm_in_kernel=True, max_CG_iteration=100, tol=1e-9,
+                             policy="fp32", backend="torch", check=None)
+    assert rel_error(o, ref) <= 1e-5  # fp32 (u = 6e-8) at kappa <= ~50; bf16 unit vectors: ~1e-3
+
+
 @pytest.mark.gpu
 def test_matches_fla_on_a_gpu():
     """Against fla-core's own chunk_mesa_net (when installed) on the same inputs and initial states:

@@ -28,6 +28,31 @@ def test_the_registered_operator_passes_opcheck(initial):
     torch.library.opcheck(torch.ops.mesa_stability.mesa_torch.default, (*args, spec_json(spec)))
 
 
+def _transposed_storage(t):
+    """The same values with the time and head axes swapped in memory (strides inductor may choose)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+def _backward_opcheck(op, spec, device="cpu"):
+    """The fake implementation of a backward operator against the real one on inputs whose storage is
+    not contiguous: shapes, dtypes and strides must agree (opcheck's test_faketensor)."""
+    p = cases.random_problem(B=1, T=16, H=2, D=8, Dv=8, seed=0).to(torch.float32, device=device)
+    q, k, v = (_transposed_storage(t) for t in (p.q, p.k, p.v))
+    g, beta = (_transposed_storage(t.unsqueeze(-1)).squeeze(-1) for t in (p.g, p.beta))
+    assert not q.is_contiguous() and not g.is_contiguous()
+    fwd = torch.ops.mesa_stability.mesa_torch(q, k, v, g, beta, p.lam, None, None, spec)
+    o, x = fwd[0], fwd[3]
+    torch.library.opcheck(op, (q, k, v, g, beta, p.lam, None, None, x, torch.ones_like(o), None, None, spec),
+                          test_utils=("test_faketensor",))
+
+
+def test_the_backward_operator_fake_matches_non_contiguous_inputs():
+    """The fake gradients are contiguous, as the real ones: a fake that copied a transposed input's
+    strides failed inductor's stride assertion at run time on a GPU."""
+    _backward_opcheck(torch.ops.mesa_stability.mesa_torch_backward.default,
+                      spec_json(SolverSpec(policy="fp64", steps=40, check=None, chunk_size=8)))
+
+
 def _eager_and_compiled(layer, u):
     """``(eager output, compiled output, eager parameter gradients)`` of ``sum(layer(u)^2)``; the
     compiled (fullgraph, aot_eager) gradients are left in the parameters."""
@@ -135,6 +160,17 @@ def test_the_triton_operator_passes_opcheck(initial):
     args = [t.clone().requires_grad_() if t is not None else None for t in (p.q, p.k, p.v, p.g, p.beta, p.lam, *st)]
     spec = SolverSpec(policy="fp32", steps=30, check="warn", chunk_size=8, backend="triton")
     torch.library.opcheck(torch.ops.mesa_stability.mesa_triton.default, (*args, spec_json(spec)))
+
+
+@pytest.mark.triton
+@_triton
+def test_the_triton_backward_operator_fake_matches_non_contiguous_inputs():
+    pytest.importorskip("triton")
+    import mesa_stability.kernels.registered_op  # noqa: F401  (registers mesa_triton_backward)
+
+    _backward_opcheck(torch.ops.mesa_stability.mesa_triton_backward.default,
+                      spec_json(SolverSpec(policy="fp32", steps=30, check=None, chunk_size=8, backend="triton")),
+                      device=DEV)
 
 
 @pytest.mark.triton
