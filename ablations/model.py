@@ -2,7 +2,7 @@
 bytes, with tied input / output embeddings (docs/design.md section 8).
 
     h_0 = E[x]                                     (E: [256, d_model] byte embedding)
-    h   = h + MesaLayer(RMSNorm(h))                (per block)
+    h   = h + MesaLayer(RMSNorm(h))                (per block; or CausalAttention: ``mixer="attention"``)
     h   = h + W_2 (silu(W_1 RMSNorm(h)) * W_3 RMSNorm(h))
     logits = RMSNorm(h) E^T                        (tied embeddings)
 
@@ -21,7 +21,10 @@ from torch import nn
 from mesa_stability.kernels.layer import MesaLayer
 from mesa_stability.solvers.spec import SolverSpec
 
+from .attention import CausalAttention
 from .data import VOCAB
+
+MIXERS = ("mesa", "attention")
 
 
 def layer_spec(spec: SolverSpec, backend: str = "auto") -> SolverSpec:
@@ -70,10 +73,13 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, size: ModelSize, solver: SolverSpec):
+    def __init__(self, size: ModelSize, solver: SolverSpec, mixer: str = "mesa", gate_init=None):
         super().__init__()
         self.norm1 = RMSNorm(size.d_model)
-        self.mixer = MesaLayer(size.d_model, size.n_heads, solver=solver)
+        if mixer == "mesa":
+            self.mixer = MesaLayer(size.d_model, size.n_heads, solver=solver, gate_init=gate_init)
+        else:
+            self.mixer = CausalAttention(size.d_model, size.n_heads)
         self.norm2 = RMSNorm(size.d_model)
         hidden = int(round(size.mlp_mult * size.d_model / 8)) * 8
         self.mlp = SwiGLU(size.d_model, hidden)
@@ -84,10 +90,16 @@ class Block(nn.Module):
 
 
 class MesaLM(nn.Module):
-    """Byte-level LM of Mesa blocks; ``forward(x)`` returns logits ``[B, T, 256]`` (float32)."""
+    """Byte-level LM of Mesa blocks (``mixer="mesa"``; ``"attention"``: causal softmax attention, the
+    same LM otherwise; ``gate_init``: the Mesa layers' initial forget gates, :class:`kernels.MesaLayer`);
+    ``forward(x)`` returns logits ``[B, T, 256]`` (float32)."""
 
-    def __init__(self, size: ModelSize | str = "tiny", solver: SolverSpec | None = None, backend: str = "auto"):
+    def __init__(self, size: ModelSize | str = "tiny", solver: SolverSpec | None = None, backend: str = "auto",
+                 mixer: str = "mesa", gate_init: tuple[float, float] | None = None):
         super().__init__()
+        if mixer not in MIXERS:
+            raise ValueError(f"unknown mixer {mixer!r}; mixers: {MIXERS}")
+        self.mixer, self.gate_init = mixer, None if gate_init is None else tuple(gate_init)
         if isinstance(size, str):
             if size not in SIZES:
                 raise ValueError(f"unknown model size {size!r}; sizes: {sorted(SIZES)}")
@@ -96,14 +108,16 @@ class MesaLM(nn.Module):
         self.solver = solver or SolverSpec()
         self.embed = nn.Embedding(VOCAB, size.d_model)
         nn.init.normal_(self.embed.weight, std=size.d_model ** -0.5)
-        self.blocks = nn.ModuleList(Block(size, layer_spec(self.solver, backend)) for _ in range(size.n_layers))
+        self.blocks = nn.ModuleList(Block(size, layer_spec(self.solver, backend), mixer, gate_init)
+                                    for _ in range(size.n_layers))
         self.norm = RMSNorm(size.d_model)
 
     def set_solver(self, solver: SolverSpec) -> None:
         """Use ``solver`` in every Mesa layer from now on (training or evaluation)."""
         self.solver = solver
         for b in self.blocks:
-            b.mixer.solver = layer_spec(solver, self.backend)
+            if isinstance(b.mixer, MesaLayer):
+                b.mixer.solver = layer_spec(solver, self.backend)
 
     def hidden(self, x: torch.Tensor) -> torch.Tensor:
         """The last hidden representations ``RMSNorm(h)`` ``[B, T, d_model]``: the rows the tied
@@ -135,4 +149,4 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["ModelSize", "SIZES", "MesaLM", "layer_spec", "loss_per_token", "count_parameters"]
+__all__ = ["MIXERS", "ModelSize", "SIZES", "MesaLM", "layer_spec", "loss_per_token", "count_parameters"]

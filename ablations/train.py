@@ -119,11 +119,19 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be resumed: damaged, or written with other settings (named)."""
 
 
-def checkpoint_spec(cfg: TrainConfig, model: MesaLM) -> dict:
+def checkpoint_spec(cfg: TrainConfig, model: MesaLM, task: dict | None = None) -> dict:
     """What a checkpoint was trained with, compared on resume: the training config (but
-    ``ckpt_every``), the model size and its solver spec."""
+    ``ckpt_every``), the model size, its solver spec, its mixer (when not Mesa) and the task (when
+    not the byte corpus: the recall study's)."""
     tc = {k: v for k, v in asdict(cfg).items() if k != "ckpt_every"}
-    return {"train_config": tc, "size": asdict(model.size), "solver": model.solver.to_dict()}
+    out = {"train_config": tc, "size": asdict(model.size), "solver": model.solver.to_dict()}
+    if getattr(model, "mixer", "mesa") != "mesa":  # (absent from the checkpoints of Mesa models)
+        out["mixer"] = model.mixer
+    if getattr(model, "gate_init", None) is not None:
+        out["gate_init"] = list(model.gate_init)
+    if task is not None:
+        out["task"] = task
+    return out
 
 
 def _save(path: str, payload: dict, spec: dict) -> None:
@@ -159,14 +167,16 @@ def load_checkpoint(path: str, spec: dict, device) -> dict:
             a, b = stored.get(part, {}), spec.get(part, {})
             differ += [f"{part}.{k}: {a.get(k)!r} (checkpoint) vs {b.get(k)!r} (now)"
                        for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-        if stored.get("size") != spec.get("size"):
-            differ.append(f"size: {stored.get('size')!r} (checkpoint) vs {spec.get('size')!r} (now)")
+        for part in ("size", "mixer", "gate_init", "task"):
+            if stored.get(part) != spec.get(part):
+                differ.append(f"{part}: {stored.get(part)!r} (checkpoint) vs {spec.get(part)!r} (now)")
         raise CheckpointError(f"checkpoint {path} was trained with other settings ({'; '.join(differ)})")
     return torch.load(io.BytesIO(raw), map_location=device, weights_only=False)
 
 
-def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str | None = None,
-          progress: bool = False, stop_after: int | None = None, on_step=None, retrain: bool = False) -> TrainResult:
+def train(model: MesaLM, data: torch.Tensor | None, cfg: TrainConfig, *, ckpt_path: str | None = None,
+          progress: bool = False, stop_after: int | None = None, on_step=None, retrain: bool = False,
+          sampler=None, task: dict | None = None) -> TrainResult:
     """Train ``model`` on the byte tensor ``data`` with the model's current solver configuration.
 
     With ``ckpt_path`` an existing checkpoint is resumed (model, optimiser, step, history) and new
@@ -177,13 +187,18 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
     after that many steps of this call without a final checkpoint, as a killed run would (for tests
     of resuming). ``on_step(steps_done, loss)`` is called on rank 0 after every completed step (the
     softmax study measures the rank along training with it); it may run the model under
-    ``torch.no_grad`` and must leave it as it found it."""
+    ``torch.no_grad`` and must leave it as it found it.
+
+    ``sampler(batch_size, seed)`` (default: windows of ``data``) makes each process's batch source,
+    whose ``batch(step)`` returns ``(x, y)`` or ``(x, y, mask)``: the loss is then the mean over the
+    positions where mask is true (the recall study scores the answers only); ``task`` (a dict) is
+    part of the checkpoint's settings."""
     device = next(model.parameters()).device
     rank, world = dist_info()
     torch.manual_seed(cfg.seed)
     opt = _optimizer(model, cfg)
     res = TrainResult(0)
-    spec = checkpoint_spec(cfg, model)
+    spec = checkpoint_spec(cfg, model, task)
     if ckpt_path and os.path.exists(ckpt_path):
         try:
             ck = load_checkpoint(ckpt_path, spec, device)
@@ -201,7 +216,10 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
     if cfg.batch_size % world:
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by the {world} processes")
     # each process draws its own share of the global batch (its own seeded stream)
-    sampler = WindowSampler(data, model.size.seq_len, cfg.batch_size // world, cfg.seed + 7919 * rank)
+    if sampler is None:
+        src = WindowSampler(data, model.size.seq_len, cfg.batch_size // world, cfg.seed + 7919 * rank)
+    else:
+        src = sampler(cfg.batch_size // world, cfg.seed + 7919 * rank)
     net = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
@@ -233,9 +251,10 @@ def train(model: MesaLM, data: torch.Tensor, cfg: TrainConfig, *, ckpt_path: str
         step = res.steps_done
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        x, y = (t.to(device) for t in sampler.batch(step))
+        x, y, *mask = (t.to(device) for t in src.batch(step))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
-            loss = loss_per_token(net(x), y, cfg.temperature).mean()
+            lt = loss_per_token(net(x), y, cfg.temperature)
+            loss = lt.mean() if not mask else (lt * mask[0]).sum() / mask[0].sum().clamp_min(1)
         # the global batch's loss (every process sees the same history and stops together)
         shown = loss.detach().clone()
         if world > 1:

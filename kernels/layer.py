@@ -77,12 +77,17 @@ class MesaLayer(nn.Module):
     change it; ``self.solver`` may be replaced between calls.
 
     ``SolverSpec.method`` other than ``"cg"`` (the kernels, ``mesa_chunk``) picks a solver of
-    :func:`solvers.solve` (``"exact"``, ``"sherman_morrison"``, ``"chebyshev"``), differentiated by
-    autograd: for ablations at small sizes."""
+    :func:`solvers.solve` (``"exact"``, ``"sherman_morrison"``, ``"chebyshev"``, or ``"gla"``: no solve,
+    gated linear attention on the same states), differentiated by autograd: for ablations at small sizes.
+
+    ``gate_init = (low, high)`` initialises the forget gates' bias so that the heads start with gamma
+    from ``low`` to ``high`` (1 - gamma log-spaced); None keeps PyTorch's default (gamma near 1/2).
+    Associative recall over tens of tokens does not train from gamma near 1/2 (the recall study)."""
 
     def __init__(self, d_model: int, n_heads: int, head_dim: int | None = None, value_dim: int | None = None, *,
                  output_gate: bool = True, norm_eps: float = 1e-5, gate_cap: float | None = GATE_CAP,
-                 qk_norm_eps: float | None = None, solver: SolverSpec | None = None, **solver_options):
+                 qk_norm_eps: float | None = None, gate_init: tuple[float, float] | None = None,
+                 solver: SolverSpec | None = None, **solver_options):
         super().__init__()
         if d_model < 1 or n_heads < 1:
             raise ValueError(f"d_model and n_heads must be positive, got {d_model}, {n_heads}")
@@ -90,6 +95,8 @@ class MesaLayer(nn.Module):
             raise ValueError(f"gate_cap must be in (0, 1] or None (no cap, as fla's layer), got {gate_cap}")
         if qk_norm_eps is not None and not qk_norm_eps > 0:
             raise ValueError(f"qk_norm_eps must be positive or None, got {qk_norm_eps}")
+        if gate_init is not None and not (len(gate_init) == 2 and 0 < gate_init[0] <= gate_init[1] < 1):
+            raise ValueError(f"gate_init must be None or (low, high) with 0 < low <= high < 1, got {gate_init}")
         self.gate_cap, self.qk_norm_eps = gate_cap, qk_norm_eps
         if head_dim is None and d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}; pass head_dim")
@@ -112,6 +119,13 @@ class MesaLayer(nn.Module):
         self.norm_eps = norm_eps
         self.z_proj = nn.Linear(d_model, H * Dv, bias=False) if output_gate else None
         self.o_proj = nn.Linear(H * Dv, d_model, bias=False)
+        if gate_init is not None:
+            # sigmoid(bias_h) = gamma_h with 1 - gamma_h log-spaced over the heads: per-head memory
+            # timescales 1 / (1 - gamma) from 1 / (1 - low) to 1 / (1 - high) tokens at initialisation
+            # (the default bias gives gamma near 1/2, a memory of about two tokens)
+            one_minus = torch.logspace(math.log10(1 - gate_init[0]), math.log10(1 - gate_init[1]), H)
+            with torch.no_grad():
+                self.a_proj.bias.copy_(torch.log1p(-one_minus) - torch.log(one_minus))
 
     # ---------------------------------------------------------------------------------------------
     @property

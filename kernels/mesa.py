@@ -144,7 +144,8 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
 
             * ``steps`` caps CG (a fixed step count when ``tol`` is None; 0 gives x = x0); with ``tol``
               each chunk stops early once all its tokens meet ``||r|| <= tol ||r_0||``;
-            * ``x0``: ``"zero"`` or ``"jacobi"`` (q / diag(H_t + Lambda)); ``precond``: None or ``"jacobi"``;
+            * ``x0``: ``"zero"``, ``"jacobi"`` (q / diag(H_t + Lambda)) or, torch backend only, ``"q"``;
+              ``precond``: None or ``"jacobi"``;
             * ``policy``: the precision policy (solvers/precision.py); ``"auto"`` picks each chunk's
               operand precision from the free bound on its systems, with fp32 states;
             * ``chunk_size``: tokens per chunk (power-of-two blocks are masked); 32 was faster than 64
@@ -226,6 +227,16 @@ def mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec | None = None, *, initial
     return res[0] if len(res) == 1 else tuple(res)
 
 
+# the initial guesses the CG kernels implement (the torch backend also has "q", solvers.cg)
+KERNEL_X0 = ("zero", "jacobi")
+
+
+def _check_kernel_x0(spec: SolverSpec) -> None:
+    if spec.x0 not in KERNEL_X0:
+        raise ValueError(f"x0={spec.x0!r} runs on the torch backend only (backend='torch'); the kernels implement "
+                         f"x0 in {KERNEL_X0}")
+
+
 def transformed(*tensors) -> bool:
     """Whether the op runs under a ``torch.func`` transform (``vmap``, ``grad``, ...)."""
     return any(isinstance(t, torch.Tensor) and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
@@ -301,6 +312,7 @@ def _mesa_chunk(q, k, v, g, beta, lam, spec: SolverSpec, *, initial_state, cu_se
     validate_inputs(q, k, v, g, beta, lam, initial_state, cu_seqlens, check_values=validate)
     if backend == "triton":
         pol = _kernel_policy(spec.policy)
+        _check_kernel_x0(spec)
         interpreted = _require_triton(chunk_cg, "_chunk_cg_kernel")
         for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta), ("lam", lam)):
             _check_device(name, x, interpreted)
@@ -818,6 +830,7 @@ def _step_plan(q, k, v, g, beta, lam, state, spec: SolverSpec, interpreted: bool
         key = None
     if spec.method != "cg":
         raise ValueError(f"mesa_step solves by CG (SolverSpec.method 'cg'), got {spec.method!r}")
+    _check_kernel_x0(spec)
     if spec.policy.name not in STEP_POLICIES:
         raise ValueError(f"mesa_step computes in fp32: SolverSpec.policy must be one of {STEP_POLICIES}, got "
                          f"{spec.policy.name!r}")

@@ -583,6 +583,51 @@ def _cmd_softmax(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_recall(args: argparse.Namespace) -> int:
+    """Multi-query associative recall over bytes (ablations/recall.py): the Mesa layer trained with k CG
+    steps or to a tolerance, gated linear attention on the same states and causal softmax attention,
+    one backbone; trained at one length, evaluated at longer ones with more key-value pairs, every Mesa
+    model also under eval-time steps, tolerances and policies, with per-head gates, condition bounds
+    and CG steps along positions. results.csv, diagnostics.csv, report.md and plots/ in --out; --resume
+    continues an interrupted study, --only-train / --seeds / --arms split it, --merge joins the parts."""
+    import dataclasses
+
+    from .ablations import recall
+    from .ablations.recall_report import write_report
+    from .ablations.train import CheckpointError
+
+    try:
+        if args.merge:
+            if not args.out:
+                raise recall.RecallError("--merge needs --out, the folder that receives the merged study")
+            n = recall.merge(args.merge, args.out)
+            print(f"merged {n} runs from {len(args.merge)} part(s) into {args.out}")
+        else:
+            preset = recall.PRESETS[args.preset]
+            if args.train_steps is not None:
+                if args.train_steps < 1:
+                    raise recall.RecallError(f"--train-steps must be >= 1, got {args.train_steps}")
+                tc = dataclasses.replace(preset.train, steps=args.train_steps,
+                                         warmup=min(preset.train.warmup, args.train_steps))
+                preset = dataclasses.replace(preset, train=tc)
+            out = args.out or os.path.join("results", "recall", preset.name)
+            args.out = out
+            if not args.resume and os.path.isdir(os.path.join(out, "runs")) and os.listdir(os.path.join(out, "runs")):
+                raise recall.RecallError(f"{out} holds runs of an earlier study: pass --resume to continue it, or "
+                                         "another --out")
+            device = None if args.device is None else _device(args.device, recall.RecallError)
+            recall.run_study(preset, out, arms_sel=args.arms, seeds=args.seeds, only_train=args.only_train,
+                             resume=args.resume, progress=not args.no_progress, device=device)
+            if args.only_train:
+                print(f"trained; evaluate with the same flags without --only-train (add --resume): {out}")
+                return 0
+    except (recall.RecallError, CheckpointError) as err:
+        print(f"mesa recall: error: {err}", file=sys.stderr)
+        return 2
+    print(f"report: {write_report(args.out)}")
+    return 0
+
+
 def _add_production_args(p: argparse.ArgumentParser, where: str) -> None:
     """The selection and reference flags of a production grid (stability.production)."""
     from .stability.production import FAMILIES
@@ -747,6 +792,25 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     sm.add_argument("--no-progress", action="store_true", help="no progress bars")
     sm.set_defaults(func=_cmd_softmax)
+
+    from .ablations.recall import ALL_ARMS
+    from .ablations.recall import PRESETS as RECALL_PRESETS
+
+    rc = sub.add_parser("recall", help="associative recall: Mesa (k steps, tolerance) vs GLA vs attention",
+                        description=_cmd_recall.__doc__)
+    rc.add_argument("--preset", default="cpu", choices=sorted(RECALL_PRESETS),
+                    help="; ".join(f"{p.name}: {p.description}" for p in RECALL_PRESETS.values()))
+    rc.add_argument("--out", metavar="DIR", help="output folder (default results/recall/<preset>)")
+    rc.add_argument("--arms", nargs="+", choices=ALL_ARMS, metavar="ARM",
+                    help=f"only these arms ({', '.join(ALL_ARMS)})")
+    rc.add_argument("--seeds", type=int, nargs="+", metavar="S", help="override the seeds (split a study)")
+    rc.add_argument("--train-steps", type=int, help="override the training steps")
+    rc.add_argument("--only-train", action="store_true", help="train (and checkpoint) only; evaluate later")
+    rc.add_argument("--resume", action="store_true", help="continue the study in --out (checkpoints, finished runs)")
+    rc.add_argument("--merge", nargs="+", metavar="PART_DIR", help="merge finished parts into --out, write the report")
+    rc.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    rc.add_argument("--no-progress", action="store_true", help="no progress bars")
+    rc.set_defaults(func=_cmd_recall)
     return parser
 
 

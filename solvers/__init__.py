@@ -6,7 +6,9 @@ takes a :class:`SolverSpec` instead (its method, policy and the options that app
 * ``"exact"``: Cholesky per token (options: ``block``, ``regularizer``);
 * ``"sherman_morrison"``: the recurrent rank-one inverse update (no options);
 * ``"cg"``: chunkwise conjugate gradient (``steps``, ``tol``, ``x0``, ``precond``, ``chunk_size``);
-* ``"chebyshev"``: Chebyshev semi-iteration (``steps``, ``tol``, ``x0``, ``chunk_size``).
+* ``"chebyshev"``: Chebyshev semi-iteration (``steps``, ``tol``, ``x0``, ``chunk_size``);
+* ``"gla"``: no solve, ``x = q``, ``o_t = G_t q_t``: gated linear attention on the same states
+  (``chunk_size``), the baseline of the recall study.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from .cg import solve_cg
 from .chebyshev import solve_chebyshev
 from .exact import solve_exact
+from .gla import solve_gla
 from .precision import ALIASES as POLICY_ALIASES
 from .precision import POLICIES, PrecisionPolicy, get_policy
 from .problem import MesaProblem, validate_inputs, validate_recurrence
@@ -30,6 +33,7 @@ METHODS = {
     "sherman_morrison": solve_sherman_morrison,
     "cg": solve_cg,
     "chebyshev": solve_chebyshev,
+    "gla": solve_gla,
 }
 METHOD_ALIASES = {"sm": "sherman_morrison", "cholesky": "exact", "cheb": "chebyshev"}
 ITERATIVE = ("cg", "chebyshev")

@@ -8,8 +8,9 @@ token t, on ``A_t = H_t + Lambda`` (applied chunkwise by :class:`ChunkedSystem.m
     x_{k+1} = x_k + alpha_k p_k,   r_{k+1} = r_k - alpha_k A p_k
     z_{k+1} = M_J^{-1} r_{k+1},    p_{k+1} = z_{k+1} + ((r_{k+1} . z_{k+1}) / (r_k . z_k)) p_k
 
-Initial guess ``x0="zero"`` (x_0 = 0) or ``"jacobi"`` (x_0 = q / diag(H_t + Lambda); diag(H_t)
-is a cumulative sum). Stopping: ``steps`` iterations, or with ``tol`` the relative residual test
+Initial guess ``x0="zero"`` (x_0 = 0), ``"jacobi"`` (x_0 = q / diag(H_t + Lambda); diag(H_t)
+is a cumulative sum) or ``"q"`` (x_0 = q: after 0 steps ``o_t = G_t q_t``, gated linear attention,
+:mod:`solvers.gla`). Stopping: ``steps`` iterations, or with ``tol`` the relative residual test
 ``||r_k|| <= tol ||r_0||`` with ``steps`` as the cap. The test is relative and the step lengths
 are ratios, so solving with ``s q`` gives ``s x`` for any s > 0: there is no additive epsilon
 anywhere (each token's right-hand side is also divided by a power of two, exactly, and x scaled
@@ -32,7 +33,7 @@ from .precision import PrecisionPolicy
 from .problem import MesaProblem
 from .result import SolveResult
 
-X0_CHOICES = ("zero", "jacobi")
+X0_CHOICES = ("zero", "jacobi", "q")  # "q": x_0 = the right-hand side (0 steps: GLA, solvers.gla)
 PRECOND_CHOICES = (None, "none", "jacobi")
 
 
@@ -51,9 +52,12 @@ def check_iteration_options(steps, tol, x0) -> None:
 
 
 def initial_guess(S: ChunkedSystem, x0: str, diag: torch.Tensor, rhs: torch.Tensor | None = None) -> torch.Tensor:
-    """x_0 = 0, or rhs / diag(H_t + Lambda) (``diag`` given, [B,H,N,C,D]; rhs defaults to q)."""
+    """x_0 = 0 (``"zero"``), rhs / diag(H_t + Lambda) (``"jacobi"``, ``diag`` [B,H,N,C,D]) or rhs itself
+    (``"q"``); rhs defaults to q."""
     rhs = S.Q if rhs is None else rhs
-    return torch.zeros_like(rhs) if x0 == "zero" else rhs / diag
+    if x0 == "zero":
+        return torch.zeros_like(rhs)
+    return rhs.clone() if x0 == "q" else rhs / diag
 
 
 def cg_iterate(S: ChunkedSystem, rhs: torch.Tensor, policy: PrecisionPolicy, *, steps: int, tol: float | None,

@@ -9,7 +9,8 @@ sugar that builds one (:func:`solver_spec`). The fields:
   :func:`solvers.solve` for the layer and the ablations: ``"exact"``, ``"sherman_morrison"``,
   ``"chebyshev"``;
 * ``steps`` (>= 0; a fixed step count when ``tol`` is None), ``tol`` (in (0, 1): stop at
-  ``||r|| <= tol ||r_0||``), ``x0`` (``"zero"`` or ``"jacobi"``), ``precond`` (None or
+  ``||r|| <= tol ||r_0||``), ``x0`` (``"zero"``, ``"jacobi"``, or ``"q"``: x_0 = q, the torch backend
+  only; 0 steps then read out GLA's ``G_t q_t``), ``precond`` (None or
   ``"jacobi"``; ``"none"`` reads as None);
 * ``policy``: a precision policy (:mod:`solvers.precision`; a name or a :class:`PrecisionPolicy`,
   held as the policy object); default :data:`~solvers.precision.DEFAULT_POLICY`, ``"auto"``, the
@@ -36,7 +37,7 @@ from . import cg
 from .certificate import CHECK_MODES
 from .precision import DEFAULT_POLICY, PrecisionPolicy, get_policy
 
-METHODS = ("cg", "exact", "sherman_morrison", "chebyshev")
+METHODS = ("cg", "exact", "sherman_morrison", "chebyshev", "gla")
 X0_CHOICES = cg.X0_CHOICES
 PRECOND_CHOICES = tuple(c for c in cg.PRECOND_CHOICES if c != "none")  # "none" is read as None
 BACKENDS = ("auto", "triton", "torch")
@@ -122,7 +123,7 @@ class SolverSpec:
     def label(self) -> str:
         """A short stable name: ``cg/steps=30/fp32``, ``cg/tol=0.0001,cap=30/auto``, ``exact/fp64``;
         fields other than method, stopping rule and policy appear only when not at their default."""
-        if self.method in ("exact", "sherman_morrison"):
+        if self.method in ("exact", "sherman_morrison", "gla"):
             out = f"{self.method}/{self.policy.name}"
         else:
             stop = f"tol={self.tol:g},cap={self.steps}" if self.tol is not None else f"steps={self.steps}"
@@ -185,6 +186,8 @@ def solve_options(spec: SolverSpec) -> dict:
     """The keyword arguments of :func:`solvers.solve` for ``spec.method`` (the reference solvers take
     only what applies to them: CG and Chebyshev the stopping rule, initial guess, chunking and the
     preconditioner when one is set (Chebyshev refuses one); the direct methods nothing)."""
+    if spec.method == "gla":
+        return {"chunk_size": spec.chunk_size}
     if spec.method not in ("cg", "chebyshev"):
         return {}
     opts = dict(steps=spec.steps, tol=spec.tol, x0=spec.x0, chunk_size=spec.chunk_size)

@@ -135,13 +135,15 @@ def sample(name: str) -> Sample:
 
 def x0_reference(problem: MesaProblem, x0: str) -> torch.Tensor:
     """The initial guess ``x0`` of CG in float64 from its definition (docs/design.md section 3): 0, or
-    ``q_t / diag(H_t + Lambda)`` with ``diag(H_t)`` of :meth:`MesaProblem.diag_H`. A new choice of
+    ``q_t / diag(H_t + Lambda)`` with ``diag(H_t)`` of :meth:`MesaProblem.diag_H`, or q itself. A new choice of
     :data:`solvers.spec.X0_CHOICES` needs its definition here (the x0 test says so)."""
     q = problem.q.double()
     if x0 == "zero":
         return torch.zeros_like(q)
     if x0 == "jacobi":
         return q / (problem.diag_H() + problem.lam.double())
+    if x0 == "q":
+        return q.clone()
     raise NotImplementedError(f"no float64 reference for the initial guess x0={x0!r}: add it to x0_reference")
 
 
@@ -235,7 +237,8 @@ class Implementation:
     ``fn(problem, spec, e) -> Outputs``; ``policies()``: the names of the policies it accepts, read from
     the library's constant at call time; ``backend``: the SolverSpec backend of its entries;
     ``samples``: its sample cases (names of :data:`SAMPLES`); ``backward``: whether it is
-    differentiable; ``certifies``: whether it returns an accuracy certificate; ``triton``: it runs a
+    differentiable; ``certifies``: whether it returns an accuracy certificate; ``x0_choices()``: the initial guesses
+    it implements (default every one of :data:`solvers.spec.X0_CHOICES`); ``triton``: it runs a
     Triton kernel (its tests carry the ``triton`` mark); ``last_token``: it computes only the last
     token (the decode step); ``default_only``: its entries are the default spec only (the dispatch of
     ``backend="auto"``, whose paths the other backends' entries cover)."""
@@ -250,6 +253,7 @@ class Implementation:
     triton: bool = False
     last_token: bool = False
     default_only: bool = False
+    x0_choices: Callable[[], Iterable[str]] = field(default=lambda: spec_mod.X0_CHOICES, repr=False)
 
     @property
     def device(self) -> str:
@@ -268,6 +272,12 @@ def _step_policies():
     return mesa.STEP_POLICIES
 
 
+def _kernel_x0():
+    from mesa_stability.kernels import mesa
+
+    return mesa.KERNEL_X0
+
+
 _GOLDEN = tuple(g.name for g in golden.GOLDEN)
 IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("solve", run_solve, lambda: precision.POLICIES, "torch", _GOLDEN),
@@ -276,9 +286,9 @@ IMPLEMENTATIONS: tuple[Implementation, ...] = (
     Implementation("mesa_chunk", run_chunk, lambda: precision.POLICIES, "auto", _GOLDEN, backward=True,
                    certifies=True, default_only=True),
     Implementation("mesa_chunk", run_chunk, _kernel_policies, "triton", (KERNEL_SAMPLE.name,), backward=True,
-                   certifies=True, triton=True),
+                   certifies=True, triton=True, x0_choices=_kernel_x0),
     Implementation("mesa_step", run_step, _step_policies, "triton", (KERNEL_SAMPLE.name,), certifies=True,
-                   triton=True, last_token=True),
+                   triton=True, last_token=True, x0_choices=_kernel_x0),
 )
 
 
@@ -348,7 +358,7 @@ def specs(impl: Implementation) -> list[SolverSpec]:
     pol = precision.DEFAULT_POLICY if precision.DEFAULT_POLICY in names else names[0]
     out = [base.replace(policy=name) for name in names]
     out += [base.replace(policy=pol, x0=x0, precond=pc)
-            for x0, pc in itertools.product(spec_mod.X0_CHOICES, spec_mod.PRECOND_CHOICES)]
+            for x0, pc in itertools.product(impl.x0_choices(), spec_mod.PRECOND_CHOICES)]
     return list(dict.fromkeys(out))  # the default spec appears in both lists
 
 

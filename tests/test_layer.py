@@ -163,3 +163,20 @@ def test_the_kernels_without_triton_say_how_to_get_it(monkeypatch):
         km.mesa_step(p.q[:, 0], p.k[:, 0], p.v[:, 0], p.g[:, 0], p.beta[:, 0], p.lam, state)
     with pytest.raises(ImportError, match="pip install triton"):
         km.mesa_chunk(p.q, p.k, p.v, p.g, p.beta, p.lam, backend="triton")
+
+
+def test_gate_init_spreads_the_heads_initial_forget_gates():
+    """gamma_h = sigmoid(bias_h) runs from low to high with 1 - gamma log-spaced (at zero input the
+    gate is that, before the cap); bad ranges are errors."""
+    import math
+
+    layer = MesaLayer(32, 4, gate_init=(0.9, 0.999))
+    gam = torch.sigmoid(layer.a_proj.bias.detach().double())
+    assert torch.allclose(gam[[0, -1]], torch.tensor([0.9, 0.999], dtype=torch.float64), atol=1e-6)
+    steps = torch.log(1 - gam).diff()
+    assert torch.allclose(steps, torch.full_like(steps, math.log(0.01) / 3), rtol=1e-4)
+    default = MesaLayer(32, 4)
+    assert (torch.sigmoid(default.a_proj.bias) < 0.8).all()
+    for bad in ((0.999, 0.9), (0.0, 0.5), (0.5, 1.0), (0.9,)):
+        with pytest.raises(ValueError, match="gate_init"):
+            MesaLayer(32, 4, gate_init=bad)

@@ -54,7 +54,8 @@ def test_registry_covers_every_choice_of_the_library():
             continue
         assert {e.spec.policy.name for e in mine} == accepts[impl.name, impl.backend], impl
         assert {(e.spec.x0, e.spec.precond) for e in mine} == {
-            (a, b) for a in spec_mod.X0_CHOICES for b in spec_mod.PRECOND_CHOICES}, impl
+            (a, b) for a in (mesa.KERNEL_X0 if impl.triton else spec_mod.X0_CHOICES)
+            for b in spec_mod.PRECOND_CHOICES}, impl
     assert any(e.impl.last_token for e in es)  # the decode step
     assert all(e.impl.triton == (e.spec.backend == "triton") for e in es if e.impl.name == "mesa_chunk")
 
@@ -66,6 +67,7 @@ def test_a_choice_added_to_the_library_appears_in_the_registry(monkeypatch):
     monkeypatch.setitem(precision.POLICIES, "fp32-copy", new)
     monkeypatch.setattr(mesa, "KERNEL_POLICIES", (*mesa.KERNEL_POLICIES, "fp32-copy"))
     monkeypatch.setattr(spec_mod, "X0_CHOICES", (*spec_mod.X0_CHOICES, "x0-new"))
+    monkeypatch.setattr(mesa, "KERNEL_X0", (*mesa.KERNEL_X0, "x0-new"))  # the kernels' own list
     monkeypatch.setattr(spec_mod, "PRECOND_CHOICES", (*spec_mod.PRECOND_CHOICES, "precond-new"))
     es = registry.entries()
     with_policy = {(e.impl.name, e.impl.backend) for e in es if e.spec.policy.name == "fp32-copy"}

@@ -181,3 +181,38 @@ def test_jacobi_preconditioning_takes_effect_in_cg():
     ref = solve(p, "exact")
     assert max_token_rel_error(jac.x, ref.x) < 1e-6
 
+
+
+def test_gla_is_the_readout_of_the_query_through_the_value_state():
+    """method "gla": x = q and o_t = G_t q_t, with G_t from the problem's own state recursion
+    (MesaProblem.iter_states, float64), across chunk boundaries, resets and an initial state; CG and
+    Chebyshev from x0 = "q" after 0 steps return the same; autograd reaches every input."""
+    p = random_problem(B=1, T=37, H=2, D=6, Dv=3, seed=5, initial_state=True, gamma_range=(0.8, 1.0))
+    g = p.g.clone()
+    g[:, 20] = -math.inf  # a reset inside the sequence
+    p = p.replace(g=g)
+    ref = torch.cat([torch.einsum("bthvd,bthd->bthv", G, p.q[:, s:e]) for s, e, _, G in p.iter_states(block=16)], 1)
+    res = solve(p, "gla", chunk_size=8)
+    assert res.method == "gla" and torch.equal(res.x, p.q)
+    assert rel_error(res.o, ref) <= 1e-13
+    for method in ("cg", "chebyshev"):
+        assert rel_error(solve(p, method, steps=0, x0="q", chunk_size=8).o, ref) <= 1e-13, method
+    H_T, G_T = res.final_state
+    Hf, Gf = p.final_state()
+    assert torch.allclose(H_T, Hf, rtol=1e-12, atol=1e-12) and torch.allclose(G_T, Gf, rtol=1e-12, atol=1e-12)
+    leaves = [t.clone().requires_grad_() for t in (p.q, p.k, p.v, p.g.clamp_min(-30), p.beta)]
+    out = solve(p.replace(q=leaves[0], k=leaves[1], v=leaves[2], g=leaves[3], beta=leaves[4]), "gla", chunk_size=8).o
+    out.square().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0 for t in leaves)
+
+
+def test_x0_q_runs_on_the_torch_backend_only():
+    from mesa_stability.kernels import mesa_chunk
+
+    p = random_problem(B=1, T=12, H=1, D=4, Dv=4, seed=1)
+    args = (p.q.float(), p.k.float(), p.v.float(), p.g.float(), p.beta.float(), p.lam.float())
+    gla = solve(p, "gla").o
+    o = mesa_chunk(*args, steps=0, x0="q", backend="torch", check=None, policy="fp32")
+    assert rel_error(o, gla) <= 1e-6
+    with pytest.raises(ValueError, match="x0='q' runs on the torch backend only"):
+        mesa_chunk(*args, steps=0, x0="q", backend="triton", check=None, policy="fp32")
