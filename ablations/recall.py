@@ -45,11 +45,12 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from mesa_stability.solvers import MesaProblem
 from mesa_stability.solvers.precision import POLICIES
 from mesa_stability.solvers.spec import SolverSpec
 
 from .model import MesaLM, ModelSize, loss_per_token
-from .train import TrainConfig, train
+from .train import TrainConfig, solver_steps, train
 
 KEY_SYMBOLS = 64  # each key byte in [0, 64): 64^2 = 4096 distinct two-byte keys
 VALUE_BASE, VALUE_SYMBOLS = 64, 64  # value bytes in [64, 128)
@@ -257,12 +258,8 @@ def evaluate_recall(model: MesaLM, task: RecallTask, solver: SolverSpec | None, 
             quarter = (pidx[m] * 4) // task.pairs
             q_hits += torch.bincount(quarter, weights=ok[m].float(), minlength=4)[:4]
             q_n += torch.bincount(quarter, minlength=4)[:4].float()
-            for b in model.blocks:
-                st = getattr(b.mixer, "last_steps", None)
-                if st is not None:
-                    steps_sum += float(st.double().sum())
-                    steps_n += st.numel()
-                    steps_max = max(steps_max, int(st.max()))
+            s, c, top = solver_steps(model)
+            steps_sum, steps_n, steps_max = steps_sum + s, steps_n + c, max(steps_max, top)
             if diag is not None:
                 diag.collect()
     finally:
@@ -309,18 +306,13 @@ class _Diagnostics:
     def collect(self) -> None:
         for i, layer in self.layers:
             u = self.inputs.pop(i)
-            _, k, _, g, beta, _, _ = layer._inputs(u.float(), None)
+            q, k, v, g, beta, _, _ = layer._inputs(u.float(), None)
             lam = layer.lam.float()
-            ksq = (k.float() ** 2).sum(-1)  # [B, T, H]
-            gam, w = g.float().exp(), beta.float() * ksq
-            b = torch.zeros_like(w[:, 0])
-            trace = torch.empty_like(w)
-            for t in range(w.shape[1]):  # b_t = gamma_t b_{t-1} + beta_t ||k_t||^2
-                b = gam[:, t] * b + w[:, t]
-                trace[:, t] = b
+            trace = MesaProblem(q, k, v, g, beta, lam).trace_H(torch.float32)  # b_t = tr H_t, [B, T, H]
+            gam = g.float().exp()
             kappa = (lam.amax(-1) + trace) / lam.amin(-1)
-            st = layer.last_steps.float() if layer.last_steps is not None else torch.full_like(w, math.nan)
-            for name, val in (("gamma", gam), ("kappa_bound", kappa), ("steps", st.to(w.device))):
+            st = layer.last_steps.float() if layer.last_steps is not None else torch.full_like(gam, math.nan)
+            for name, val in (("gamma", gam), ("kappa_bound", kappa), ("steps", st.to(gam.device))):
                 per = torch.stack([val[:, a:e].mean(dim=(0, 1)) for a, e in self.buckets]).cpu()  # [buckets, H]
                 top = torch.stack([val[:, a:e].amax(dim=(0, 1)) for a, e in self.buckets]).cpu()
                 key = (i, name)
@@ -384,20 +376,15 @@ def run_study(preset: Preset, out: str, *, arms_sel=None, seeds=None, only_train
         os.makedirs(os.path.join(out, sub), exist_ok=True)
     ver = _versions(dev)
     todo = [(a, s) for a in names for s in seeds]
-    done = 0
-    bar = None
-    if progress:
-        from tqdm import tqdm
+    from tqdm import tqdm
 
-        bar = tqdm(total=len(todo), desc=f"recall {preset.name}", disable=None)
+    bar = tqdm(total=len(todo), desc=f"recall {preset.name}", disable=None if progress else True)
     for arm_name, seed in todo:
         arm, name = table[arm_name], run_name(arm_name, seed)
         ev_path = os.path.join(out, "evals", f"{name}.csv")
         if resume and os.path.exists(ev_path) and not only_train:
             log(f"{name}: evaluated before, skipped (--resume)")
-            done += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             continue
         torch.manual_seed(seed)
         model = build_model(arm, preset).to(dev)
@@ -408,9 +395,7 @@ def run_study(preset: Preset, out: str, *, arms_sel=None, seeds=None, only_train
         log(f"{name}: trained {res.steps_done} steps in {res.wall_s:.0f} s, final loss "
             f"{res.losses[-1] if res.losses else float('nan'):.3f} nats{' (diverged)' if res.diverged else ''}")
         if only_train:
-            done += 1
-            if bar is not None:
-                bar.update(1)
+            bar.update(1)
             continue
         rows, diag_rows = [], []
         for task in preset.eval_tasks:
@@ -428,14 +413,11 @@ def run_study(preset: Preset, out: str, *, arms_sel=None, seeds=None, only_train
         pd.DataFrame(rows).to_csv(ev_path + ".tmp", index=False)
         pd.DataFrame(diag_rows).to_csv(os.path.join(out, "evals", f"{name}_diag.csv"), index=False)
         os.replace(ev_path + ".tmp", ev_path)  # the run counts as evaluated only once its rows are whole
-        done += 1
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+        bar.update(1)
+    bar.close()
     if not only_train:
         collect(out)
-    return done
+    return len(todo)
 
 
 def collect(out: str) -> tuple[str, str]:

@@ -288,6 +288,19 @@ def train(model: MesaLM, data: torch.Tensor | None, cfg: TrainConfig, *, ckpt_pa
     return res
 
 
+def solver_steps(model: MesaLM) -> tuple[float, int, int]:
+    """``(sum, count, max)`` of the CG steps of the model's latest forward, over its Mesa layers' tokens
+    and heads (``MesaLayer.last_steps``; layers without a count add nothing)."""
+    total, n, top = 0.0, 0, 0
+    for b in model.blocks:
+        st = getattr(b.mixer, "last_steps", None)
+        if st is not None:
+            total += float(st.double().sum())
+            n += st.numel()
+            top = max(top, int(st.max()))
+    return total, n, top
+
+
 @torch.no_grad()
 def evaluate(model: MesaLM, data: torch.Tensor, solver: SolverSpec, *, max_windows: int = 64,
              batch_size: int = 16, buckets: int = 4, temperature: float = 1.0) -> dict:
@@ -309,12 +322,8 @@ def evaluate(model: MesaLM, data: torch.Tensor, solver: SolverSpec, *, max_windo
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 lt = loss_per_token(model(x), y, temperature)
             sums += lt.double().sum(0).cpu()
-            for b in model.blocks:
-                st = getattr(b.mixer, "last_steps", None)
-                if st is not None:
-                    steps_sum += float(st.double().sum())
-                    steps_max = max(steps_max, int(st.max()))
-                    steps_n += st.numel()
+            s, n, m = solver_steps(model)
+            steps_sum, steps_n, steps_max = steps_sum + s, steps_n + n, max(steps_max, m)
     finally:
         model.set_solver(trained_with)
     wall = time.perf_counter() - t0

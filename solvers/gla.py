@@ -20,9 +20,7 @@ from .result import SolveResult
 
 def solve_gla(problem: MesaProblem, policy: PrecisionPolicy, *, chunk_size: int = 64) -> SolveResult:
     """``o_t = G_t q_t`` for every token, in the policy's precision (``x = q``, 0 steps)."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an int >= 1, got {chunk_size!r}")
-    S = ChunkedSystem.build(problem, policy, chunk_size)
+    S = ChunkedSystem.build(problem, policy, chunk_size)  # (validates chunk_size)
     o = S.output(S.Q)
     return SolveResult("gla", policy, S.to_tokens(S.Q), S.to_tokens(o), (S.H_final, S.G_final),
                        info={"chunk_size": S.C})
