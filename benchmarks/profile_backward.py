@@ -27,13 +27,15 @@ def main():
     ap.add_argument("--policy", default="fp16-fp16state")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--tol", type=float, default=None)
+    ap.add_argument("--chunk", type=int, default=None, help="chunk size (default: the op's)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("profile_backward needs a CUDA GPU")
     B, T, H, D = args.shape
     inp = make_inputs(B, T, H, D)
     e = torch.randn(B, T, H, D, device="cuda")
-    fn = functools.partial(mesa_chunk, policy=args.policy, validate=False, steps=args.steps, tol=args.tol)
+    fn = functools.partial(mesa_chunk, policy=args.policy, validate=False, steps=args.steps, tol=args.tol,
+                           **({"chunk_size": args.chunk} if args.chunk else {}))
     for _ in range(3):
         fwd_bwd(fn, inp, e)
     torch.cuda.synchronize()
@@ -46,9 +48,10 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40)
     cpu = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-    with open(os.path.join(args.out, "profile_backward.txt"), "w") as fh:
+    tag = "_".join(map(str, args.shape)) + f"_{args.policy}" + (f"_c{args.chunk}" if args.chunk else "")
+    with open(os.path.join(args.out, f"profile_backward_{tag}.txt"), "w") as fh:
         fh.write(f"{args}\n\n{table}\n\n{cpu}\n")
-    prof.export_chrome_trace(os.path.join(args.out, "profile_backward.json"))
+    prof.export_chrome_trace(os.path.join(args.out, f"profile_backward_{tag}.json"))
     print(table)
     print(cpu)
 

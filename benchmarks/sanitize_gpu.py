@@ -34,6 +34,12 @@ CASES = [
     ("fp32 tol1e-6 jacobi D128 Dv64", 1, 777, 2, 128, 64, dict(policy="fp32", tol=1e-6, x0="jacobi",
                                                                precond="jacobi")),
     ("tf32 steps30 chunk64 D128", 1, 1000, 2, 128, 128, dict(policy="tf32", steps=30, chunk_size=64)),
+    # chunk 64 with 16-bit operand codes: the contraction kernel runs them only with --contract-block-c 64
+    ("bf16x3 steps30 chunk64 D64", 2, 1000, 2, 64, 64, dict(policy="bf16x3", steps=30, chunk_size=64)),
+    ("auto tol1e-4 chunk64 D64", 2, 1000, 2, 64, 64, dict(policy="auto", tol=1e-4, chunk_size=64)),
+    ("fp16-fp16state tol1e-4 chunk64 D64", 2, 1000, 2, 64, 64, dict(policy="fp16-fp16state", tol=1e-4,
+                                                                    chunk_size=64)),
+    ("bf16x3 steps30 chunk64 D128", 1, 1000, 2, 128, 128, dict(policy="bf16x3", steps=30, chunk_size=64)),
     ("auto tol1e-4 D128 states", 2, 1000, 2, 128, 128, dict(policy="auto", tol=1e-4, states=True)),
     ("auto tol1e-4 D128 varlen", 1, 1000, 2, 128, 128, dict(policy="auto", tol=1e-4, varlen=True)),
     # production shapes of benchmarks/bench_speed.py: segments that do not divide the chunks (S M > N)
@@ -96,7 +102,14 @@ def main() -> int:
     ap.add_argument("--only", default="", help="run the cases whose name contains this")
     ap.add_argument("--shrink", type=int, default=1, help="divide T by this (the CPU smoke test)")
     ap.add_argument("--sequential", action="store_true", help="the chunk-state and adjoint scans in one segment")
+    ap.add_argument("--contract-block-c", type=int, default=None,
+                    help="run the backward's contraction kernel up to this chunk tile "
+                         "(kernels.chunk_bwd.VERIFIED_CONTRACT_BLOCK_C): how a candidate tile is sanitized")
     a = ap.parse_args()
+    if a.contract_block_c is not None:
+        from mesa_stability.kernels import chunk_bwd
+
+        chunk_bwd.VERIFIED_CONTRACT_BLOCK_C = a.contract_block_c
     if a.sequential:
         from benchmarks.bench_speed import sequential_scan
 
