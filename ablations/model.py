@@ -129,6 +129,20 @@ class MesaLM(nn.Module):
             h = b(h)
         return self.norm(h)
 
+    def residual_streams(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """``[h_0, h_1, ..., h_L, RMSNorm(h_L)]``, each ``[B, T, d_model]``: the byte embedding
+        ``h_0 = E[x]``, the residual stream after each of the ``L`` blocks, and the last hidden
+        representations (equal to :meth:`hidden`); in the autocast dtype, if any."""
+        if x.dim() != 2 or x.dtype not in (torch.int64, torch.int32, torch.uint8):
+            raise ValueError(f"x must be a [B, T] tensor of byte ids, got {tuple(x.shape)} {x.dtype}")
+        h = self.embed(x.long())
+        out = [h]
+        for b in self.blocks:
+            h = b(h)
+            out.append(h)
+        out.append(self.norm(h))
+        return out
+
     def unembed(self, h: torch.Tensor) -> torch.Tensor:
         """Logits ``h E^T`` (float32) of last hidden representations ``h``."""
         return (h @ self.embed.weight.t().to(h.dtype)).float()

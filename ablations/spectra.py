@@ -7,6 +7,14 @@ is computed in float64; ``s_1 >= s_2 >= ... >= s_k >= 0`` are the singular value
 * :func:`numerical_rank`: ``#{i : s_i > tau * s_1}`` with relative threshold ``tau`` in (0, 1)
   (default ``1e-3``); the zero matrix has rank 0. Same count as
   ``numpy.linalg.matrix_rank(X, tol=tau * s_1)``.
+* :func:`rank_sweep`: the numerical rank at each of several thresholds, ``{tau: #{i : s_i > tau s_1}}``
+  (:data:`SWEEP_THRESHOLDS` = 1e-4, 1e-3, 1e-2, 1e-1 by default): how far a rank depends on ``tau``.
+* :func:`row_centred`: the logits restricted to a set ``U`` of classes and centred per row,
+  ``Z_U^c = Z[:, U] (I - 1 1^T / |U|)``, i.e. ``Z_U^c[n, j] = Z[n, U_j] - (1 / |U|) sum_k Z[n, U_k]``.
+  ``softmax`` over ``U`` is invariant to adding a constant to a row (the direction ``1``); centring
+  removes that direction, so ``Z_U^c 1 = 0`` and ``rank(Z_U^c) <= min(N, |U| - 1)``; for logits
+  ``Z = H E^T`` also ``rank(Z_U^c) <= rank(H) <= d``. ``|U| - 1`` is the largest rank a model can use
+  to separate the classes in ``U``.
 * :func:`effective_rank` (Roy & Vetterli, 2007): ``p_i = s_i / sum_j s_j``,
   ``erank = exp(-sum_i p_i log p_i)`` with ``0 log 0 = 0``; the zero matrix has erank 0. For a nonzero
   matrix ``1 <= erank <= #{i : s_i > 0}``, with equality on the right iff the nonzero ``s_i`` are equal.
@@ -35,14 +43,19 @@ import numpy as np
 import torch
 
 __all__ = [
+    "SWEEP_THRESHOLDS",
     "auroc",
     "effective_rank",
     "energy_score",
     "max_softmax_probability",
     "numerical_rank",
+    "rank_sweep",
+    "row_centred",
     "singular_values",
     "spearman",
 ]
+
+SWEEP_THRESHOLDS = (1e-4, 1e-3, 1e-2, 1e-1)  # relative thresholds of :func:`rank_sweep`
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[float]
 
@@ -116,6 +129,33 @@ def numerical_rank(s_or_x: torch.Tensor, rel_threshold: float = 1e-3) -> int:
     if s_max == 0.0:
         return 0
     return int((s > float(rel_threshold) * s_max).sum())
+
+
+def rank_sweep(s_or_x: torch.Tensor, thresholds: Sequence[float] = SWEEP_THRESHOLDS) -> dict[float, int]:
+    """``{tau: numerical_rank(s, tau)}`` for every relative threshold ``tau`` in ``thresholds``."""
+    if isinstance(thresholds, (str, bytes)) or not isinstance(thresholds, Sequence) or not len(thresholds):
+        raise ValueError(f"thresholds must be a non-empty sequence of numbers in (0, 1), got {thresholds!r}")
+    s = _spectrum(s_or_x)  # one SVD for all thresholds
+    return {float(t): numerical_rank(s, t) for t in thresholds}
+
+
+def row_centred(z: torch.Tensor, columns: ArrayLike) -> torch.Tensor:
+    """``Z[:, U] - mean_U(Z[:, U])`` per row, float64: the columns ``U = columns`` of the 2-D ``z``
+    (distinct integer indices in ``[0, z.shape[1])``), each row minus its mean over them."""
+    if not isinstance(z, torch.Tensor) or z.ndim != 2:
+        raise ValueError(f"row_centred expects a 2-D torch.Tensor, got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    cols = columns.detach().cpu() if isinstance(columns, torch.Tensor) else torch.as_tensor(np.asarray(columns))
+    if cols.ndim != 1 or cols.numel() == 0 or cols.dtype.is_floating_point or cols.dtype == torch.bool:
+        raise ValueError(f"columns must be a non-empty 1-D sequence of integer indices, got {columns!r}")
+    cols = cols.long()
+    if int(cols.min()) < 0 or int(cols.max()) >= z.shape[1]:
+        raise ValueError(f"columns must lie in [0, {z.shape[1]}), got {int(cols.min())} .. {int(cols.max())}")
+    if torch.unique(cols).numel() != cols.numel():
+        raise ValueError("columns must not repeat")
+    zu = z.detach().double()[:, cols.to(z.device)]
+    _check_finite(zu, "matrix")
+    return zu - zu.mean(dim=1, keepdim=True)
 
 
 def effective_rank(s_or_x: torch.Tensor) -> float:

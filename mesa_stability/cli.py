@@ -554,10 +554,13 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 def _cmd_softmax(args: argparse.Namespace) -> int:
     """Softmax temperature study (docs/design.md section 9): train the same byte-level LM with the loss
     cross-entropy(softmax(z / T)) for each temperature T and seed, and measure the numerical and
-    effective rank of its logits and last hidden representations (float64), bits per byte in and out
-    of distribution, OOD-detection AUROC (MSP, energy) and the final training loss; results.csv (a
-    row per (T, seed), appended as measured), report.md and plots/ in --out; --resume continues an
-    interrupted study, --merge combines parts run separately (other seeds or GPUs)."""
+    effective rank of its logits and last hidden representations (float64), the rank of the logits
+    restricted to the byte classes that occur (row-centred, against C_used - 1), the ranks at the
+    thresholds 1e-4 to 1e-1, bits per byte in and out of distribution, OOD-detection AUROC (MSP,
+    energy; per window, per token, on 64-byte windows), ridge probes of every layer's frozen features
+    on OOD text and the final training loss; results.csv (a row per (T, seed), appended as measured),
+    report.md and plots/ in --out; --resume continues an interrupted study, --merge combines parts run
+    separately (other seeds or GPUs)."""
     from .ablations.softmax import StudyError, load_study, merge_studies, run_study
     from .ablations.softmax_report import write_report
     from .ablations.train import CheckpointError

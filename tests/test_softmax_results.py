@@ -14,7 +14,7 @@ import torch
 
 from mesa_stability.ablations import softmax
 from mesa_stability.ablations.softmax_report import write_report
-from mesa_stability.ablations.spectra import effective_rank, numerical_rank, spearman
+from mesa_stability.ablations.spectra import SWEEP_THRESHOLDS, effective_rank, numerical_rank, spearman
 
 DIR = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "softmax-cpu")
 
@@ -32,6 +32,7 @@ def test_data_are_the_current_cpu_preset(run):
     preset = softmax.load_study("cpu")
     assert softmax.normalised_settings(meta["settings"]) == json.loads(json.dumps(preset.settings())), \
         "rerun `mesa softmax --preset cpu`"
+    assert meta.get("format") == softmax.STUDY_FORMAT, "rerun `mesa softmax --preset cpu`"
     assert meta["temperatures"] == sorted(preset.temperatures) and meta["seeds"] == sorted(preset.seeds)
     assert sorted(zip(df.temperature, df.seed, strict=True)) == sorted(
         (t, s) for t in preset.temperatures for s in preset.seeds)
@@ -43,10 +44,29 @@ def test_ranks_agree_with_the_stored_spectra(run):
     tau = meta["settings"]["rank_threshold"]
     for r in df.itertuples():
         sv = pd.read_csv(os.path.join(DIR, "spectra", softmax.run_name(r.temperature, r.seed) + ".csv"))
-        for which in ("logits", "hidden"):
+        for which in ("logits", "hidden", "logits_used"):
             s = torch.tensor(sv[sv.matrix == which].singular_value.to_numpy())
             assert numerical_rank(s, tau) == getattr(r, f"{which}_rank")
             assert effective_rank(s) == pytest.approx(getattr(r, f"{which}_erank"), rel=1e-9)
+            if which != "hidden":
+                for t in SWEEP_THRESHOLDS:
+                    assert numerical_rank(s, t) == df.loc[r.Index, softmax.sweep_column(which, t)]
+        # the restricted centred logits: one column per class that occurs, rank at most C_used - 1
+        assert (sv.matrix == "logits_used").sum() == r.byte_classes
+        assert r.logits_used_rank <= r.byte_classes - 1
+        assert r.logits_used_rank_ratio == pytest.approx(r.logits_used_rank / (r.byte_classes - 1), rel=1e-12)
+
+
+def test_every_run_has_the_probes_and_the_short_window_auroc(run):
+    df, meta = run
+    layers = softmax.layer_names(softmax.SIZES[meta["settings"]["size"]].n_layers)
+    for task in softmax.PROBE_TASKS:
+        for name in layers:
+            acc = df[f"probe_{task}_acc_{name}"]
+            assert ((acc >= 0) & (acc <= 1)).all() and (df[f"probe_{task}_loss_{name}"] >= 0).all()
+    assert (df.short_window == meta["settings"]["short_window"]).all()
+    for col in ("auroc_msp_short", "auroc_energy_short"):
+        assert ((df[col] >= 0) & (df[col] <= 1)).all()
 
 
 def test_logits_rank_at_t100_is_at_most_a_third_of_t1_and_below_the_byte_classes(run):

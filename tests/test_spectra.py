@@ -14,12 +14,15 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from mesa_stability.ablations.spectra import (
+    SWEEP_THRESHOLDS,
     _ranks,
     auroc,
     effective_rank,
     energy_score,
     max_softmax_probability,
     numerical_rank,
+    rank_sweep,
+    row_centred,
     singular_values,
     spearman,
 )
@@ -95,6 +98,85 @@ def test_zero_matrix():
     assert effective_rank(z) == 0.0
     assert numerical_rank(torch.zeros(3)) == 0
     assert effective_rank(torch.zeros(3)) == 0.0
+
+
+# ---------------------------------------------------------------- restricted centred rank, threshold sweep
+
+
+def _logits_of_known_restricted_rank(r: int, n_rows: int, used: torch.Tensor, seed: int) -> torch.Tensor:
+    """``N x 256`` logits whose columns ``used`` are a per-row constant plus a rank-``r`` matrix with
+    centred rows, and whose other columns are full-rank noise."""
+    gen = torch.Generator().manual_seed(seed)
+    k = used.numel()
+    left = torch.randn(n_rows, r, generator=gen, dtype=torch.float64)
+    right = torch.randn(k, r, generator=gen, dtype=torch.float64)
+    right -= right.mean(0, keepdim=True)  # 1^T right = 0: every row of left @ right.T sums to 0
+    z = 10 * torch.randn(n_rows, 256, generator=gen, dtype=torch.float64)  # the unused columns: full rank
+    const = 50 * torch.randn(n_rows, 1, generator=gen, dtype=torch.float64)  # softmax ignores it
+    z[:, used] = const + left @ right.T
+    return z
+
+
+@pytest.mark.parametrize("r", [1, 7, 30])
+def test_restricted_centred_rank_of_a_constructed_matrix(r):
+    gen = torch.Generator().manual_seed(r)
+    used = torch.randperm(256, generator=gen)[:57]
+    z = _logits_of_known_restricted_rank(r, 400, used, seed=r)
+    zc = row_centred(z, used)
+    assert zc.shape == (400, 57) and zc.dtype == torch.float64
+    # the per-row constant is gone: the centred matrix is exactly the rank-r part
+    torch.testing.assert_close(zc, z[:, used] - z[:, used].mean(1, keepdim=True), rtol=0, atol=0)
+    assert numerical_rank(zc) == r == _numpy_rank(zc)
+    assert numerical_rank(z) > 57  # all 256 columns: the unused ones add rank
+    # without centring the constant adds one direction
+    assert numerical_rank(z[:, used]) == r + 1 == _numpy_rank(z[:, used])
+    # numpy's own projection (I - 1 1^T / k) gives the same matrix
+    k = used.numel()
+    proj = np.eye(k) - np.ones((k, k)) / k
+    np.testing.assert_allclose(zc.numpy(), z[:, used].numpy() @ proj, rtol=0, atol=1e-10)
+
+
+def test_row_centring_removes_exactly_one_direction():
+    gen = torch.Generator().manual_seed(3)
+    z = torch.randn(300, 256, generator=gen, dtype=torch.float64)
+    for k in (2, 10, 57):
+        used = torch.arange(k) * 3
+        assert numerical_rank(row_centred(z, used)) == k - 1 == _numpy_rank(row_centred(z, used))
+        assert torch.allclose(row_centred(z, used).sum(1), torch.zeros(300, dtype=torch.float64), atol=1e-12)
+    assert numerical_rank(row_centred(z, [5])) == 0  # one class: nothing to separate
+    # lists, numpy arrays and tensors of indices are the same columns
+    torch.testing.assert_close(row_centred(z, [1, 4, 9]), row_centred(z, np.array([1, 4, 9])))
+
+
+def test_rank_sweep_on_a_known_spectrum():
+    s = [1.0, 0.5, 5e-2, 5e-3, 5e-4, 5e-5, 3e-7]
+    a = _with_spectrum(s, 40, 30, seed=4)
+    got = rank_sweep(a)
+    assert list(got) == list(SWEEP_THRESHOLDS)
+    for tau, r in got.items():
+        assert r == int((np.array(s) > tau * max(s)).sum()) == _numpy_rank(a, tau) == numerical_rank(a, tau)
+    assert list(got.values()) == sorted(got.values(), reverse=True)  # a higher threshold counts fewer
+    assert rank_sweep(torch.tensor(s), (0.3,)) == {0.3: 2}
+
+
+def test_restricted_rank_and_sweep_errors():
+    z = torch.randn(5, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="repeat"):
+        row_centred(z, [1, 1])
+    with pytest.raises(ValueError, match=r"lie in \[0, 8\)"):
+        row_centred(z, [0, 8])
+    with pytest.raises(ValueError, match="integer indices"):
+        row_centred(z, [0.5, 1.0])
+    with pytest.raises(ValueError, match="integer indices"):
+        row_centred(z, [])
+    with pytest.raises(ValueError, match="2-D"):
+        row_centred(z[0], [0, 1])
+    with pytest.raises(ValueError, match="non-finite"):
+        row_centred(z.index_fill(1, torch.tensor([2]), float("nan")), [2, 3])
+    with pytest.raises(ValueError, match="non-empty sequence"):
+        rank_sweep(z, ())
+    with pytest.raises(ValueError, match=r"rel_threshold must be in \(0, 1\)"):
+        rank_sweep(z, (1e-3, 1.0))
 
 
 # ---------------------------------------------------------------- effective rank
