@@ -345,3 +345,28 @@ def test_kernels_are_exact_across_resets(value, where):
     dg = leaves[3].grad.cpu()
     for t, h in PLACES[where]:
         assert float(dg[0, t, h]) == 0.0
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("block_t", [None, 16])
+def test_the_reverse_cumsum_kernel_sums_exactly_its_segment(monkeypatch, block_t):
+    """kernels.reverse_cumsum against solvers.gates.segmented_cumsum_grad: integer terms make every
+    float32 segment sum exact, so the two agree bit for bit whatever their summation orders; rows of
+    one block, several blocks (BLOCK_T = 16), a reset at the first and last token, strided inputs."""
+    from mesa_stability.kernels import reverse_cumsum
+
+    if block_t is not None:
+        monkeypatch.setattr(reverse_cumsum, "MAX_BLOCK_T", block_t)
+    gen = torch.Generator().manual_seed(2)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    for B, L, H in ((1, 1, 1), (2, 7, 3), (1, 16, 2), (2, 33, 2), (1, 100, 1)):
+        g = torch.nn.functional.logsigmoid(3 + torch.randn(B, L, H, generator=gen))
+        g[torch.rand(B, L, H, generator=gen) < 0.2] = float("-inf")
+        g[0, 0, 0] = g[-1, -1, -1] = float("-inf")
+        a = torch.randint(-50, 50, (B, L, H), generator=gen).to(torch.float32)
+        ref = segmented_cumsum_grad(a.transpose(1, 2), g.transpose(1, 2)).transpose(1, 2)
+        a_strided = a.transpose(0, 1).contiguous().transpose(0, 1)  # another memory order, same values
+        got = reverse_cumsum.segmented_reverse_cumsum(a_strided.to(dev), g.to(dev)).cpu()
+        assert torch.equal(got, ref), (B, L, H)
+    with pytest.raises(ValueError, match="float32"):
+        reverse_cumsum.segmented_reverse_cumsum(a.double(), g)
