@@ -1,9 +1,10 @@
 """GPU benchmark of the log-decay gradient's segmented reverse cumulative sum: the kernel
-(:mod:`kernels.reverse_cumsum`, one launch) against the PyTorch doubling scan it replaced
-(:func:`solvers.gates.segmented_cumsum_grad` on a transposed copy, ``8 ceil(log2 T)`` operations), the
-scan alone and inside the op's forward + backward (certified ``auto`` policy, tolerance 1e-4,
-certificate on), in one process; the two dg agree to float32 rounding (printed). Medians of
-``triton.testing.do_bench`` in ms; writes ``bench_dg_scan.csv`` to ``--out``.
+(:mod:`kernels.reverse_cumsum`, one launch) against the PyTorch doubling scan the op's backward runs
+today (``kernels.mesa._log_decay_grad``: :func:`solvers.gates.segmented_cumsum_grad` on a transposed
+copy, ``8 ceil(log2 T)`` operations), the scan alone and inside the op's forward + backward
+(certified ``auto`` policy, tolerance 1e-4, certificate on), in one process; the two dg agree to
+float32 rounding (printed). Medians of ``triton.testing.do_bench`` in ms; writes
+``bench_dg_scan.csv`` to ``--out``. The first shape compiles every kernel of the op (about a minute).
 
     python benchmarks/bench_dg_scan.py --out $OUT
 """
@@ -22,25 +23,23 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from benchmarks.bench_certificate import make_inputs  # noqa: E402
 from mesa_stability.kernels import mesa, mesa_chunk  # noqa: E402
-from mesa_stability.solvers.gates import segmented_cumsum_grad  # noqa: E402
+from mesa_stability.kernels.reverse_cumsum import segmented_reverse_cumsum  # noqa: E402
 from mesa_stability.stability.production import git_commit  # noqa: E402
 
 SHAPES = [(4, 4096, 16, 64), (4, 2048, 16, 128), (1, 32768, 16, 128)]
 
 
-def torch_scan(a, g):
-    """The PyTorch path (before the kernel): a scan along a contiguous time axis."""
-    return segmented_cumsum_grad(a.transpose(1, 2).contiguous(), g.transpose(1, 2).to(torch.float32)).transpose(1, 2)
+torch_scan = mesa._log_decay_grad
 
 
 @contextlib.contextmanager
 def scan_impl(fn):
-    old = mesa.segmented_reverse_cumsum
-    mesa.segmented_reverse_cumsum = fn
+    old = mesa._log_decay_grad
+    mesa._log_decay_grad = fn
     try:
         yield
     finally:
-        mesa.segmented_reverse_cumsum = old
+        mesa._log_decay_grad = old
 
 
 def main(argv=None) -> int:
@@ -55,7 +54,7 @@ def main(argv=None) -> int:
         ap.error("this benchmark needs a CUDA device")
     os.makedirs(args.out, exist_ok=True)
     rows = []
-    kernel = mesa.segmented_reverse_cumsum
+    kernel = segmented_reverse_cumsum
     for B, T, H, D in SHAPES:
         inp = make_inputs(B, T, H, D)
         e = torch.randn(B, T, H, D, device="cuda", dtype=torch.bfloat16)

@@ -20,6 +20,7 @@ import torch
 
 from mesa_stability.solvers import MesaProblem, get_policy, validate_inputs, verdict
 from mesa_stability.solvers import certificate as cert
+from mesa_stability.solvers.gates import segmented_cumsum_grad
 from mesa_stability.solvers.implicit import MesaImplicit, implicit_backward, spec_json
 from mesa_stability.solvers.precision import (
     AUTO_TIERS,
@@ -32,7 +33,6 @@ from mesa_stability.solvers.spec import SolverSpec, solver_spec
 from . import chunk_cg, chunk_tier, decode, residual
 from .chunk_state import MIN_DOT_BLOCK, chunk_states
 from .operands import OP_CODES, is_interpreted, software_rounding
-from .reverse_cumsum import segmented_reverse_cumsum
 
 try:
     import triton
@@ -598,10 +598,9 @@ def _contraction_setup(cfg: SolverSpec, T: int):
 def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolverSpec, do, dH_T, dG_T):
     """The backward contractions in kernels, after the adjoint solve (y, and a0 = e.o - y.(H x), from
     the CG kernel in ADJOINT mode, read e / s): the reverse scan of the adjoint states and the
-    per-chunk contractions (:mod:`kernels.chunk_bwd`), and dg = the reverse cumulative sum of the
-    per-token log-decay term, restarting at every hard reset (:mod:`kernels.reverse_cumsum`, the
-    kernel of :func:`solvers.gates.segmented_cumsum_grad`); dq = s y and dlam = -s sum x * y are
-    PyTorch operations. The kernels read the
+    per-chunk contractions (:mod:`kernels.chunk_bwd`); dq = s y, dlam = -s sum x * y and dg = the
+    reverse cumulative sum of the per-token log-decay term, restarting at every hard reset
+    (:func:`_log_decay_grad`), are PyTorch operations. The kernels read the
     upstream gradients divided by the power of two s of :func:`_upstream_scale` and return true
     gradients."""
     from .chunk_bwd import chunk_contractions, reverse_states
@@ -620,12 +619,21 @@ def _triton_backward(inputs, needs, x, y, a0, final, sc, cfg: SolverSpec, do, dH
         a[:, -1] += (dH_T * final[0]).sum((-1, -2))
     if dG_T is not None:
         a[:, -1] += (dG_T * final[1]).sum((-1, -2))
-    # dg_s = sum_{t >= s in s's segment} a_t, zero at a reset: one launch (kernels.reverse_cumsum)
-    dg = segmented_reverse_cumsum(a, g)
+    dg = _log_decay_grad(a, g)
     s = sc[1]
     dq = torch.mul(y, s, out=torch.empty(y.shape, dtype=q.dtype, device=y.device))  # in q's dtype: one pass
     out = (dq, dk, dv, dg, dbeta, -(x * y).sum(dim=(0, 1)) * s, dH0, dG0)
     return tuple(o if need and t is not None else None for o, need, t in zip(out, needs, inputs, strict=True))
+
+
+def _log_decay_grad(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``dg [B,T,H]``: ``dg_s = sum_{t >= s in s's segment} a_t``, zero at a reset
+    (:func:`solvers.gates.segmented_cumsum_grad`), scanned along a contiguous time axis ([B,H,T]: a
+    scan over an outer dimension is ~30x slower on the GPU). :func:`kernels.reverse_cumsum.
+    segmented_reverse_cumsum` computes the same sums in one launch; it replaces this scan once the
+    production guard has run on it (``benchmarks/bench_dg_scan.py`` times both)."""
+    at = a.transpose(1, 2).contiguous()
+    return segmented_cumsum_grad(at, g.transpose(1, 2).to(torch.float32)).transpose(1, 2)
 
 
 def _upstream_scale(*grads) -> torch.Tensor:
