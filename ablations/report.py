@@ -4,6 +4,17 @@ Tables: bits per byte on validation / test / out-of-distribution per (training c
 config), with mean and max CG steps. Plots: bits per byte against evaluation CG steps, against the
 tolerance, per precision policy; bits per byte by position bucket (early vs late tokens); training
 curves.
+
+Effects (:func:`effects`), stated with 95 % Student-t intervals over the replicates
+(:mod:`ablations.stats`) and worded by the interval alone ("not resolved at this scale" when it
+includes 0):
+
+* an evaluation setting E against the reference evaluation R (30 CG steps in fp32): the paired
+  difference ``bpb(m, s, E) - bpb(m, s, R)`` of validation bits per byte over every trained CG model
+  m and seed s (the same weights and text, only the solver differs);
+* a training setting A against the reference training B (the CG arm with the most steps), both
+  evaluated with the reference solver for training effects (the exact solver where present):
+  ``bpb(A, s) - bpb(B, s)`` paired by seed (a seed fixes the initialisation and the data order).
 """
 
 from __future__ import annotations
@@ -16,6 +27,8 @@ import numpy as np
 import pandas as pd
 
 from mesa_stability.stability.provenance import provenance_of_table
+
+from .stats import mean_ci, wording
 
 
 def _fmt(x) -> str:
@@ -175,6 +188,42 @@ def seed_mean(df: pd.DataFrame) -> pd.DataFrame:
     return first.merge(agg, on=keys, how="left")
 
 
+def _fmt_effect(x) -> str:
+    return ("-" if math.isnan(x) else f"{x:.3g}") if isinstance(x, float) else str(x)
+
+
+def _reference(labels, preferred: list[str]) -> str | None:
+    return next((p for p in preferred if p in set(labels)), None)
+
+
+def effects(raw: pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
+    """One row per effect (module docstring): ``kind`` ("eval" / "train"), ``setting``, ``against``,
+    ``mean``, ``low``, ``high``, ``n`` (pairs) and ``wording``; empty when nothing pairs."""
+    df = raw.assign(seed=raw["seed"] if "seed" in raw else 0, diverged=raw.diverged.astype(bool))
+    df = df[~df.diverged & np.isfinite(df.bpb_validation)]
+    rows = []
+    cg_trained = df[df.train.str.startswith("cg/")]
+    ref_eval = _reference(cg_trained["eval"], ["cg/steps=30/fp32", "exact/fp32"])
+    if ref_eval is not None:
+        wide = cg_trained.pivot_table(index=["train", "seed"], columns="eval", values="bpb_validation")
+        for e in [c for c in dict.fromkeys(cg_trained["eval"]) if c != ref_eval]:
+            d = (wide[e] - wide[ref_eval]).dropna()
+            m, lo, hi, n = mean_ci(d.tolist(), level)
+            rows.append(dict(kind="eval", setting=e, against=ref_eval, mean=m, low=lo, high=hi, n=n,
+                             wording=wording(lo, hi, n)))
+    steps = {t: float(t.split("steps=")[1].split("/")[0]) for t in dict.fromkeys(df.train) if "steps=" in t}
+    train_eval = _reference(df["eval"], ["exact/fp32", "cg/steps=30/fp32"])
+    if steps and train_eval is not None:
+        ref_train = max(steps, key=steps.get)
+        at = df[df["eval"] == train_eval].pivot_table(index="seed", columns="train", values="bpb_validation")
+        for t in [c for c in dict.fromkeys(df.train) if c != ref_train and c in at]:
+            d = (at[t] - at[ref_train]).dropna()
+            m, lo, hi, n = mean_ci(d.tolist(), level)
+            rows.append(dict(kind="train", setting=t, against=f"{ref_train} (eval {train_eval})", mean=m, low=lo,
+                             high=hi, n=n, wording=wording(lo, hi, n)))
+    return pd.DataFrame(rows, columns=["kind", "setting", "against", "mean", "low", "high", "n", "wording"])
+
+
 def write_report(out: str, plots: bool = True) -> str:
     """Write ``out/report.md`` (and ``out/plots/``) from ``out/results.csv``; returns the path. With seed
     replicates the tables and plots show means over seeds (and the spread). A hand-written
@@ -197,6 +246,13 @@ def write_report(out: str, plots: bool = True) -> str:
     if n_seeds > 1:
         cols.insert(3, "bpb_validation_spread")
     parts += [markdown_table(df[[c for c in cols if c in df.columns]])]
+    eff = effects(raw)
+    if len(eff):
+        parts += ["", "## Effects on validation bits per byte (95 % t-intervals)", "",
+                  "Paired differences (module docstring of `ablations/report.py`): evaluation settings over "
+                  "every (CG-trained model, seed), training settings by seed. An interval that includes 0 is "
+                  "not resolved at this scale; with one pair there is no interval.", "",
+                  markdown_table(eff, fmt=_fmt_effect)]
     div = df[df.any_diverged]
     if len(div):
         parts += ["", "Diverged (non-finite training loss): " + ", ".join(sorted(set(div.train)))]

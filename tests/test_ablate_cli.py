@@ -173,3 +173,32 @@ def test_short_runs_scale_the_warmup_and_warmup_is_a_flag(tmp_path, capsys):
     assert pd.read_csv(tmp_path / "short" / "results.csv").train_steps_done.eq(1).all()
     assert main([*common, "--out", str(tmp_path / "bad"), "--train-steps", "4", "--warmup", "9"]) == 2
     assert "warmup" in capsys.readouterr().err
+
+
+def test_report_effects_are_paired_t_intervals_with_the_wording_rule():
+    """ablations.report.effects: eval settings paired over (model, seed) against 30 steps, training
+    arms paired by seed against the arm with the most steps, diverged runs left out; the intervals
+    are ablations.stats.mean_ci of the constructed differences."""
+    from mesa_stability.ablations.report import effects
+    from mesa_stability.ablations.stats import mean_ci
+
+    rows = []
+    base = {("cg/steps=30/fp32", 0): 1.20, ("cg/steps=30/fp32", 1): 1.26,
+            ("cg/steps=5/fp32", 0): 1.21, ("cg/steps=5/fp32", 1): 1.25}
+    one_step = {0: 0.010, 1: 0.012}  # eval with 1 step: worse by a consistent amount
+    for (train, seed), b in base.items():
+        for ev, bpb in (("cg/steps=30/fp32", b), ("cg/steps=1/fp32", b + one_step[seed] * (1 + (train[9] == "5"))),
+                        ("exact/fp32", b + (0.001 if seed else -0.001))):
+            rows.append(dict(train=train, seed=seed, eval=ev, bpb_validation=bpb, diverged=False))
+    rows.append(dict(train="sherman_morrison/fp32", seed=0, eval="exact/fp32", bpb_validation=float("nan"),
+                     diverged=True))
+    eff = effects(pd.DataFrame(rows)).set_index("setting")
+    d1 = [0.010, 0.012, 0.020, 0.024]  # (30-trained, seeds 0/1), (5-trained, seeds 0/1)
+    assert tuple(eff.loc["cg/steps=1/fp32", ["mean", "low", "high", "n"]]) == pytest.approx(mean_ci(d1))
+    assert eff.loc["cg/steps=1/fp32", "wording"] == "resolved: positive"
+    assert eff.loc["exact/fp32", "wording"] == "not resolved at this scale"
+    # training: 5 steps against 30 steps at the exact solver, paired by seed: +0.01 and -0.01
+    tr = eff.loc["cg/steps=5/fp32"]
+    assert tr["kind"] == "train" and tr["n"] == 2 and tr["wording"] == "not resolved at this scale"
+    assert tr["mean"] == pytest.approx(0.0, abs=1e-12)
+    assert "sherman_morrison/fp32" not in eff.index
